@@ -1,0 +1,100 @@
+"""The tensorflow-transform ``preprocessing_fn`` and the raw feature spec, both driven by the contract.
+
+Raw features arrive as ``tf.SparseTensor`` [B, <=1] (``VarLenFeature``), so a missing value is simply an
+absent entry; labels and the timestamp are required ``FixedLenFeature`` [B]. Every analyzer (vocabulary,
+quantiles, mean/variance) is a tensorflow-transform analyzer and runs over the training split only.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from transforms import features as F
+from transforms.features import FeatureContract
+
+_TF_DTYPES = {"string": tf.string, "int64": tf.int64, "float32": tf.float32}
+
+
+def raw_feature_spec(contract: FeatureContract, include_labels: bool = True, include_oracle: bool = True) -> Dict:
+    """``tf.io`` parsing spec of the raw columns. Serving uses ``include_labels=include_oracle=False``."""
+    spec = {}
+    for f in contract.categorical:
+        spec[f.name] = tf.io.VarLenFeature(_TF_DTYPES[f.dtype])
+    for f in contract.numeric:
+        spec[f.name] = tf.io.VarLenFeature(_TF_DTYPES[f.dtype])
+    spec[contract.timestamp] = tf.io.FixedLenFeature([], tf.int64)
+    if include_labels:
+        for name in contract.labels.binary_columns:
+            spec[name] = tf.io.FixedLenFeature([], tf.int64)
+        for name in contract.labels.continuous:
+            spec[name] = tf.io.FixedLenFeature([], tf.float32)
+    if include_oracle:
+        for name in contract.oracle:
+            dtype = tf.int64 if name in ("true_scenario", "true_group", "true_stage") else tf.float32
+            spec[name] = tf.io.FixedLenFeature([], dtype)
+    return spec
+
+
+def _dense(x: tf.SparseTensor, default) -> tf.Tensor:
+    """[B, <=1] sparse -> [B, 1] dense, absent entries set to ``default``."""
+    return tft.sparse_tensor_to_dense_with_shape(x, [None, 1], default_value=default)
+
+
+def _as_sparse(x) -> tf.SparseTensor:
+    if isinstance(x, tf.SparseTensor):
+        return x
+    # A FixedLen/dense input (e.g. from a user schema) behaves like a fully present sparse one.
+    x = tf.reshape(x, [-1, 1])
+    return tf.SparseTensor(indices=tf.where(tf.ones_like(x, dtype=tf.bool)), values=tf.reshape(x, [-1]),
+                           dense_shape=tf.shape(x, out_type=tf.int64))
+
+
+def build_preprocessing_fn(contract: FeatureContract):
+    """Returns a ``preprocessing_fn(inputs) -> outputs`` for ``contract`` (names in transforms.features)."""
+
+    def preprocessing_fn(inputs):
+        outputs = {}
+        for f in contract.categorical:
+            missing = F.MISSING_TOKEN if f.dtype == "string" else -1
+            x = _dense(_as_sparse(inputs[f.name]), missing)
+            outputs[F.categorical_id(f.name)] = tft.compute_and_apply_vocabulary(
+                x, top_k=f.top_k,
+                frequency_threshold=f.frequency_threshold if f.frequency_threshold > 1 else None,
+                num_oov_buckets=f.num_oov_buckets, vocab_filename=f.vocab_name)
+        for f in contract.numeric:
+            x = _as_sparse(inputs[f.name])
+            values = tf.cast(x.values, tf.float32)
+            if f.log1p:
+                values = tf.math.log1p(tf.maximum(values, 0.0))
+            x = tf.SparseTensor(x.indices, values, x.dense_shape)
+            # Analyzers see present values only; missing becomes bucket 0 and z-score 0 (the mean).
+            buckets = tft.bucketize(x, f.num_buckets, elementwise=False)
+            outputs[F.bucket_id(f.name)] = _dense(buckets, tf.constant(-1, tf.int64)) + 1
+            outputs[F.zscore(f.name)] = _dense(tft.scale_to_z_score(x), 0.0)
+        ts = tf.reshape(tf.cast(inputs[contract.timestamp], tf.int64), [-1, 1])
+        outputs[F.HOUR_ID] = tf.math.floormod(tf.math.floordiv(ts, 3600), F.HOUR_CARDINALITY)
+        # Labels on the behaviour graph (absent at serving time: these outputs are pruned there).
+        labels = contract.labels
+        if labels.click in inputs:
+            as_col = lambda name: tf.reshape(tf.cast(inputs[name], tf.int64), [-1, 1])  # noqa: E731
+            outputs[F.CLICK] = as_col(labels.click)
+            daction = tf.zeros_like(outputs[F.CLICK])
+            for name in labels.daction:
+                daction = tf.maximum(daction, as_col(name))
+            outputs[F.DACTION] = daction
+            outputs[F.PURCHASE] = as_col(labels.purchase)
+            for name in labels.continuous:
+                outputs[name] = tf.reshape(tf.cast(inputs[name], tf.float32), [-1, 1])
+        for name in contract.oracle:
+            if name in inputs:
+                outputs[name] = tf.reshape(inputs[name], [-1, 1])
+        return outputs
+
+    return preprocessing_fn
+
+
+def preprocessing_fn(inputs):
+    """Module-level ``preprocessing_fn`` for the built-in dataset (tensorflow-transform convention)."""
+    return build_preprocessing_fn(F.BUILTIN)(inputs)
