@@ -1,0 +1,5 @@
+from models.layers.composition import ESM2Composition, ESMMComposition
+from models.layers.embedding import SharedEmbedding
+from models.layers.mlp import MLP
+
+__all__ = ["ESM2Composition", "ESMMComposition", "SharedEmbedding", "MLP"]

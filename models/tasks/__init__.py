@@ -1,0 +1,3 @@
+from models.tasks.ranking import BinaryTask
+
+__all__ = ["BinaryTask"]

@@ -1,0 +1,65 @@
+"""Base class of the multi-task models (after tensorflow_recommenders.models.Model)."""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import tensorflow as tf
+
+from models.keras import keras
+from models.tasks import BinaryTask
+
+
+class MultiTaskModel(keras.Model):
+    """A model whose ``call(features)`` returns a dict of named probabilities [B, 1].
+
+    Subclasses build layers, implement ``call`` and set ``self.tasks``. Training runs
+    ``compute_loss(features, labels)`` = sum_t w_t * L_t (e.g. ESM² Eq. 11); ``call`` itself never touches
+    losses, so the serving path is loss-free. ``fit``/``evaluate`` take ``(features, labels)`` pairs, both
+    dicts of [B, 1] tensors.
+    """
+
+    def __init__(self, tasks: Sequence[BinaryTask] = (), **kwargs):
+        super().__init__(**kwargs)
+        self._tasks = self._no_dependency(list(tasks))
+        self._total_loss = self._no_dependency(keras.metrics.Mean(name="loss"))
+
+    @property
+    def tasks(self):
+        return list(self._tasks)
+
+    @property
+    def output_names_(self) -> Sequence[str]:
+        """Names of the outputs of ``call`` (the serving signature's outputs)."""
+        raise NotImplementedError
+
+    def compute_loss(self, features, labels, training: bool = False) -> tf.Tensor:  # noqa: D401
+        predictions = self(features, training=training)
+        loss = tf.add_n([task.weight * task.compute_loss(labels, predictions) for task in self._tasks])
+        if self.losses:
+            loss += tf.add_n(self.losses)
+        return loss
+
+    def train_step(self, data):
+        features, labels = data
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(features, labels, training=True)
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        self._total_loss.update_state(loss)
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        features, labels = data
+        loss = self.compute_loss(features, labels, training=False)
+        self._total_loss.update_state(loss)
+        return {m.name: m.result() for m in self.metrics}
+
+    @property
+    def metrics(self):
+        out = [self._total_loss]
+        for task in self._tasks:
+            out.extend(task.metrics)
+        return out
+
+    def predict_dict(self, features: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        return self(features, training=False)

@@ -1,0 +1,41 @@
+"""Model names selectable with ``--model`` and their config presets."""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Sequence
+
+from models import esm2
+
+MODELS = {"esm2": (esm2.ESM2, esm2.PRESETS)}
+
+
+def available() -> Sequence[str]:
+    return sorted(MODELS)
+
+
+def presets(model: str) -> Sequence[str]:
+    return sorted(_lookup(model)[1])
+
+
+def _lookup(model: str):
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; available: {', '.join(available())}")
+    return MODELS[model]
+
+
+def resolve_config(model: str, preset: str = "default", overrides: Dict | None = None):
+    cls, table = _lookup(model)
+    if preset not in table:
+        raise ValueError(f"unknown preset {preset!r} for model {model!r}; available: {', '.join(sorted(table))}")
+    base = table[preset].to_dict()
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in base:
+            raise ValueError(f"model {model!r} has no config field {key!r}")
+        base[key] = value
+    return type(table[preset])(**base)
+
+
+def build(model: str, categorical: Mapping[str, int], dense: Sequence[str], config):
+    cls, _ = _lookup(model)
+    return cls(categorical=categorical, dense=dense, config=config, name=model)

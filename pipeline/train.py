@@ -1,0 +1,64 @@
+"""Training wiring: transform output -> model inputs -> Keras fit."""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+import tensorflow as tf
+
+from models import registry
+from models.keras import keras
+from pipeline.data import make_dataset
+from transforms import features as F
+from transforms.features import FeatureContract
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    seed: int = 0
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+
+def model_inputs(contract: FeatureContract, tft_output) -> Tuple[Dict[str, int], Tuple[str, ...]]:
+    """(categorical name -> cardinality, dense names) of the transformed model inputs."""
+    categorical = dict(contract.model_categorical)
+    for f in contract.vocab_features:
+        size = tft_output.vocabulary_size_by_name(f.vocab_name)
+        categorical[F.categorical_id(f.name)] = int(size) + f.num_oov_buckets
+    return categorical, contract.model_dense
+
+
+def check_transform_output(contract: FeatureContract, tft_output, label_keys) -> None:
+    """Fails before training, naming the feature, when the model needs what the transform does not make."""
+    spec = tft_output.transformed_feature_spec()
+    needed = list(contract.model_feature_names()) + list(label_keys)
+    missing = [k for k in needed if k not in spec]
+    if missing:
+        raise ValueError(f"transform output lacks feature(s) the model needs: {', '.join(missing)}")
+
+
+def train_model(model_name: str, model_config, contract: FeatureContract, tft_output, train_pattern: str,
+                eval_pattern: str, cfg: TrainConfig):
+    keras.utils.set_random_seed(cfg.seed)
+    label_keys = (F.CLICK, F.DACTION, F.PURCHASE)
+    check_transform_output(contract, tft_output, label_keys)
+    categorical, dense = model_inputs(contract, tft_output)
+    model = registry.build(model_name, categorical, dense, model_config)
+    spec = tft_output.transformed_feature_spec()
+    feature_keys = contract.model_feature_names()
+    train_ds = make_dataset(train_pattern, spec, feature_keys, label_keys, model_config.batch_size,
+                            shuffle=cfg.shuffle, seed=cfg.seed)
+    eval_ds = make_dataset(eval_pattern, spec, feature_keys, label_keys, model_config.batch_size)
+    model.compile(optimizer=keras.optimizers.Adam(model_config.learning_rate))
+    verbose = 1 if sys.stdout.isatty() else 2
+    history = model.fit(train_ds, validation_data=eval_ds, epochs=cfg.epochs, verbose=verbose)
+    return model, {k: [float(v) for v in vs] for k, vs in history.history.items()}
