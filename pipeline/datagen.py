@@ -69,6 +69,11 @@ class GeneratorConfig:
     history_len: int = 20
     daction_informative: bool = True
     missing_rate: float = 0.03
+    # Target rates (the intercepts are calibrated to them, see _World.calibrate).
+    target_ctr: float = 0.05
+    target_daction: float = 0.10           # DAction | click
+    target_purchase_daction: float = 0.07  # purchase | click, DAction
+    target_purchase_oaction: float = 0.006  # purchase | click, no DAction
 
     def __post_init__(self):
         if self.rows < 1:
@@ -153,6 +158,65 @@ class _World:
         self.seg_price_ctr = np.array([-0.5, -1.0, 0.6, 0.1])
         self.seg_price_buy = np.array([-0.4, -0.8, 0.5, 0.0])
         self.seg_bias = np.array([0.0, 0.2, -0.3, -0.5])
+        self.calibrate(cfg, np.random.default_rng([cfg.seed, 7]))
+
+
+    # ---- label process -------------------------------------------------------------------------
+    def logits(self, u, item, scen, stage, is_repeat):
+        """Intercept-free logits of y1, y2 and of purchase-given-click, plus the user-item affinity."""
+        seg, cat = self.segment[u], self.category[item]
+        lp = self.log_price[item] - 3.5
+        affinity = (self.taste[u] * self.item_vec[item]).sum(1) / np.sqrt(self.taste.shape[1])
+        l1 = (0.6 * affinity + self.scen_cat[scen, cat] + self.scen_repeat_boost[scen] * is_repeat
+              + self.stage_ctr[stage] + self.seg_price_ctr[seg] * lp + self.seg_bias[seg] + self.quality[item])
+        affinity2 = (self.taste[u] * self.item_vec2[item]).sum(1) / np.sqrt(self.taste.shape[1])
+        power = self.power[u] - 2.0
+        l2 = 0.9 * affinity2 + 0.35 * power + self.stage_da[stage] - 0.3 * lp
+        l_buy = 0.3 * power + self.stage_buy[stage] + self.seg_price_buy[seg] * lp + 0.5 * self.quality[item]
+        return l1, l2, l_buy, affinity
+
+    def probabilities(self, u, item, scen, stage, is_repeat):
+        """(y1, y2, y3, y4, affinity); y3 == y4 when DAction is made uninformative."""
+        l1, l2, l_buy, affinity = self.logits(u, item, scen, stage, is_repeat)
+        y1, y2 = _sigmoid(self.b1 + l1), _sigmoid(self.b2 + l2)
+        return y1, y2, _sigmoid(self.b3 + l_buy), _sigmoid(self.b4 + l_buy), affinity
+
+    def calibrate(self, cfg: GeneratorConfig, rng: np.random.Generator, n: int = 40_000) -> None:
+        """Sets the intercepts so a pilot sample hits the target rates whatever the random world is.
+
+        Targets: CTR, DAction|click, purchase|DAction, purchase|no DAction (or purchase|click when DAction
+        is uninformative). The pilot draws users by activity, items by popularity, scenarios uniformly,
+        stages uniformly and repeats at the scenario's rate, close to the distribution of the real log.
+        """
+        u = rng.choice(len(self.activity), n, p=self.activity)
+        item = rng.choice(len(self.popularity), n, p=self.popularity)
+        scen = rng.integers(0, cfg.scenarios, n)
+        stage = rng.integers(0, STAGES, n)
+        is_repeat = rng.random(n) < self.scen_repeat_p[scen] * 0.8
+        l1, l2, l_buy, _ = self.logits(u, item, scen, stage, is_repeat)
+        self.b1 = _solve_intercept(l1, np.ones(n), cfg.target_ctr)
+        w_click = _sigmoid(self.b1 + l1)
+        self.b2 = _solve_intercept(l2, w_click, cfg.target_daction)
+        w_da = w_click * _sigmoid(self.b2 + l2)
+        if cfg.daction_informative:
+            self.b3 = _solve_intercept(l_buy, w_da, cfg.target_purchase_daction)
+            self.b4 = _solve_intercept(l_buy, w_click - w_da, cfg.target_purchase_oaction)
+        else:
+            target = (cfg.target_daction * cfg.target_purchase_daction
+                      + (1 - cfg.target_daction) * cfg.target_purchase_oaction)
+            self.b3 = self.b4 = _solve_intercept(l_buy, w_click, target)
+
+
+def _solve_intercept(logits: np.ndarray, weights: np.ndarray, target: float) -> float:
+    """b such that the weighted mean of sigmoid(b + logits) equals ``target`` (bisection)."""
+    lo, hi = -30.0, 30.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if np.average(_sigmoid(mid + logits), weights=weights) < target:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
 
 
 def _sample_rows(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
@@ -205,26 +269,8 @@ def generate_blocks(cfg: GeneratorConfig) -> Iterator[Dict[str, np.ndarray]]:
         # Lifecycle stage from the user's impressions so far (including earlier rows of this block).
         count_before = seen[u] + _cumcount(u)
         stage = np.minimum(count_before // w.stage_span[u], STAGES - 1)
-        seg = w.segment[u]
-        cat = w.category[item]
-        lp = w.log_price[item] - 3.5
-        # y1: click.
-        affinity = (w.taste[u] * w.item_vec[item]).sum(1) / np.sqrt(cfg.taste_dim)
-        l1 = (-4.6 + 0.6 * affinity + w.scen_cat[scen, cat] + w.scen_repeat_boost[scen] * is_repeat
-              + w.stage_ctr[stage] + w.seg_price_ctr[seg] * lp + w.seg_bias[seg] + w.quality[item])
-        y1 = _sigmoid(l1)
-        # y2: DAction given click.
-        affinity2 = (w.taste[u] * w.item_vec2[item]).sum(1) / np.sqrt(cfg.taste_dim)
-        power = w.power[u] - 2.0
-        l2 = -3.25 + 0.9 * affinity2 + 0.35 * power + w.stage_da[stage] - 0.3 * lp
-        y2 = _sigmoid(l2)
-        # y3 / y4: purchase given click and DAction / no DAction.
-        base_buy = 0.3 * power + w.stage_buy[stage] + w.seg_price_buy[seg] * lp + 0.5 * w.quality[item]
-        if cfg.daction_informative:
-            y3 = _sigmoid(-4.6 + base_buy)
-            y4 = _sigmoid(-7.2 + base_buy)
-        else:  # purchase independent of DAction: y3 == y4, same marginal level
-            y3 = y4 = _sigmoid(-6.6 + base_buy)
+        y1, y2, y3, y4, affinity = w.probabilities(u, item, scen, stage, is_repeat)
+        seg, cat = w.segment[u], w.category[item]
         click = rng.random(n) < y1
         daction = click & (rng.random(n) < y2)
         purchase = click & (rng.random(n) < np.where(daction, y3, y4))

@@ -1,0 +1,148 @@
+import glob
+import hashlib
+import os
+import tracemalloc
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import datagen
+from pipeline.datagen import GeneratorConfig
+
+
+def _read(d):
+    return pq.read_table(sorted(glob.glob(os.path.join(d, "part-*.parquet")))).to_pandas()
+
+
+def _digest(d):
+    h = hashlib.sha256()
+    for f in sorted(glob.glob(os.path.join(d, "part-*.parquet"))):
+        h.update(open(f, "rb").read())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen")
+    cfg = GeneratorConfig(rows=60_000, seed=3, rows_per_file=25_000)
+    manifest = datagen.write_parquet(cfg, str(out), progress=False)
+    return cfg, str(out), manifest, _read(str(out))
+
+
+def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path):
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    datagen.write_parquet(GeneratorConfig(rows=5_000, seed=11), a, progress=False)
+    datagen.write_parquet(GeneratorConfig(rows=5_000, seed=11), b, progress=False)
+    datagen.write_parquet(GeneratorConfig(rows=5_000, seed=12), c, progress=False)
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != _digest(c)
+
+
+def test_files_rows_and_manifest(generated):
+    cfg, out, manifest, df = generated
+    assert len(df) == cfg.rows == manifest["rows"]
+    assert manifest["files"] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert [pq.ParquetFile(os.path.join(out, f)).metadata.num_rows for f in manifest["files"]] == [25_000, 25_000, 10_000]
+    assert df["timestamp"].is_monotonic_increasing
+
+
+def test_label_rates_within_stated_ranges(generated):
+    _, _, _, df = generated
+    click = df.click == 1
+    daction = (df.cart == 1) | (df.wish == 1)
+    ctr = click.mean()
+    da_given_click = daction[click].mean()
+    buy_given_click = df.purchase[click].mean()
+    buy_da = df.purchase[daction].mean()
+    buy_no_da = df.purchase[click & ~daction].mean()
+    assert 0.05 <= ctr <= 0.10, ctr
+    assert 0.06 <= da_given_click <= 0.16, da_given_click
+    assert 0.01 <= buy_given_click <= 0.035, buy_given_click
+    assert buy_da > 3 * buy_no_da, (buy_da, buy_no_da)
+    assert (df.staytime[click] > 0).all() and (df.staytime[~click] == 0).all()
+
+
+def test_funnel_is_never_violated(generated):
+    _, _, _, df = generated
+    no_click = df.click == 0
+    assert (df.cart[no_click] == 0).all() and (df.wish[no_click] == 0).all() and (df.purchase[no_click] == 0).all()
+
+
+def test_true_probabilities_are_consistent_and_match_empirical_rates(generated):
+    _, _, _, df = generated
+    np.testing.assert_allclose(df.true_ctcvr, df.true_ctr * df.true_cvr, rtol=1e-5)
+    assert (df.true_ctavr <= df.true_ctr + 1e-7).all()
+    # Calibration: the mean true probability matches the observed rate within sampling error.
+    n = len(df)
+    for label, prob in (("click", "true_ctr"), ("purchase", "true_ctcvr")):
+        p = df[prob].mean()
+        assert abs(df[label].mean() - p) < 4 * np.sqrt(p * (1 - p) / n), label
+
+
+def test_missing_values_and_heavy_tails(generated):
+    _, _, _, df = generated
+    for col in ("user_city", "item_brand", "item_price", "user_orders_90d"):
+        assert 0.01 < df[col].isna().mean() < 0.06, col
+    for col in ("click", "user_id", "item_id", "timestamp", "true_ctr"):
+        assert df[col].notna().all(), col
+    price = df.item_price.dropna()
+    assert price.max() > 20 * price.median()  # heavy tailed: log1p helps
+    top_share = df.item_category.value_counts(normalize=True).iloc[0]
+    assert top_share > 3 / df.item_category.nunique()  # Zipf-skewed, not uniform
+
+
+def test_planted_structures_are_present(generated):
+    _, _, _, df = generated
+    # Scenarios are latent but shape click preference; stages shift purchase propensity.
+    by_scen = df.groupby("true_scenario").click.mean()
+    assert by_scen.max() > 2 * by_scen.min()
+    clicked = df[df.click == 1]
+    by_stage = clicked.groupby("true_stage").purchase.mean()
+    assert by_stage.loc[2] > 2 * by_stage.loc[0]
+    # Repeat consumption: a good share of impressions re-show an item the user clicked before.
+    seen, repeats = set(), 0
+    for u, i, c in zip(df.user_id.values, df.item_id.values, df.click.values):
+        repeats += (u, i) in seen
+        if c:
+            seen.add((u, i))
+    assert repeats / len(df) > 0.05
+    assert df.segment.nunique() == 4
+
+
+def test_uninformative_daction_decouples_purchase(tmp_path):
+    datagen.write_parquet(GeneratorConfig(rows=200_000, seed=3, daction_informative=False), str(tmp_path), progress=False)
+    df = _read(str(tmp_path))
+    click = df.click == 1
+    daction = (df.cart == 1) | (df.wish == 1)
+    ratio = df.purchase[daction].mean() / df.purchase[click & ~daction].mean()
+    assert 0.5 < ratio < 2.0, ratio
+
+
+def test_generation_streams_memory_does_not_grow_with_rows(tmp_path):
+    def peak(rows):
+        tracemalloc.start()
+        datagen.write_parquet(GeneratorConfig(rows=rows, users=2_000, items=500, rows_per_file=20_000),
+                              str(tmp_path / str(rows)), progress=False)
+        _, p = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return p
+
+    small, large = peak(40_000), peak(160_000)
+    assert large < 1.5 * small, (small, large)
+
+
+def test_ensure_builtin_reuses_matching_data(tmp_path):
+    cfg = GeneratorConfig(rows=2_000, seed=1)
+    first = datagen.ensure_builtin(cfg, str(tmp_path))
+    second = datagen.ensure_builtin(cfg, str(tmp_path))
+    assert first["reused"] is False and second["reused"] is True
+    third = datagen.ensure_builtin(GeneratorConfig(rows=3_000, seed=1), str(tmp_path))
+    assert third["reused"] is False and third["rows"] == 3_000
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="rows"):
+        GeneratorConfig(rows=0)
+    with pytest.raises(ValueError, match="missing_rate"):
+        GeneratorConfig(missing_rate=0.7)
