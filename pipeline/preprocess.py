@@ -18,8 +18,8 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline.beam_runner import make_pipeline
 from transforms.features import FeatureContract
 
 logger = logging.getLogger(__name__)
@@ -148,11 +148,10 @@ def run_preprocess(contract: FeatureContract, cfg: PreprocessConfig, preprocessi
     os.makedirs(cfg.output_dir, exist_ok=True)
     tac, _ = tensor_adapter_config(contract)
     columns = raw_columns(contract)
-    options = PipelineOptions(beam_args or [])
     temp_dir = os.path.join(cfg.output_dir, "tmp")
     data_dir = os.path.join(cfg.output_dir, DATA_DIR)
     shards = cfg.num_shards
-    p = beam.Pipeline(options=options)
+    p = make_pipeline(beam_args)
     with tft_beam.Context(temp_dir=temp_dir):
         tables = p | "ReadParquet" >> beam.io.ReadFromParquetBatched(cfg.input_pattern, columns=list(columns))
         # A separate read of the timestamp column alone feeds the split point (a side input must not come

@@ -128,6 +128,12 @@ def run(argv: Sequence[str] | None = None) -> Dict:
 
     work_dir = os.path.abspath(args.work_dir)
     export_base = os.path.abspath(args.export_dir or os.path.join(work_dir, "export"))
+    pp_dir = os.path.join(work_dir, "preprocessed")
+    from pipeline.preprocess import PreprocessConfig
+    try:
+        PreprocessConfig(input_pattern="-", output_dir=pp_dir, eval_fraction=args.eval_fraction)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     os.makedirs(work_dir, exist_ok=True)
     timings: Dict[str, float] = {}
     started = time.time()
@@ -136,7 +142,7 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     import tensorflow_transform as tft
 
     from pipeline import evaluate as ev
-    from pipeline.preprocess import TRANSFORM_DIR, PreprocessConfig, run_preprocess, transformed_pattern
+    from pipeline.preprocess import TRANSFORM_DIR, run_preprocess, transformed_pattern
     from pipeline.train import train_model
     from serving.examples import serialize_rows
     from serving.export import export_saved_model
@@ -145,11 +151,7 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     from transforms.preprocessing import preprocessing_fn
 
     contract = BUILTIN
-    pp_dir = os.path.join(work_dir, "preprocessed")
-    try:
-        pp_cfg = PreprocessConfig(input_pattern=input_pattern, output_dir=pp_dir, eval_fraction=args.eval_fraction)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    pp_cfg = PreprocessConfig(input_pattern=input_pattern, output_dir=pp_dir, eval_fraction=args.eval_fraction)
     resolved = {"args": vars(args), "beam_args": beam_args, "model_config": model_config.to_dict(),
                 "train": asdict(train_cfg), "preprocess": asdict(pp_cfg), "input": input_info}
     with open(os.path.join(work_dir, "config.json"), "w") as fh:

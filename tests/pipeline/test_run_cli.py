@@ -1,0 +1,57 @@
+"""Command-line behaviour of pipeline.run: clear one-line errors, Beam options passed through untouched."""
+import subprocess
+import sys
+
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline import run as run_mod
+from pipeline.beam_runner import make_pipeline
+
+
+def _main(capsys, argv):
+    code = run_mod.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, [line for line in err if line.startswith("error:")], err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--data", "/nonexistent/dir/*.parquet"], "/nonexistent/dir/*.parquet"),
+    (["--model", "nosuchmodel"], "nosuchmodel"),
+    (["--bogus-flag", "1"], "--bogus-flag"),
+    (["--preset", "huge"], "huge"),
+    (["--epochs", "0"], "epochs"),
+    (["--eval-fraction", "1.5"], "eval_fraction"),
+])
+def test_bad_invocations_end_with_one_clear_line(capsys, tmp_path, argv, needle):
+    code, errors, err = _main(capsys, argv + ["--work-dir", str(tmp_path)])
+    assert code == 2
+    assert len(errors) == 1 and needle in errors[0], err
+    assert not any("Traceback" in line for line in err)
+
+
+def test_bad_invocation_from_the_shell_is_one_line_and_nonzero(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "--model", "nosuchmodel", "--work-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: unknown model 'nosuchmodel'; available: esm2"
+    assert "Traceback" not in proc.stderr
+
+
+def test_beam_options_reach_beam_untouched():
+    args = ["--runner=FlinkRunner", "--flink_master=localhost:8081", "--parallelism=4",
+            "--environment_type=LOOPBACK"]
+    assert run_mod.split_beam_args(args) == args
+    opts = PipelineOptions(args).get_all_options()
+    assert opts["runner"] == "FlinkRunner" and opts["flink_master"] == "localhost:8081"
+    assert opts["parallelism"] == 4
+    dataflow = ["--runner=DataflowRunner", "--project=p", "--region=europe-west1", "--temp_location=gs://b/tmp"]
+    assert run_mod.split_beam_args(dataflow) == dataflow
+
+
+def test_direct_runner_is_local_and_other_runners_are_beams():
+    local = make_pipeline(["--runner=DirectRunner"])
+    assert type(local.runner).__name__ == "FnApiRunner"  # never the network-fetching Prism path
+    assert type(make_pipeline([]).runner).__name__ == "FnApiRunner"
+    flink = make_pipeline(["--runner=FlinkRunner", "--flink_master=localhost:8081"])
+    assert type(flink.runner).__name__ == "FlinkRunner"
