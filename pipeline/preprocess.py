@@ -87,6 +87,10 @@ class _TableToRecordBatches(beam.DoFn):
         table = table.filter(mask)
         n = table.num_rows
         beam.metrics.Metrics.counter("rankline", f"rows_{self._split}").inc(n)
+        self._seen = getattr(self, "_seen", 0) + n
+        if self._seen >= getattr(self, "_next_log", 0):  # progress, about every 50k rows per worker
+            logger.info("preprocess: %d %s rows read so far (this worker)", self._seen, self._split)
+            self._next_log = self._seen + 50_000
         for start in range(0, n, self._batch_rows):
             part = table.slice(start, self._batch_rows)
             arrays = [to_list_array(part.column(c), d) for c, d in self._columns.items()]
