@@ -66,15 +66,17 @@ class ESM2(MultiTaskModel):
 
     TOWERS = ("click", "daction", "purchase_daction", "purchase_oaction")
 
+    REQUIRED_LABELS = (CLICK, DACTION, PURCHASE)
+
     def __init__(self, categorical: Mapping[str, int], dense: Sequence[str] = (),
-                 config: ESM2Config | Dict | None = None, **kwargs):
+                 config: ESM2Config | Dict | None = None, sequences: Mapping[str, int] | None = None, **kwargs):
         super().__init__(**kwargs)
         if isinstance(config, dict):
             config = ESM2Config(**{k: tuple(v) if k == "hidden_units" else v for k, v in config.items()})
         self.config = config or ESM2Config()
         c = self.config
         self.embedding = SharedEmbedding(categorical, dense, embedding_dim=c.embedding_dim,
-                                         dense_activation=c.dense_activation, name="sem")
+                                         dense_activation=c.dense_activation, sequences=sequences or {}, name="sem")
         self.towers = [MLP(c.hidden_units, dropout=c.dropout, output_units=1, l2=c.l2, name=f"tower_{t}")
                        for t in self.TOWERS]
         self.composition = ESM2Composition(name="scm")
@@ -98,7 +100,7 @@ class ESM2(MultiTaskModel):
 
     def get_config(self):
         return {"categorical": self.embedding.categorical, "dense": self.embedding.dense,
-                "config": self.config.to_dict(), "name": self.name}
+                "sequences": self.embedding.sequences, "config": self.config.to_dict(), "name": self.name}
 
     @classmethod
     def from_config(cls, config):

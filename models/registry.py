@@ -3,9 +3,25 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Sequence
 
-from models import esm2
+from models import esm2, esmm
 
-MODELS = {"esm2": (esm2.ESM2, esm2.PRESETS)}
+MODELS = {
+    "esm2": (esm2.ESM2, esm2.PRESETS),
+    "esmm": (esmm.ESMM, esm2.PRESETS),
+    "dnn": (esmm.CTRDNN, esm2.PRESETS),
+}
+
+
+def required_labels(model: str) -> Sequence[str]:
+    return _lookup(model)[0].REQUIRED_LABELS
+
+
+def auto_model(labels: Sequence[str]) -> str:
+    """The richest model the dataset's labels support: esm2 > esmm > dnn."""
+    for name in ("esm2", "esmm", "dnn"):
+        if set(required_labels(name)) <= set(labels):
+            return name
+    raise ValueError(f"no model fits labels {list(labels)} (a click label is required)")
 
 
 def available() -> Sequence[str]:
@@ -36,6 +52,7 @@ def resolve_config(model: str, preset: str = "default", overrides: Dict | None =
     return type(table[preset])(**base)
 
 
-def build(model: str, categorical: Mapping[str, int], dense: Sequence[str], config):
+def build(model: str, categorical: Mapping[str, int], dense: Sequence[str], config,
+          sequences: Mapping[str, int] | None = None):
     cls, _ = _lookup(model)
-    return cls(categorical=categorical, dense=dense, config=config, name=model)
+    return cls(categorical=categorical, dense=dense, config=config, sequences=sequences or {}, name=model)

@@ -23,8 +23,8 @@ def collect(model, contract: FeatureContract, tft_output, pattern: str, batch_si
     """Runs the model over ``pattern``; returns (predictions, labels+oracle) as flat numpy arrays."""
     spec = tft_output.transformed_feature_spec()
     oracle = [c for c in ("true_ctr", "true_ctavr", "true_cvr", "true_ctcvr") if c in spec]
-    ds = make_dataset(pattern, spec, contract.model_feature_names(), (F.CLICK, F.DACTION, F.PURCHASE),
-                      batch_size, extra_keys=oracle)
+    labels = [k for k in (F.CLICK, F.DACTION, F.PURCHASE) if k in spec]
+    ds = make_dataset(pattern, spec, contract.model_feature_names(), labels, batch_size, extra_keys=oracle)
     preds: Dict[str, List[np.ndarray]] = {}
     labels: Dict[str, List[np.ndarray]] = {}
     for features, lab in ds:
@@ -41,7 +41,7 @@ def evaluate(preds: Dict[str, np.ndarray], labels: Dict[str, np.ndarray]) -> Dic
     report = {}
     clicked = labels[F.CLICK] > 0
     for task, (label, oracle, on_clicked) in TASKS.items():
-        if task not in preds:
+        if task not in preds or label not in labels:
             continue
         mask = clicked if on_clicked else np.ones_like(clicked)
         row = {"auc": auc(labels[label][mask], preds[task][mask]), "n": int(mask.sum()),

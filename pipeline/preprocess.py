@@ -1,12 +1,17 @@
-"""Beam + tensorflow-transform preprocessing stage: Parquet logs -> transform graph + gzip TFRecords.
+"""Beam + tensorflow-transform preprocessing stage, driven by a dataset schema.
 
-Input is read as Arrow record batches (one per Parquet row group, never one Python object per row), split
-by time into train/eval (the last ``eval_fraction`` of the time range is eval), analysed on the training
-split only, and both splits are written through the same transform graph as sharded gzip TFRecords of
-``tf.Example``. Runs on any Beam runner: all runner choice lives in the pipeline options.
+    files ──ReadFile──► canonical Arrow batches ──split (time / hash / files)──► train / eval / test
+                 └────► dead letter (rejected/*.jsonl: source, reason, record)
+    train ──AnalyzeAndTransform──► transform graph + TFRecords;  eval, test ──Transform──► TFRecords
+
+Analyzers (vocabularies, quantiles, means) see the training split only. Output in ``output_dir``:
+``data/<split>/part-*.tfrecord.gz`` (gzip ``tf.Example``s), ``transform_fn_output/`` (the transform graph
+and the transformed schema), ``rejected/`` and ``summary.json`` (rows in / out / rejected per split and
+reason, truncations, vocabulary sizes, OOV rates on eval/test). Runs on any Beam runner.
 """
 from __future__ import annotations
 
+import glob as globlib
 import json
 import logging
 import os
@@ -19,189 +24,261 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import sources
 from pipeline.beam_runner import make_pipeline
+from transforms import features as F
 from transforms.features import FeatureContract
+from transforms.schema import DatasetSchema
 
 logger = logging.getLogger(__name__)
 
-TRAIN, EVAL = "train", "eval"
+TRAIN, EVAL, TEST = "train", "eval", "test"
+SPLITS = (TRAIN, EVAL, TEST)
 TRANSFORM_DIR = "transform_fn_output"
 DATA_DIR = "data"
+REJECTED_DIR = "rejected"
+
+
+class TooManyRejected(RuntimeError):
+    """More rows were rejected than ``max_reject_fraction`` allows."""
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    input_pattern: str
     output_dir: str
-    eval_fraction: float = 0.2
-    num_shards: int = 0  # 0: let the runner decide
+    max_reject_fraction: Optional[float] = None
     batch_rows: int = 10_000
 
     def __post_init__(self):
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.max_reject_fraction is not None and not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise ValueError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
         if self.batch_rows < 1:
             raise ValueError("batch_rows must be >= 1")
 
 
-def _arrow_type(dtype: str):
-    return {"string": pa.large_binary(), "int64": pa.int64(), "float32": pa.float32()}[dtype]
+def _tft_type(t: pa.DataType) -> pa.DataType:
+    return pa.large_binary() if pa.types.is_string(t) else t
 
 
-def raw_columns(contract: FeatureContract, include_labels: bool = True) -> Dict[str, str]:
-    """Raw column -> dtype read from the input files."""
-    cols = {f.name: f.dtype for f in contract.categorical}
-    cols.update({f.name: f.dtype for f in contract.numeric})
-    cols[contract.timestamp] = "int64"
-    if include_labels:
-        cols.update({c: "int64" for c in contract.labels.binary_columns})
-        cols.update({c: "float32" for c in contract.labels.continuous})
-        for c in contract.oracle:
-            cols[c] = "int64" if c in ("true_scenario", "true_group", "true_stage") else "float32"
-    return cols
-
-
-def to_list_array(arr: pa.Array, dtype: str) -> pa.Array:
-    """A flat (nullable) column -> list<value> column: one value per present row, [] for null."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    valid = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=np.int32)
-    offsets = np.zeros(len(arr) + 1, dtype=np.int32)
-    np.cumsum(valid, out=offsets[1:])
-    values = pc.drop_null(arr).cast(_arrow_type(dtype))
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
-
-
-class _TableToRecordBatches(beam.DoFn):
-    """pyarrow.Table (a Parquet row group) -> list-typed RecordBatches of one split, by timestamp."""
-
-    def __init__(self, columns: Dict[str, str], timestamp: str, split: str, batch_rows: int):
-        self._columns = columns
-        self._timestamp = timestamp
-        self._split = split
-        self._batch_rows = batch_rows
-
-    def process(self, table: pa.Table, cutoff: float):
-        ts = table.column(self._timestamp)
-        mask = pc.less(ts, cutoff) if self._split == TRAIN else pc.greater_equal(ts, cutoff)
-        table = table.filter(mask)
-        n = table.num_rows
-        beam.metrics.Metrics.counter("rankline", f"rows_{self._split}").inc(n)
-        self._seen = getattr(self, "_seen", 0) + n
-        if self._seen >= getattr(self, "_next_log", 0):  # progress, about every 50k rows per worker
-            logger.info("preprocess: %d %s rows read so far (this worker)", self._seen, self._split)
-            self._next_log = self._seen + 50_000
-        for start in range(0, n, self._batch_rows):
-            part = table.slice(start, self._batch_rows)
-            arrays = [to_list_array(part.column(c), d) for c, d in self._columns.items()]
-            yield pa.RecordBatch.from_arrays(arrays, list(self._columns))
-
-
-class _MinMax(beam.CombineFn):
-    def create_accumulator(self):
-        return (float("inf"), float("-inf"), 0)
-
-    def add_input(self, acc, table):
-        if table.num_rows == 0:
-            return acc
-        mm = pc.min_max(table.column(0))
-        return (min(acc[0], mm["min"].as_py()), max(acc[1], mm["max"].as_py()), acc[2] + table.num_rows)
-
-    def merge_accumulators(self, accs):
-        accs = list(accs)
-        return (min(a[0] for a in accs), max(a[1] for a in accs), sum(a[2] for a in accs))
-
-    def extract_output(self, acc):
-        return acc
-
-
-def _cutoff(minmax, eval_fraction: float) -> float:
-    lo, hi, n = minmax
-    if n == 0:
-        raise ValueError("the input has no rows")
-    return lo + (hi - lo) * (1.0 - eval_fraction)
-
-
-def _encode_examples(batch_and_passthrough):
-    from tfx_bsl.coders import example_coder
-
-    record_batch = batch_and_passthrough[0]
-    return example_coder.RecordBatchToExamples(record_batch)
+def to_tft_batch(batch: pa.RecordBatch, columns: Dict[str, pa.DataType]) -> pa.RecordBatch:
+    """Canonical batch -> the list-typed batch tensorflow-transform's TFXIO reads (one list per cell)."""
+    arrays = []
+    for name, t in columns.items():
+        arr = batch.column(batch.schema.get_field_index(name))
+        if pa.types.is_list(t):
+            arrays.append(arr.cast(pa.list_(pa.large_binary())))
+            continue
+        valid = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=np.int32)
+        offsets = np.zeros(len(arr) + 1, dtype=np.int32)
+        np.cumsum(valid, out=offsets[1:])
+        values = pc.drop_null(arr).cast(_tft_type(t))
+        arrays.append(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values))
+    return pa.RecordBatch.from_arrays(arrays, list(columns))
 
 
 def tensor_adapter_config(contract: FeatureContract):
-    """Arrow schema + tensor representations matching ``raw_feature_spec(contract)``."""
     from tensorflow_transform.tf_metadata import schema_utils
     from tfx_bsl.tfxio import tensor_adapter, tensor_representation_util
 
     from transforms.preprocessing import raw_feature_spec
 
-    cols = raw_columns(contract)
+    columns = sources.canonical_columns(contract)
     schema = schema_utils.schema_from_feature_spec(raw_feature_spec(contract))
-    arrow_schema = pa.schema([(c, pa.list_(_arrow_type(d))) for c, d in cols.items()])
+    arrow_schema = pa.schema([(c, pa.list_(pa.large_binary() if pa.types.is_list(t) else _tft_type(t)))
+                              for c, t in columns.items()])
     reps = tensor_representation_util.InferTensorRepresentationsFromSchema(schema)
-    return tensor_adapter.TensorAdapterConfig(arrow_schema, reps), schema
+    return tensor_adapter.TensorAdapterConfig(arrow_schema, reps)
 
 
-def run_preprocess(contract: FeatureContract, cfg: PreprocessConfig, preprocessing_fn,
+class _SplitBatches(beam.DoFn):
+    """Canonical batch -> (split, batch without ``__split``), by time cutoffs or by the reader's decision."""
+
+    def __init__(self, timestamp: Optional[str]):
+        self._timestamp = timestamp
+
+    def process(self, batch: pa.RecordBatch, cutoffs=None):
+        idx = batch.schema.get_field_index(sources.SPLIT_COL)
+        hint = batch.column(idx)
+        batch = batch.drop_columns([sources.SPLIT_COL]) if hasattr(batch, "drop_columns") else pa.RecordBatch.from_arrays(
+            [batch.column(i) for i in range(batch.num_columns) if i != idx],
+            [n for i, n in enumerate(batch.schema.names) if i != idx])
+        if cutoffs is not None:
+            parts = sources.split_batch_by_time(batch, self._timestamp, cutoffs)
+        else:
+            parts = {s: batch.filter(pc.equal(hint, s)) for s in SPLITS}
+        for split, part in parts.items():
+            if part.num_rows:
+                beam.metrics.Metrics.counter(sources.NAMESPACE, f"rows_{split}").inc(part.num_rows)
+                yield split, part
+
+
+class _TimeRange(beam.CombineFn):
+    def create_accumulator(self):
+        return (float("inf"), float("-inf"), 0)
+
+    def add_input(self, acc, item):
+        return (min(acc[0], item[0]), max(acc[1], item[1]), acc[2] + item[2])
+
+    def merge_accumulators(self, accs):
+        return sources.time_range(list(accs))
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _cutoffs(time_range, eval_fraction: float, test_fraction: float):
+    lo, hi, n = time_range
+    if n == 0:
+        return (float("inf"), float("inf"))
+    span = hi - lo
+    return (lo + span * (1.0 - eval_fraction - test_fraction), lo + span * (1.0 - test_fraction) + 1e-9
+            if test_fraction > 0 else float("inf"))
+
+
+def _encode_examples(batch_and_passthrough):
+    from tfx_bsl.coders import example_coder
+
+    return example_coder.RecordBatchToExamples(batch_and_passthrough[0])
+
+
+def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_fn,
                    beam_args: Optional[List[str]] = None) -> Dict:
-    """Runs the Beam pipeline and returns a summary dict (also written as ``summary.json``)."""
+    """Runs the Beam pipeline; returns the summary (also written to ``summary.json``)."""
     import tensorflow_transform.beam as tft_beam
 
+    files = schema.input.files()
+    if not files:
+        raise FileNotFoundError(f"schema {schema.name!r}: no input files match {schema.input.path}")
     started = time.time()
+    contract = schema.contract
     os.makedirs(cfg.output_dir, exist_ok=True)
-    tac, _ = tensor_adapter_config(contract)
-    columns = raw_columns(contract)
-    temp_dir = os.path.join(cfg.output_dir, "tmp")
-    data_dir = os.path.join(cfg.output_dir, DATA_DIR)
-    shards = cfg.num_shards
+    columns = sources.canonical_columns(contract)
+    tac = tensor_adapter_config(contract)
+    split = schema.split
     p = make_pipeline(beam_args)
-    with tft_beam.Context(temp_dir=temp_dir):
-        tables = p | "ReadParquet" >> beam.io.ReadFromParquetBatched(cfg.input_pattern, columns=list(columns))
-        # A separate read of the timestamp column alone feeds the split point (a side input must not come
-        # from the stage it feeds, and reading one column is cheap).
-        minmax = (p | "ReadTimestamps" >> beam.io.ReadFromParquetBatched(cfg.input_pattern,
-                                                                         columns=[contract.timestamp])
-                  | "TimeRange" >> beam.CombineGlobally(_MinMax()))
-        cutoff = minmax | "Cutoff" >> beam.Map(_cutoff, cfg.eval_fraction)
-        splits = {}
-        for split in (TRAIN, EVAL):
-            splits[split] = tables | f"ToRecordBatches[{split}]" >> beam.ParDo(
-                _TableToRecordBatches(columns, contract.timestamp, split, cfg.batch_rows),
-                cutoff=beam.pvalue.AsSingleton(cutoff))
-        (train_out, transformed_metadata), transform_fn = (
-            (splits[TRAIN], tac) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
+    with tft_beam.Context(temp_dir=os.path.join(cfg.output_dir, "tmp")):
+        read = (p | "ListFiles" >> beam.Create(files)
+                | "SpreadFiles" >> beam.Reshuffle()
+                | "ReadFiles" >> beam.ParDo(sources.ReadFile(schema, cfg.batch_rows)).with_outputs(
+                    sources.REJECTED, main="rows"))
+        _ = (read[sources.REJECTED] | "RejectedToJson" >> beam.Map(json.dumps, sort_keys=True)
+             | "WriteRejected" >> beam.io.WriteToText(os.path.join(cfg.output_dir, REJECTED_DIR, "part"),
+                                                      file_name_suffix=".jsonl"))
+        rows = read.rows
+        if split.kind == "time":
+            time_range = (rows | "BatchTimeRange" >> beam.Map(sources.batch_time_range, contract.timestamp)
+                          | "TimeRange" >> beam.CombineGlobally(_TimeRange()))
+            cutoffs = time_range | "Cutoffs" >> beam.Map(_cutoffs, split.eval_fraction, split.test_fraction)
+            # A side input must not be computed in the stage it feeds: materialise the rows first.
+            keyed = (rows | "Materialise" >> beam.Reshuffle()
+                     | "SplitByTime" >> beam.ParDo(_SplitBatches(contract.timestamp),
+                                                   cutoffs=beam.pvalue.AsSingleton(cutoffs)))
+        else:
+            keyed = rows | "SplitByReader" >> beam.ParDo(_SplitBatches(contract.timestamp))
+        parts = keyed | "Partition" >> beam.Partition(lambda kv, n: SPLITS.index(kv[0]), len(SPLITS))
+        tft_in = {s: parts[i] | f"ToTFT[{s}]" >> beam.Map(lambda kv: to_tft_batch(kv[1], columns))
+                  for i, s in enumerate(SPLITS)}
+        (train_out, _), transform_fn = (
+            (tft_in[TRAIN], tac) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
                 preprocessing_fn, output_record_batches=True))
-        eval_out, _ = (((splits[EVAL], tac), transform_fn)
-                    | "TransformEval" >> tft_beam.TransformDataset(output_record_batches=True))
-        del transformed_metadata
-        for split, pcoll in ((TRAIN, train_out), (EVAL, eval_out)):
-            _ = (pcoll
-                 | f"Encode[{split}]" >> beam.FlatMap(_encode_examples)
-                 | f"Write[{split}]" >> beam.io.WriteToTFRecord(
-                     os.path.join(data_dir, split, "part"), file_name_suffix=".tfrecord.gz",
-                     compression_type=beam.io.filesystem.CompressionTypes.GZIP, num_shards=shards))
+        outs = {TRAIN: train_out}
+        for s in (EVAL, TEST):
+            outs[s], _ = (((tft_in[s], tac), transform_fn)
+                          | f"Transform[{s}]" >> tft_beam.TransformDataset(output_record_batches=True))
+        for s, pcoll in outs.items():
+            _ = (pcoll | f"Encode[{s}]" >> beam.FlatMap(_encode_examples)
+                 | f"Write[{s}]" >> beam.io.WriteToTFRecord(
+                     os.path.join(cfg.output_dir, DATA_DIR, s, "part"), file_name_suffix=".tfrecord.gz",
+                     compression_type=beam.io.filesystem.CompressionTypes.GZIP))
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(
             os.path.join(cfg.output_dir, TRANSFORM_DIR))
     result = p.run()
     result.wait_until_finish()
-    summary = {"seconds": round(time.time() - started, 2)}
-    summary.update(_counters(result))
+    summary = _summary(schema, cfg, _counters(result), files, time.time() - started)
     with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
+    _log_counts(summary)
+    frac = summary["rows_rejected"] / max(1, summary["rows_in"])
+    if cfg.max_reject_fraction is not None and frac > cfg.max_reject_fraction:
+        raise TooManyRejected(
+            f"{summary['rows_rejected']} of {summary['rows_in']} rows rejected ({frac:.1%}) > --max-reject-fraction "
+            f"{cfg.max_reject_fraction:.1%}; reasons in {os.path.join(cfg.output_dir, REJECTED_DIR)}")
     return summary
 
 
-def _counters(result) -> Dict:
-    """Row counts per split from the pipeline's metrics (committed values where the runner has them)."""
+def _counters(result) -> Dict[str, int]:
     from apache_beam.metrics.metric import MetricsFilter
 
-    out = {}
-    for counter in result.metrics().query(MetricsFilter().with_namespace("rankline"))["counters"]:
+    out: Dict[str, int] = {}
+    for counter in result.metrics().query(MetricsFilter().with_namespace(sources.NAMESPACE))["counters"]:
         value = counter.committed if counter.committed is not None else counter.attempted
         out[counter.key.metric.name] = out.get(counter.key.metric.name, 0) + int(value)
     return out
 
 
+def _summary(schema: DatasetSchema, cfg: PreprocessConfig, counters: Dict[str, int], files, seconds) -> Dict:
+    import tensorflow_transform as tft
+
+    tft_output = tft.TFTransformOutput(os.path.join(cfg.output_dir, TRANSFORM_DIR))
+    contract = schema.contract
+    summary = {
+        "dataset": schema.name,
+        "seconds": round(seconds, 2),
+        "input_files": len(files),
+        "empty_files": counters.get("empty_files", 0),
+        "rows_in": counters.get("rows_in", 0),
+        "rows_rejected": counters.get("rows_rejected", 0),
+        "rejected_by_reason": {k.split(": ", 1)[1]: v for k, v in counters.items() if k.startswith("rejected: ")},
+        "sequences_truncated": {k.split(": ", 1)[1]: v for k, v in counters.items()
+                                if k.startswith("sequence_truncated: ")},
+        "vocabulary_sizes": {f.name: int(tft_output.vocabulary_size_by_name(f.vocab_name))
+                             for f in list(contract.vocab_features) + list(contract.sequences)},
+    }
+    for s in SPLITS:
+        summary[f"rows_{s}"] = counters.get(f"rows_{s}", 0)
+    summary["oov_rate"] = {s: oov_rates(contract, tft_output, transformed_pattern(cfg.output_dir, s))
+                           for s in (EVAL, TEST) if summary[f"rows_{s}"]}
+    return summary
+
+
+def oov_rates(contract: FeatureContract, tft_output, pattern: str, max_rows: int = 200_000) -> Dict[str, float]:
+    """Share of (non-missing) values per vocabulary feature that fell into an OOV bucket."""
+    import tensorflow as tf
+
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        return {}
+    feats = list(contract.vocab_features)
+    spec = {F.categorical_id(f.name): tf.io.FixedLenFeature([1], tf.int64) for f in feats}
+    sizes = {f.name: tft_output.vocabulary_size_by_name(f.vocab_name) for f in feats}
+    oov = {f.name: 0 for f in feats}
+    n = 0
+    ds = tf.data.TFRecordDataset(files, compression_type="GZIP").take(max_rows).batch(4096)
+    for batch in ds:
+        parsed = tf.io.parse_example(batch, spec)
+        for f in feats:
+            oov[f.name] += int(np.sum(parsed[F.categorical_id(f.name)].numpy() >= sizes[f.name]))
+        n += int(batch.shape[0])
+    return {k: round(v / max(1, n), 4) for k, v in oov.items()}
+
+
+def _log_counts(summary: Dict) -> None:
+    logger.info("preprocess %s: %d rows in, %d rejected, train %d / eval %d / test %d, %.1fs",
+                summary["dataset"], summary["rows_in"], summary["rows_rejected"], summary["rows_train"],
+                summary["rows_eval"], summary["rows_test"], summary["seconds"])
+    for reason, n in sorted(summary["rejected_by_reason"].items()):
+        logger.info("  rejected (%s): %d", reason, n)
+    for name, n in sorted(summary["sequences_truncated"].items()):
+        logger.info("  sequence %s truncated in %d rows", name, n)
+
+
 def transformed_pattern(output_dir: str, split: str) -> str:
     return os.path.join(output_dir, DATA_DIR, split, "part-*")
+
+
+def read_rejected(output_dir: str) -> List[Dict]:
+    rows = []
+    for path in sorted(globlib.glob(os.path.join(output_dir, REJECTED_DIR, "part*"))):
+        with open(path, encoding="utf-8") as fh:
+            rows.extend(json.loads(line) for line in fh if line.strip())
+    return rows

@@ -1,7 +1,7 @@
 """The whole job: data -> Beam/tensorflow-transform -> train -> evaluate -> export -> score.
 
     python -m pipeline.run --runner=DirectRunner                 # built-in planted-truth data
-    python -m pipeline.run --data 'logs/*.parquet' --model esm2  # your own Parquet logs (built-in schema)
+    python -m pipeline.run --schema my_logs.yaml                  # your own logs, described by a schema file
 
 Every option this entry point does not define is a Beam pipeline option and reaches Beam untouched
 (``--runner=FlinkRunner --flink_master=...``, ``--runner=DataflowRunner --project=... --region=...``).
@@ -35,19 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
     from models import registry
 
     p = _Parser(prog="python -m pipeline.run", description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--data", default=None,
-                   help="glob of Parquet impression logs in the built-in schema (default: generate the built-in data)")
+    p.add_argument("--schema", default=None,
+                   help="dataset schema YAML (default: the built-in dataset, generated on first use)")
+    p.add_argument("--data", default=None, help="input glob overriding the schema's input.path")
     p.add_argument("--rows", type=int, default=200_000, help="rows of built-in data to generate (default 200000)")
     p.add_argument("--seed", type=int, default=0, help="seed for data generation and training")
     p.add_argument("--work-dir", default="artifacts/run", help="where data, transform graph, TFRecords go")
     p.add_argument("--export-dir", default=None, help="SavedModel base directory (default WORK_DIR/export)")
-    p.add_argument("--model", default="esm2", help=f"model to train: {', '.join(registry.available())}")
+    p.add_argument("--model", default="auto",
+                   help=f"model to train: auto (the richest the labels allow), {', '.join(registry.available())}")
     p.add_argument("--preset", default="default", help="model config preset (e.g. default, paper)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
     p.add_argument("--learning-rate", type=float, default=None, help="override the preset's learning rate")
-    p.add_argument("--eval-fraction", type=float, default=0.2, help="last fraction of the time range used for eval")
-    p.add_argument("--score-rows", type=int, default=5, help="raw eval rows scored through the export at the end")
+    p.add_argument("--eval-fraction", type=float, default=None, help="override the schema's split.eval_fraction")
+    p.add_argument("--max-reject-fraction", type=float, default=None,
+                   help="fail when more than this fraction of input rows is rejected (default: never)")
+    p.add_argument("--score-rows", type=int, default=5, help="raw rows scored through the export at the end")
     p.add_argument("--uninformative-daction", action="store_true",
                    help="built-in data only: make purchase independent of DAction")
     return p
@@ -78,30 +82,42 @@ def stage(name: str, timings: Dict[str, float]):
     logger.info("<== %s done in %.1fs", name, timings[name])
 
 
-def resolve_input(args, work_dir: str, timings: Dict[str, float]) -> Tuple[str, Dict]:
+def resolve_schema(args, work_dir: str, timings: Dict[str, float]):
+    """The dataset schema, with built-in data generated (or reused) when no schema is given."""
+    from dataclasses import replace
+
     from pipeline import datagen
+    from transforms.schema import SchemaError, builtin_schema_path, load_schema
 
-    if args.data:
-        import glob as globlib
-
-        from apache_beam.io.filesystems import FileSystems
-
-        pattern = args.data
-        if "://" in pattern:
-            matched = [m.path for r in FileSystems.match([pattern]) for m in r.metadata_list]
-        else:
-            matched = globlib.glob(pattern)
-        if not matched:
-            raise UsageError(f"--data: no files match {pattern!r}")
-        return pattern, {"source": pattern, "files": len(matched)}
-    cfg = datagen.GeneratorConfig(rows=args.rows, seed=args.seed, daction_informative=not args.uninformative_daction)
-    out = os.path.join(work_dir, "builtin-data", f"rows{args.rows}-seed{args.seed}-{cfg.fingerprint()}")
-    with stage("generate built-in data", timings):
-        manifest = datagen.ensure_builtin(cfg, out)
-    logger.info("built-in data: %d rows in %s (%s)", manifest["rows"], out,
-                "reused" if manifest.get("reused") else "generated")
-    return os.path.join(out, "part-*.parquet"), {"source": "builtin", "dir": out, "rows": manifest["rows"],
-                                                  "label_counts": manifest["label_counts"]}
+    info: Dict = {}
+    input_path = args.data
+    if args.schema is None and input_path is None:
+        cfg = datagen.GeneratorConfig(rows=args.rows, seed=args.seed,
+                                      daction_informative=not args.uninformative_daction)
+        out = os.path.join(work_dir, "builtin-data", f"rows{args.rows}-seed{args.seed}-{cfg.fingerprint()}")
+        with stage("generate built-in data", timings):
+            manifest = datagen.ensure_builtin(cfg, out)
+        logger.info("built-in data: %d rows in %s (%s)", manifest["rows"], out,
+                    "reused" if manifest.get("reused") else "generated")
+        input_path = os.path.join(out, "part-*.parquet")
+        info = {"source": "builtin", "dir": out, "rows": manifest["rows"], "label_counts": manifest["label_counts"]}
+    try:
+        schema = load_schema(args.schema or builtin_schema_path("builtin"), input_path=input_path)
+    except SchemaError as exc:
+        raise UsageError(str(exc)) from None
+    if args.eval_fraction is not None:
+        if not 0.0 < args.eval_fraction < 1.0 - schema.split.test_fraction:
+            raise UsageError(f"--eval-fraction must be in (0, {1.0 - schema.split.test_fraction:g}), "
+                             f"got {args.eval_fraction}")
+        schema = replace(schema, split=replace(schema.split, eval_fraction=args.eval_fraction))
+    files = schema.input.files()
+    if not files:
+        where = "--data" if args.data else f"schema {os.path.basename(schema.source)} input.path"
+        raise UsageError(f"{where}: no files match {schema.input.path!r}")
+    info.setdefault("source", schema.input.path)
+    info["files"] = len(files)
+    info["schema"] = schema.source
+    return schema, info
 
 
 def run(argv: Sequence[str] | None = None) -> Dict:
@@ -112,32 +128,39 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     beam_args = split_beam_args(rest)
     if not any(a.startswith("--runner") for a in beam_args):
         beam_args = ["--runner=DirectRunner"] + beam_args
-    try:
-        model_config = registry.resolve_config(args.model, args.preset, {
-            "batch_size": args.batch_size, "learning_rate": args.learning_rate})
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    if args.model != "auto" and args.model not in registry.available():
+        raise UsageError(f"unknown model {args.model!r}; available: auto, {', '.join(registry.available())}")
     if args.rows < 10:
         raise UsageError(f"--rows must be >= 10, got {args.rows}")
+    if args.eval_fraction is not None and not 0.0 < args.eval_fraction < 1.0:
+        raise UsageError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
 
+    from pipeline.preprocess import PreprocessConfig
     from pipeline.train import TrainConfig
-    try:
-        train_cfg = TrainConfig(epochs=args.epochs, seed=args.seed)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
     work_dir = os.path.abspath(args.work_dir)
     export_base = os.path.abspath(args.export_dir or os.path.join(work_dir, "export"))
     pp_dir = os.path.join(work_dir, "preprocessed")
-    from pipeline.preprocess import PreprocessConfig
     try:
-        PreprocessConfig(input_pattern="-", output_dir=pp_dir, eval_fraction=args.eval_fraction)
+        train_cfg = TrainConfig(epochs=args.epochs, seed=args.seed)
+        pp_cfg = PreprocessConfig(output_dir=pp_dir, max_reject_fraction=args.max_reject_fraction)
+        registry.resolve_config("esm2" if args.model == "auto" else args.model, args.preset, {})
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     os.makedirs(work_dir, exist_ok=True)
     timings: Dict[str, float] = {}
     started = time.time()
-    input_pattern, input_info = resolve_input(args, work_dir, timings)
+    schema, input_info = resolve_schema(args, work_dir, timings)
+    contract = schema.contract
+    model_name = registry.auto_model(contract.labels.transformed) if args.model == "auto" else args.model
+    missing = [k for k in registry.required_labels(model_name) if k not in contract.labels.transformed]
+    if missing:
+        raise UsageError(f"model {model_name!r} needs label(s) {', '.join(missing)}, which dataset "
+                         f"{contract.name!r} does not have (it has: {', '.join(contract.labels.transformed)})")
+    try:
+        model_config = registry.resolve_config(model_name, args.preset, {
+            "batch_size": args.batch_size, "learning_rate": args.learning_rate})
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
     import tensorflow_transform as tft
 
@@ -147,37 +170,35 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     from serving.examples import serialize_rows
     from serving.export import export_saved_model
     from serving.score import score_saved_model
-    from transforms.features import BUILTIN
-    from transforms.preprocessing import preprocessing_fn
+    from transforms.preprocessing import build_preprocessing_fn
 
-    contract = BUILTIN
-    pp_cfg = PreprocessConfig(input_pattern=input_pattern, output_dir=pp_dir, eval_fraction=args.eval_fraction)
-    resolved = {"args": vars(args), "beam_args": beam_args, "model_config": model_config.to_dict(),
-                "train": asdict(train_cfg), "preprocess": asdict(pp_cfg), "input": input_info}
+    resolved = {"args": vars(args), "beam_args": beam_args, "model": model_name,
+                "model_config": model_config.to_dict(), "train": asdict(train_cfg), "preprocess": asdict(pp_cfg),
+                "split": asdict(schema.split), "input": input_info}
     with open(os.path.join(work_dir, "config.json"), "w") as fh:
         json.dump(resolved, fh, indent=2, default=str)
 
     with stage("preprocess (Beam + tensorflow-transform)", timings):
-        pp_summary = run_preprocess(contract, pp_cfg, preprocessing_fn, beam_args)
-    logger.info("preprocess: %s", pp_summary)
+        pp_summary = run_preprocess(schema, pp_cfg, build_preprocessing_fn(contract), beam_args)
     tft_dir = os.path.join(pp_dir, TRANSFORM_DIR)
     tft_output = tft.TFTransformOutput(tft_dir)
 
-    with stage(f"train {args.model}", timings):
-        model, history = train_model(args.model, model_config, contract, tft_output,
+    with stage(f"train {model_name}", timings):
+        model, history = train_model(model_name, model_config, contract, tft_output,
                                      transformed_pattern(pp_dir, "train"), transformed_pattern(pp_dir, "eval"),
                                      train_cfg)
     with stage("evaluate", timings):
         preds, labels = ev.collect(model, contract, tft_output, transformed_pattern(pp_dir, "eval"))
         report = ev.evaluate(preds, labels)
     with stage("export SavedModel", timings):
-        export_path = export_saved_model(model, tft_dir, contract, export_base, args.model)
+        export_path = export_saved_model(model, tft_dir, contract, export_base, model_name)
     with stage("score raw examples through the export", timings):
-        rows = _sample_raw_rows(input_pattern, args.score_rows)
+        rows = sample_canonical_rows(schema, args.score_rows)
         scores = score_saved_model(export_path, serialize_rows(rows, contract)) if rows else {}
 
-    summary = {"input": input_info, "preprocess": pp_summary, "eval": report, "export": export_path,
-               "history": history, "timings_s": timings, "total_s": round(time.time() - started, 2),
+    summary = {"model": model_name, "input": input_info, "preprocess": pp_summary, "eval": report,
+               "export": export_path, "history": history, "timings_s": timings,
+               "total_s": round(time.time() - started, 2),
                "scored": {k: [round(float(x), 6) for x in v] for k, v in scores.items()}}
     with open(os.path.join(work_dir, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
@@ -185,27 +206,34 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     return summary
 
 
-def _sample_raw_rows(pattern: str, n: int) -> List[Dict]:
-    """The last ``n`` rows of the last input file (eval period, raw columns as a user would send them)."""
+def sample_canonical_rows(schema, n: int) -> List[Dict]:
+    """The last ``n`` valid rows of the last input file, as canonical raw values (what a client sends)."""
     if n <= 0:
         return []
-    import glob as globlib
+    from pipeline.sources import SPLIT_COL, ReadFile
 
-    import pyarrow.parquet as pq
-
-    files = sorted(globlib.glob(pattern))
-    if not files:
-        return []
-    pf = pq.ParquetFile(files[-1])
-    table = pf.read_row_group(pf.num_row_groups - 1)
-    return table.slice(max(0, table.num_rows - n)).to_pylist()
+    reader = ReadFile(schema)
+    reader.setup()
+    files = schema.input.files()
+    rows: List[Dict] = []
+    for path in reversed(files):
+        batches = [b for b in reader.process(path) if not hasattr(b, "tag")]
+        for b in batches:
+            rows.extend(b.to_pylist())
+        if rows:
+            break
+    rows = rows[-n:]
+    for r in rows:
+        r.pop(SPLIT_COL, None)
+    return rows
 
 
 def _print_summary(summary: Dict, report_text: str) -> None:
     out = sys.stdout
     print("\n=== rankline run summary ===", file=out)
     pp = summary["preprocess"]
-    print(f"rows: train {pp.get('rows_train', '?')}  eval {pp.get('rows_eval', '?')}", file=out)
+    print(f"model: {summary['model']}   rows in {pp['rows_in']}: train {pp['rows_train']}  eval {pp['rows_eval']}  "
+          f"test {pp['rows_test']}  rejected {pp['rows_rejected']}", file=out)
     print(report_text, file=out)
     print(f"export: {summary['export']}", file=out)
     if summary["scored"]:
@@ -230,6 +258,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001
+        from pipeline.preprocess import TooManyRejected
+        from pipeline.train import ModelDataMismatch
+
+        if isinstance(exc, (TooManyRejected, ModelDataMismatch)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

@@ -28,31 +28,40 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
 
-def model_inputs(contract: FeatureContract, tft_output) -> Tuple[Dict[str, int], Tuple[str, ...]]:
-    """(categorical name -> cardinality, dense names) of the transformed model inputs."""
+def model_inputs(contract: FeatureContract, tft_output) -> Tuple[Dict[str, int], Tuple[str, ...], Dict[str, int]]:
+    """(categorical name -> cardinality, dense names, sequence name -> cardinality) of the model inputs."""
     categorical = dict(contract.model_categorical)
     for f in contract.vocab_features:
         size = tft_output.vocabulary_size_by_name(f.vocab_name)
         categorical[F.categorical_id(f.name)] = int(size) + f.num_oov_buckets
-    return categorical, contract.model_dense
+    sequences = {F.sequence_ids(f.name): int(tft_output.vocabulary_size_by_name(f.vocab_name)) + f.num_oov_buckets
+                 for f in contract.sequences}
+    return categorical, contract.model_dense, sequences
 
 
-def check_transform_output(contract: FeatureContract, tft_output, label_keys) -> None:
+class ModelDataMismatch(ValueError):
+    """The model needs a feature or label the transformed data does not have."""
+
+
+def check_transform_output(contract: FeatureContract, tft_output, label_keys, model_name: str = "model") -> None:
     """Fails before training, naming the feature, when the model needs what the transform does not make."""
     spec = tft_output.transformed_feature_spec()
-    needed = list(contract.model_feature_names()) + list(label_keys)
-    missing = [k for k in needed if k not in spec]
+    missing_labels = [k for k in label_keys if k not in spec]
+    if missing_labels:
+        raise ModelDataMismatch(f"model {model_name!r} needs label(s) {', '.join(missing_labels)} which dataset "
+                                f"{contract.name!r} does not provide (it has: {', '.join(contract.labels.transformed)})")
+    missing = [k for k in contract.model_feature_names() if k not in spec]
     if missing:
-        raise ValueError(f"transform output lacks feature(s) the model needs: {', '.join(missing)}")
+        raise ModelDataMismatch(f"transform output lacks feature(s) the model needs: {', '.join(missing)}")
 
 
 def train_model(model_name: str, model_config, contract: FeatureContract, tft_output, train_pattern: str,
                 eval_pattern: str, cfg: TrainConfig):
     keras.utils.set_random_seed(cfg.seed)
-    label_keys = (F.CLICK, F.DACTION, F.PURCHASE)
-    check_transform_output(contract, tft_output, label_keys)
-    categorical, dense = model_inputs(contract, tft_output)
-    model = registry.build(model_name, categorical, dense, model_config)
+    label_keys = tuple(registry.required_labels(model_name))
+    check_transform_output(contract, tft_output, label_keys, model_name)
+    categorical, dense, sequences = model_inputs(contract, tft_output)
+    model = registry.build(model_name, categorical, dense, model_config, sequences)
     spec = tft_output.transformed_feature_spec()
     feature_keys = contract.model_feature_names()
     train_ds = make_dataset(train_pattern, spec, feature_keys, label_keys, model_config.batch_size,

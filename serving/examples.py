@@ -19,16 +19,25 @@ def raw_example(row: Mapping, contract: FeatureContract) -> tf.train.Example:
     Missing values (None / NaN) are left out of the example, exactly as the transform graph expects.
     """
     feats: Dict[str, tf.train.Feature] = {}
-    kinds = {f.name: f.dtype for f in contract.categorical}
-    kinds.update({f.name: f.dtype for f in contract.numeric})
-    kinds[contract.timestamp] = "int64"
+    sequences = {f.name: f for f in contract.sequences}
     for name in contract.serving_columns:
         value = row.get(name)
+        if name in sequences:
+            f = sequences[name]
+            if _is_missing(value):
+                tokens = []
+            elif isinstance(value, (list, tuple)):
+                tokens = [str(t) for t in value]
+            else:
+                tokens = [t for t in str(value).split(f.separator) if t]
+            tokens = tokens[-f.max_length:]
+            feats[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[t.encode("utf-8") for t in tokens]))
+            continue
         if _is_missing(value):
             if name == contract.timestamp:
                 raise ValueError(f"raw row lacks the required field {name!r}")
             continue
-        kind = kinds[name]
+        kind = contract.raw_dtype(name)
         if kind == "string":
             data = value if isinstance(value, bytes) else str(value).encode("utf-8")
             feats[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))

@@ -9,6 +9,7 @@ Transformed names follow one rule so that models and serving can derive them wit
 * categorical ``x``      -> ``x_id``     int64 [B, 1], vocabulary index (frequency ranked) or OOV bucket;
 * numeric ``x``          -> ``x_bucket`` int64 [B, 1], 0 = missing, 1..n = quantile bucket;
                             ``x_z``      float32 [B, 1], z-score of (log1p) x, 0 for missing;
+* sequence ``x``         -> ``x_seq``    int64 [B, L], 0 = padding, 1.. = vocabulary index + 1;
 * the hour of ``timestamp`` -> ``hour_id`` int64 [B, 1] in [0, 24);
 * labels keep their names (int64 [B, 1] / float32 [B, 1]); ``daction`` = OR of the post-click actions.
 """
@@ -45,6 +46,10 @@ def zscore(name: str) -> str:
     return f"{name}_z"
 
 
+def sequence_ids(name: str) -> str:
+    return f"{name}_seq"
+
+
 @dataclass(frozen=True)
 class CategoricalFeature:
     """A categorical column mapped through a frequency-ranked vocabulary with OOV buckets."""
@@ -54,8 +59,11 @@ class CategoricalFeature:
     top_k: Optional[int] = None
     frequency_threshold: int = 1
     num_oov_buckets: int = 1
+    hash_buckets: Optional[int] = None  # set: hash into this many buckets instead of a vocabulary
 
     def __post_init__(self):
+        if self.hash_buckets is not None and self.hash_buckets < 1:
+            raise ValueError(f"categorical feature {self.name!r}: hash_buckets must be >= 1")
         if self.dtype not in ("string", "int64"):
             raise ValueError(f"categorical feature {self.name!r}: dtype must be 'string' or 'int64', got {self.dtype!r}")
         if self.num_oov_buckets < 1:
@@ -90,17 +98,51 @@ class NumericFeature:
 
 
 @dataclass(frozen=True)
+class SequenceFeature:
+    """A multi-valued column (e.g. a behaviour history) -> [B, max_length] vocabulary ids, 0 = padding.
+
+    Raw form: one string with ``separator`` between tokens. Longer sequences keep their *last*
+    ``max_length`` tokens (the most recent, for histories) and are counted as truncated.
+    """
+
+    name: str
+    separator: str = "^"
+    max_length: int = 20
+    top_k: Optional[int] = None
+    frequency_threshold: int = 1
+    num_oov_buckets: int = 1
+    dtype: str = "string"
+
+    def __post_init__(self):
+        if self.max_length < 1:
+            raise ValueError(f"sequence feature {self.name!r}: max_length must be >= 1")
+        if not self.separator:
+            raise ValueError(f"sequence feature {self.name!r}: separator must be non-empty")
+        if self.num_oov_buckets < 1:
+            raise ValueError(f"sequence feature {self.name!r}: num_oov_buckets must be >= 1")
+
+    @property
+    def vocab_name(self) -> str:
+        return f"vocab_{self.name}"
+
+
+@dataclass(frozen=True)
 class LabelSpec:
     """How label columns map onto the ESM² behaviour graph impression -> click -> D(O)Action -> purchase."""
 
     click: str = "click"
-    daction: Tuple[str, ...] = ("cart", "wish")  # DAction = OR of these post-click actions
-    purchase: str = "purchase"
+    daction: Tuple[str, ...] = ("cart", "wish")  # DAction = OR of these post-click actions; () if none
+    purchase: Optional[str] = "purchase"         # None when the data has no conversion label
     continuous: Tuple[str, ...] = ("staytime",)
 
     @property
     def binary_columns(self) -> Tuple[str, ...]:
-        return (self.click,) + tuple(self.daction) + (self.purchase,)
+        return (self.click,) + tuple(self.daction) + ((self.purchase,) if self.purchase else ())
+
+    @property
+    def transformed(self) -> Tuple[str, ...]:
+        """Transformed binary label names present for this dataset."""
+        return (CLICK,) + ((DACTION,) if self.daction else ()) + ((PURCHASE,) if self.purchase else ())
 
 
 @dataclass(frozen=True)
@@ -108,17 +150,22 @@ class FeatureContract:
     """Everything downstream code needs to know about a dataset's columns."""
 
     name: str
-    user_id: str
-    item_id: str
-    timestamp: str
+    user_id: Optional[str]
+    item_id: Optional[str]
+    timestamp: Optional[str]
     categorical: Tuple[CategoricalFeature, ...]
     numeric: Tuple[NumericFeature, ...]
     labels: LabelSpec = field(default_factory=LabelSpec)
     # Columns carrying the generator's true probabilities / latent truth: evaluation only, never features.
     oracle: Tuple[str, ...] = ()
+    sequences: Tuple[SequenceFeature, ...] = ()
+    # Explicit business segment / scenario columns (they are also ordinary categorical features).
+    segment: Optional[str] = None
+    scenario: Optional[str] = None
 
     def __post_init__(self):
-        names = [f.name for f in self.categorical] + [f.name for f in self.numeric]
+        names = ([f.name for f in self.categorical] + [f.name for f in self.numeric]
+                 + [f.name for f in self.sequences])
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"contract {self.name!r}: feature(s) declared twice: {dupes}")
@@ -130,7 +177,26 @@ class FeatureContract:
     @property
     def serving_columns(self) -> Tuple[str, ...]:
         """Raw columns a serving request carries: features and the timestamp, never labels or oracle."""
-        return tuple(dict.fromkeys([f.name for f in self.categorical] + [f.name for f in self.numeric] + [self.timestamp]))
+        cols = [f.name for f in self.categorical] + [f.name for f in self.numeric] + [f.name for f in self.sequences]
+        if self.timestamp:
+            cols.append(self.timestamp)
+        return tuple(dict.fromkeys(cols))
+
+    def raw_dtype(self, column: str) -> str:
+        """'string' | 'int64' | 'float32' of a raw column (features, timestamp, labels, oracle)."""
+        for f in self.categorical + self.sequences:
+            if f.name == column:
+                return f.dtype
+        for f in self.numeric:
+            if f.name == column:
+                return f.dtype
+        if column == self.timestamp or column in self.labels.binary_columns:
+            return "int64"
+        if column in self.labels.continuous:
+            return "float32"
+        if column in self.oracle:
+            return "int64" if column.startswith("true_") and column[5:] in ("scenario", "group", "stage") else "float32"
+        raise KeyError(f"contract {self.name!r} has no column {column!r}")
 
     @property
     def label_columns(self) -> Tuple[str, ...]:
@@ -139,14 +205,17 @@ class FeatureContract:
     # ---- transformed side -----------------------------------------------------------------------
     @property
     def model_categorical(self) -> Dict[str, int]:
-        """Transformed categorical inputs whose cardinality is fixed by the contract (buckets, hour)."""
+        """Transformed categorical inputs whose cardinality is fixed by the contract (buckets, hour, hashes)."""
         out = {bucket_id(f.name): f.bucket_cardinality for f in self.numeric}
-        out[HOUR_ID] = HOUR_CARDINALITY
+        out.update({categorical_id(f.name): f.hash_buckets for f in self.categorical if f.hash_buckets})
+        if self.timestamp:
+            out[HOUR_ID] = HOUR_CARDINALITY
         return out
 
     @property
     def vocab_features(self) -> Tuple[CategoricalFeature, ...]:
-        return self.categorical
+        """Categorical features mapped through a vocabulary (cardinality known after analysis)."""
+        return tuple(f for f in self.categorical if not f.hash_buckets)
 
     @property
     def model_dense(self) -> Tuple[str, ...]:
@@ -154,10 +223,12 @@ class FeatureContract:
 
     @property
     def transformed_labels(self) -> Tuple[str, ...]:
-        return (CLICK, DACTION, PURCHASE) + tuple(self.labels.continuous)
+        return self.labels.transformed + tuple(self.labels.continuous)
 
     def model_feature_names(self) -> Tuple[str, ...]:
-        return tuple(categorical_id(f.name) for f in self.categorical) + tuple(self.model_categorical) + self.model_dense
+        names = [categorical_id(f.name) for f in self.vocab_features] + list(self.model_categorical)
+        names += list(self.model_dense) + [sequence_ids(f.name) for f in self.sequences]
+        return tuple(dict.fromkeys(names))
 
 
 # The built-in planted-truth dataset (see pipeline/datagen.py for how it is generated).
@@ -186,4 +257,5 @@ BUILTIN = FeatureContract(
     ),
     labels=LabelSpec(click="click", daction=("cart", "wish"), purchase="purchase", continuous=("staytime",)),
     oracle=("true_ctr", "true_ctavr", "true_cvr", "true_ctcvr", "true_scenario", "true_group", "true_stage"),
+    segment="segment",
 )

@@ -18,13 +18,20 @@ _TF_DTYPES = {"string": tf.string, "int64": tf.int64, "float32": tf.float32}
 
 
 def raw_feature_spec(contract: FeatureContract, include_labels: bool = True, include_oracle: bool = True) -> Dict:
-    """``tf.io`` parsing spec of the raw columns. Serving uses ``include_labels=include_oracle=False``."""
+    """``tf.io`` parsing spec of the raw columns. Serving uses ``include_labels=include_oracle=False``.
+
+    Features (and sequences, whose values are their tokens) are ``VarLenFeature``s so that a missing value
+    is an absent entry; the timestamp, labels and oracle columns are required ``FixedLenFeature([])``s.
+    """
     spec = {}
     for f in contract.categorical:
         spec[f.name] = tf.io.VarLenFeature(_TF_DTYPES[f.dtype])
     for f in contract.numeric:
         spec[f.name] = tf.io.VarLenFeature(_TF_DTYPES[f.dtype])
-    spec[contract.timestamp] = tf.io.FixedLenFeature([], tf.int64)
+    for f in contract.sequences:
+        spec[f.name] = tf.io.VarLenFeature(tf.string)
+    if contract.timestamp:
+        spec[contract.timestamp] = tf.io.FixedLenFeature([], tf.int64)
     if include_labels:
         for name in contract.labels.binary_columns:
             spec[name] = tf.io.FixedLenFeature([], tf.int64)
@@ -32,8 +39,7 @@ def raw_feature_spec(contract: FeatureContract, include_labels: bool = True, inc
             spec[name] = tf.io.FixedLenFeature([], tf.float32)
     if include_oracle:
         for name in contract.oracle:
-            dtype = tf.int64 if name in ("true_scenario", "true_group", "true_stage") else tf.float32
-            spec[name] = tf.io.FixedLenFeature([], dtype)
+            spec[name] = tf.io.FixedLenFeature([], _TF_DTYPES[contract.raw_dtype(name)])
     return spec
 
 
@@ -59,10 +65,24 @@ def build_preprocessing_fn(contract: FeatureContract):
         for f in contract.categorical:
             missing = F.MISSING_TOKEN if f.dtype == "string" else -1
             x = _dense(_as_sparse(inputs[f.name]), missing)
+            if f.hash_buckets:
+                as_str = x if f.dtype == "string" else tf.strings.as_string(x)
+                outputs[F.categorical_id(f.name)] = tf.strings.to_hash_bucket_fast(as_str, f.hash_buckets)
+                continue
             outputs[F.categorical_id(f.name)] = tft.compute_and_apply_vocabulary(
                 x, top_k=f.top_k,
                 frequency_threshold=f.frequency_threshold if f.frequency_threshold > 1 else None,
                 num_oov_buckets=f.num_oov_buckets, vocab_filename=f.vocab_name)
+        for f in contract.sequences:
+            x = inputs[f.name]
+            batch = x.dense_shape[0]
+            x = tf.sparse.slice(x, [0, 0], tf.stack([batch, tf.constant(f.max_length, tf.int64)]))
+            ids = tft.compute_and_apply_vocabulary(
+                x, top_k=f.top_k, frequency_threshold=f.frequency_threshold if f.frequency_threshold > 1 else None,
+                num_oov_buckets=f.num_oov_buckets, vocab_filename=f.vocab_name)
+            ids = tf.SparseTensor(ids.indices, ids.values + 1, ids.dense_shape)  # 0 is padding
+            outputs[F.sequence_ids(f.name)] = tft.sparse_tensor_to_dense_with_shape(
+                ids, [None, f.max_length], default_value=0)
         for f in contract.numeric:
             x = _as_sparse(inputs[f.name])
             values = tf.cast(x.values, tf.float32)
@@ -73,18 +93,21 @@ def build_preprocessing_fn(contract: FeatureContract):
             buckets = tft.bucketize(x, f.num_buckets, elementwise=False)
             outputs[F.bucket_id(f.name)] = _dense(buckets, tf.constant(-1, tf.int64)) + 1
             outputs[F.zscore(f.name)] = _dense(tft.scale_to_z_score(x), 0.0)
-        ts = tf.reshape(tf.cast(inputs[contract.timestamp], tf.int64), [-1, 1])
-        outputs[F.HOUR_ID] = tf.math.floormod(tf.math.floordiv(ts, 3600), F.HOUR_CARDINALITY)
+        if contract.timestamp:
+            ts = tf.reshape(tf.cast(inputs[contract.timestamp], tf.int64), [-1, 1])
+            outputs[F.HOUR_ID] = tf.math.floormod(tf.math.floordiv(ts, 3600), F.HOUR_CARDINALITY)
         # Labels on the behaviour graph (absent at serving time: these outputs are pruned there).
         labels = contract.labels
         if labels.click in inputs:
             as_col = lambda name: tf.reshape(tf.cast(inputs[name], tf.int64), [-1, 1])  # noqa: E731
             outputs[F.CLICK] = as_col(labels.click)
-            daction = tf.zeros_like(outputs[F.CLICK])
-            for name in labels.daction:
-                daction = tf.maximum(daction, as_col(name))
-            outputs[F.DACTION] = daction
-            outputs[F.PURCHASE] = as_col(labels.purchase)
+            if labels.daction:
+                daction = tf.zeros_like(outputs[F.CLICK])
+                for name in labels.daction:
+                    daction = tf.maximum(daction, as_col(name))
+                outputs[F.DACTION] = daction
+            if labels.purchase:
+                outputs[F.PURCHASE] = as_col(labels.purchase)
             for name in labels.continuous:
                 outputs[name] = tf.reshape(tf.cast(inputs[name], tf.float32), [-1, 1])
         for name in contract.oracle:

@@ -21,9 +21,10 @@ class SharedEmbedding(keras.layers.Layer):
     """
 
     def __init__(self, categorical: Mapping[str, int], dense: Sequence[str] = (), embedding_dim: int = 16,
-                 dense_activation: str = "tanh", embeddings_l2: float = 0.0, **kwargs):
+                 dense_activation: str = "tanh", embeddings_l2: float = 0.0,
+                 sequences: Mapping[str, int] | None = None, **kwargs):
         super().__init__(**kwargs)
-        if not categorical and not dense:
+        if not categorical and not dense and not sequences:
             raise ValueError("SharedEmbedding needs at least one categorical or dense input")
         bad = {k: v for k, v in categorical.items() if int(v) < 1}
         if bad:
@@ -36,20 +37,34 @@ class SharedEmbedding(keras.layers.Layer):
         self.dense_activation = dense_activation
         self.embeddings_l2 = float(embeddings_l2)
         reg = keras.regularizers.l2(self.embeddings_l2) if self.embeddings_l2 else None
+        self.sequences = {str(k): int(v) for k, v in sorted((sequences or {}).items())}
         self._tables = {name: keras.layers.Embedding(card, self.embedding_dim, embeddings_regularizer=reg,
                                                      name=f"emb_{name}")
                         for name, card in self.categorical.items()}
+        # Sequence ids are 1-based (0 = padding): table size cardinality + 1, row 0 never contributes.
+        self._seq_tables = {name: keras.layers.Embedding(card + 1, self.embedding_dim, embeddings_regularizer=reg,
+                                                         name=f"emb_seq_{name}")
+                            for name, card in self.sequences.items()}
+
+    @property
+    def num_fields(self) -> int:
+        return len(self._tables) + len(self._seq_tables)
 
     @property
     def output_dim(self) -> int:
-        return len(self.categorical) * self.embedding_dim + len(self.dense)
+        return self.num_fields * self.embedding_dim + len(self.dense)
 
     def field_embeddings(self, features: Dict[str, tf.Tensor]) -> tf.Tensor:
-        """[B, F, D] embeddings, fields in sorted name order."""
+        """[B, F, D] embeddings, fields in sorted name order, then sequences (masked mean over [B, L])."""
         embs = []
         for name, table in self._tables.items():
             ids = tf.reshape(tf.cast(features[name], tf.int64), [-1])
             embs.append(table(ids))
+        for name, table in self._seq_tables.items():
+            ids = tf.cast(features[name], tf.int64)  # [B, L]
+            mask = tf.cast(ids > 0, tf.float32)[..., None]
+            total = tf.reduce_sum(table(ids) * mask, axis=1)
+            embs.append(total / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0))
         return tf.stack(embs, axis=1)
 
     def dense_values(self, features: Dict[str, tf.Tensor]) -> tf.Tensor:
@@ -59,9 +74,9 @@ class SharedEmbedding(keras.layers.Layer):
 
     def call(self, features: Dict[str, tf.Tensor]) -> tf.Tensor:
         parts = []
-        if self._tables:
+        if self.num_fields:
             fields = self.field_embeddings(features)
-            parts.append(tf.reshape(fields, [-1, len(self._tables) * self.embedding_dim]))
+            parts.append(tf.reshape(fields, [-1, self.num_fields * self.embedding_dim]))
         if self.dense:
             parts.append(self.dense_values(features))
         return tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
@@ -69,5 +84,6 @@ class SharedEmbedding(keras.layers.Layer):
     def get_config(self):
         cfg = super().get_config()
         cfg.update(categorical=self.categorical, dense=self.dense, embedding_dim=self.embedding_dim,
-                   dense_activation=self.dense_activation, embeddings_l2=self.embeddings_l2)
+                   dense_activation=self.dense_activation, embeddings_l2=self.embeddings_l2,
+                   sequences=self.sequences)
         return cfg

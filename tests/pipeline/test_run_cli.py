@@ -21,7 +21,9 @@ def _main(capsys, argv):
     (["--bogus-flag", "1"], "--bogus-flag"),
     (["--preset", "huge"], "huge"),
     (["--epochs", "0"], "epochs"),
-    (["--eval-fraction", "1.5"], "eval_fraction"),
+    (["--eval-fraction", "1.5"], "--eval-fraction"),
+    (["--schema", "/nonexistent/schema.yaml"], "/nonexistent/schema.yaml"),
+    (["--max-reject-fraction", "2"], "max_reject_fraction"),
 ])
 def test_bad_invocations_end_with_one_clear_line(capsys, tmp_path, argv, needle):
     code, errors, err = _main(capsys, argv + ["--work-dir", str(tmp_path)])
@@ -34,7 +36,7 @@ def test_bad_invocation_from_the_shell_is_one_line_and_nonzero(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.run", "--model", "nosuchmodel", "--work-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "error: unknown model 'nosuchmodel'; available: esm2"
+    assert proc.stderr.strip().splitlines()[-1] == "error: unknown model 'nosuchmodel'; available: auto, dnn, esm2, esmm"
     assert "Traceback" not in proc.stderr
 
 

@@ -1,0 +1,387 @@
+"""Reading raw logs into canonical Arrow record batches, with every bad record sent to a dead letter.
+
+Each input file is read by one ``ReadFile`` DoFn call (CSV, optionally gzip; Parquet; TFRecord of
+``tf.Example``). Records become canonical columns typed by the feature contract:
+
+* features: nullable flat columns (string / int64 / float32); sequences: ``list<string>``, truncated to
+  their ``max_length`` most recent tokens (counted, not rejected);
+* the timestamp as int64 Unix seconds; labels int64 0/1 (continuous labels float32); oracle columns;
+* ``__split``: the split where the reader can decide it (``files`` and ``hash`` splits), else ``""``.
+
+A record that cannot be used goes to the dead-letter output as ``{"source": "file:line", "reason": ...,
+"record": ...}``: missing required fields, NaN/inf, wrong types, truncated lines, bad timestamps, labels
+outside {0, 1}, funnel violations (post-click action or purchase without a click), undecodable bytes.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import gzip
+import hashlib
+import io
+import logging
+import math
+import os
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from transforms.features import FeatureContract
+from transforms.schema import DatasetSchema
+
+logger = logging.getLogger(__name__)
+
+REJECTED = "rejected"
+SPLIT_COL = "__split"
+NAMESPACE = "rankline"
+_ARROW = {"string": pa.string(), "int64": pa.int64(), "float32": pa.float32()}
+
+
+class Rejected(Exception):
+    """A record-level problem; the message is the dead-letter reason."""
+
+
+def canonical_columns(contract: FeatureContract) -> Dict[str, pa.DataType]:
+    """Column -> Arrow type of the canonical batches (without ``__split``)."""
+    cols: Dict[str, pa.DataType] = {}
+    for f in contract.categorical:
+        cols[f.name] = _ARROW[f.dtype]
+    for f in contract.numeric:
+        cols[f.name] = _ARROW[f.dtype]
+    for f in contract.sequences:
+        cols[f.name] = pa.list_(pa.string())
+    if contract.timestamp:
+        cols[contract.timestamp] = pa.int64()
+    for c in contract.labels.binary_columns:
+        cols[c] = pa.int64()
+    for c in contract.labels.continuous:
+        cols[c] = pa.float32()
+    for c in contract.oracle:
+        cols[c] = _ARROW[contract.raw_dtype(c)]
+    return cols
+
+
+def parse_timestamp(value, fmt: str) -> int:
+    """Raw timestamp -> Unix seconds. ``fmt``: 'unix', 'unix_ms' or a strftime pattern (UTC)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise Rejected("missing required field timestamp")
+    try:
+        if fmt == "unix":
+            return int(float(value))
+        if fmt == "unix_ms":
+            return int(float(value)) // 1000
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        return int(dt.datetime.strptime(text.strip(), fmt).replace(tzinfo=dt.timezone.utc).timestamp())
+    except (ValueError, OverflowError):
+        raise Rejected(f"bad timestamp {value!r} (format {fmt!r})") from None
+
+
+class RowConverter:
+    """One raw record (column -> str/bytes/number/None) -> canonical typed values, or ``Rejected``."""
+
+    def __init__(self, schema: DatasetSchema):
+        self.schema = schema
+        c = schema.contract
+        self.contract = c
+        self.types = {f.name: f.dtype for f in c.categorical}
+        self.types.update({f.name: f.dtype for f in c.numeric})
+        self.sequences = {f.name: f for f in c.sequences}
+        self.required_labels = list(c.labels.binary_columns)
+        self.continuous = list(c.labels.continuous)
+        self.oracle = list(c.oracle)
+
+    @staticmethod
+    def _missing(v) -> bool:
+        return v is None or (isinstance(v, str) and v.strip() == "") or (isinstance(v, float) and math.isnan(v))
+
+    def _number(self, name: str, v, dtype: str):
+        if isinstance(v, (bytes, str)):
+            text = v.decode() if isinstance(v, bytes) else v
+            text = text.strip()
+            try:
+                x = float(text)
+            except ValueError:
+                raise Rejected(f"field {name}: expected {'int' if dtype == 'int64' else 'float'}, got {text[:40]!r}") from None
+        else:
+            x = float(v)
+        if not math.isfinite(x):
+            raise Rejected(f"field {name}: non-finite value {x}")
+        if dtype == "int64":
+            if x != int(x):
+                raise Rejected(f"field {name}: expected int, got {x}")
+            return int(x)
+        return x
+
+    def _label(self, name: str, v) -> int:
+        if self._missing(v):
+            raise Rejected(f"missing required field {name}")
+        x = self._number(name, v, "float32")
+        if x not in (0.0, 1.0):
+            raise Rejected(f"label {name}: expected 0 or 1, got {x}")
+        return int(x)
+
+    def convert(self, record: Dict) -> Tuple[Dict, List[str]]:
+        """Returns (canonical values, names of truncated sequences); raises ``Rejected``."""
+        out: Dict = {}
+        truncated: List[str] = []
+        for name, dtype in self.types.items():
+            v = record.get(name)
+            if self._missing(v):
+                out[name] = None
+            elif dtype == "string":
+                out[name] = (v.decode() if isinstance(v, bytes) else str(v)).strip()
+            else:
+                out[name] = self._number(name, v, dtype)
+        for name, f in self.sequences.items():
+            v = record.get(name)
+            if self._missing(v):
+                tokens: List[str] = []
+            elif isinstance(v, (list, tuple)):
+                tokens = [t.decode() if isinstance(t, bytes) else str(t) for t in v]
+            else:
+                text = v.decode() if isinstance(v, bytes) else str(v)
+                tokens = [t for t in text.split(f.separator) if t != ""]
+            if len(tokens) > f.max_length:
+                tokens = tokens[-f.max_length:]
+                truncated.append(name)
+            out[name] = tokens
+        c = self.contract
+        if c.timestamp:
+            out[c.timestamp] = parse_timestamp(record.get(c.timestamp), self.schema.timestamp_format)
+        for name in self.required_labels:
+            out[name] = self._label(name, record.get(name))
+        click = out[c.labels.click]
+        if not click:
+            bad = [n for n in list(c.labels.daction) + ([c.labels.purchase] if c.labels.purchase else []) if out[n]]
+            if bad:
+                raise Rejected(f"funnel violation: {', '.join(bad)} without click")
+        for name in self.continuous:
+            v = record.get(name)
+            if self._missing(v):
+                raise Rejected(f"missing required field {name}")
+            out[name] = self._number(name, v, "float32")
+        for name in self.oracle:
+            v = record.get(name)
+            if self._missing(v):
+                raise Rejected(f"missing required field {name}")
+            out[name] = self._number(name, v, c.raw_dtype(name))
+        return out, truncated
+
+
+def _hash_fraction(key: str) -> float:
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64
+
+
+def hash_split(key: str, eval_fraction: float, test_fraction: float) -> str:
+    u = _hash_fraction(key)
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + eval_fraction:
+        return "eval"
+    return "train"
+
+
+class ReadFile(beam.DoFn):
+    """file path -> canonical ``pa.RecordBatch``es (main) and dead-letter dicts (tag ``rejected``)."""
+
+    def __init__(self, schema: DatasetSchema, batch_rows: int = 10_000):
+        self.schema = schema
+        self.batch_rows = batch_rows
+
+    def setup(self):
+        self.converter = RowConverter(self.schema)
+        self.columns = canonical_columns(self.schema.contract)
+        self.split = self.schema.split
+        self.file_split = {}
+        if self.split.kind == "files":
+            base = os.path.dirname(self.schema.input.path)
+            for name, pattern in self.split.files.items():
+                import glob as globlib
+
+                for path in globlib.glob(os.path.join(base, pattern)):
+                    self.file_split[os.path.abspath(path)] = name
+
+    def _counter(self, name: str, n: int = 1):
+        beam.metrics.Metrics.counter(NAMESPACE, name).inc(n)
+
+    def process(self, path: str):
+        fmt = self.schema.input.format
+        rows = 0
+        split_of_file = self.file_split.get(os.path.abspath(path), "") if self.split.kind == "files" else ""
+        if self.split.kind == "files" and not split_of_file:
+            logger.warning("input file %s matches no split.files pattern: skipped", path)
+            self._counter("files_unassigned")
+            return
+        buf: List[Tuple[Dict, str]] = []
+        for source, record, problem in self._records(path, fmt):
+            rows += 1
+            self._counter("rows_in")
+            try:
+                if problem:
+                    raise Rejected(problem)
+                values, truncated = self.converter.convert(record)
+            except Rejected as exc:
+                self._counter("rows_rejected")
+                self._counter("rejected: " + _category(str(exc)))
+                yield beam.pvalue.TaggedOutput(REJECTED, {"source": source, "reason": str(exc),
+                                                          "record": _printable(record)})
+                continue
+            for name in truncated:
+                self._counter(f"sequence_truncated: {name}")
+            split = split_of_file or (self._hash_split(values, source) if self.split.kind == "hash" else "")
+            buf.append((values, split))
+            if len(buf) >= self.batch_rows:
+                yield self._batch(buf)
+                buf = []
+        if buf:
+            yield self._batch(buf)
+        if rows == 0:
+            logger.warning("empty input file: %s", path)
+            self._counter("empty_files")
+
+    def _hash_split(self, values: Dict, source: str) -> str:
+        key_col = self.split.key or self.schema.contract.user_id
+        key = str(values.get(key_col)) if key_col and values.get(key_col) is not None else source
+        return hash_split(key, self.split.eval_fraction, self.split.test_fraction)
+
+    def _batch(self, buf: Sequence[Tuple[Dict, str]]) -> pa.RecordBatch:
+        arrays = [pa.array([v[name] for v, _ in buf], type=t) for name, t in self.columns.items()]
+        arrays.append(pa.array([s for _, s in buf], type=pa.string()))
+        return pa.RecordBatch.from_arrays(arrays, list(self.columns) + [SPLIT_COL])
+
+    # ---- formats ---------------------------------------------------------------------------------
+    def _open(self, path: str):
+        comp = self.schema.input.compression
+        if comp == "gzip" or (comp == "auto" and path.endswith(".gz")):
+            return gzip.open(path, "rb")
+        return open(path, "rb")
+
+    def _records(self, path: str, fmt: str) -> Iterator[Tuple[str, Optional[Dict], Optional[str]]]:
+        name = os.path.basename(path)
+        if fmt == "csv":
+            yield from self._csv_records(path, name)
+        elif fmt == "parquet":
+            yield from self._parquet_records(path, name)
+        else:
+            yield from self._tfrecord_records(path, name)
+
+    def _csv_records(self, path: str, name: str):
+        opts = self.schema.input.csv
+        with self._open(path) as fh:
+            lines = iter(fh)
+            header = list(opts.columns) if opts.columns else None
+            lineno = 0
+            if opts.header:
+                first = next(lines, None)
+                lineno += 1
+                if first is None:
+                    return
+                file_header = next(csv.reader([first.decode("utf-8-sig", errors="replace").rstrip("\r\n")],
+                                              delimiter=opts.delimiter))
+                header = header or file_header
+            for raw in lines:
+                lineno += 1
+                source = f"{name}:{lineno}"
+                try:
+                    text = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as exc:
+                    yield source, None, f"invalid UTF-8 at byte {exc.start}"
+                    continue
+                if not text.strip():
+                    lineno_blank = True  # noqa: F841  (blank lines are not records)
+                    continue
+                fields = next(csv.reader([text], delimiter=opts.delimiter))
+                if len(fields) != len(header):
+                    yield source, {"line": text[:200]}, f"expected {len(header)} fields, got {len(fields)} (truncated or malformed line)"
+                    continue
+                yield source, dict(zip(header, fields)), None
+
+    def _parquet_records(self, path: str, name: str):
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        wanted = [c for c in self.columns if c in pf.schema_arrow.names]
+        offset = 0
+        for rg in range(pf.num_row_groups):
+            table = pf.read_row_group(rg, columns=wanted)
+            for i, record in enumerate(table.to_pylist()):
+                yield f"{name}:row {offset + i}", record, None
+            offset += table.num_rows
+
+    def _tfrecord_records(self, path: str, name: str):
+        import tensorflow as tf
+
+        comp = self.schema.input.compression
+        ctype = "GZIP" if comp == "gzip" or (comp == "auto" and path.endswith(".gz")) else ""
+        for i, raw in enumerate(tf.data.TFRecordDataset(path, compression_type=ctype).as_numpy_iterator()):
+            source = f"{name}:record {i}"
+            try:
+                ex = tf.train.Example.FromString(raw)
+            except Exception as exc:  # noqa: BLE001  (any decode failure is a bad record)
+                yield source, None, f"not a tf.Example ({type(exc).__name__})"
+                continue
+            record = {}
+            for key, feat in ex.features.feature.items():
+                kind = feat.WhichOneof("kind")
+                values = list(getattr(feat, kind).value) if kind else []
+                if key in self.converter.sequences:
+                    record[key] = values
+                else:
+                    record[key] = values[0] if len(values) == 1 else (None if not values else values)
+            yield source, record, None
+
+
+def _category(reason: str) -> str:
+    for prefix in ("funnel violation", "missing required field", "bad timestamp", "invalid UTF-8", "expected",
+                   "label", "not a tf.Example"):
+        if reason.startswith(prefix):
+            return prefix
+    if "non-finite" in reason:
+        return "non-finite value"
+    if "expected" in reason:
+        return "wrong type"
+    return "other"
+
+
+def _printable(record) -> str:
+    if record is None:
+        return ""
+    text = repr(record)
+    return text if len(text) <= 1000 else text[:1000] + "..."
+
+
+def split_batch_by_time(batch: pa.RecordBatch, timestamp: str, cutoffs: Tuple[float, float]) -> Dict[str, pa.RecordBatch]:
+    """Assigns ``train`` / ``eval`` / ``test`` by timestamp: [.., eval_cut) / [eval_cut, test_cut) / [test_cut, ..]."""
+    ts = batch.column(batch.schema.get_field_index(timestamp))
+    eval_cut, test_cut = cutoffs
+    out = {}
+    masks = {"train": pc.less(ts, eval_cut),
+             "eval": pc.and_(pc.greater_equal(ts, eval_cut), pc.less(ts, test_cut)),
+             "test": pc.greater_equal(ts, test_cut)}
+    for split, mask in masks.items():
+        part = batch.filter(mask)
+        if part.num_rows:
+            out[split] = part
+    return out
+
+
+def time_range(batches) -> Tuple[float, float, int]:
+    lo, hi, n = float("inf"), float("-inf"), 0
+    for b in batches:
+        lo, hi, n = min(lo, b[0]), max(hi, b[1]), n + b[2]
+    return lo, hi, n
+
+
+def batch_time_range(batch: pa.RecordBatch, timestamp: str) -> Tuple[float, float, int]:
+    if batch.num_rows == 0:
+        return float("inf"), float("-inf"), 0
+    mm = pc.min_max(batch.column(batch.schema.get_field_index(timestamp)))
+    return float(mm["min"].as_py()), float(mm["max"].as_py()), batch.num_rows
+
+
+__all__ = ["ReadFile", "RowConverter", "Rejected", "canonical_columns", "hash_split", "split_batch_by_time",
+           "REJECTED", "SPLIT_COL", "np"]

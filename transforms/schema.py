@@ -1,0 +1,301 @@
+"""Dataset schema files (YAML): where the data is, how to read it, what each column is, how to transform it.
+
+A schema is validated up front; every error names the schema file, the key path and the problem, e.g.
+``criteo.yaml: features[3].transform: unknown transform 'log2' (expected one of: hash, numeric, ...)``.
+
+    name: criteo-sample
+    input:
+      path: "{shared}/data/criteo-sample/criteo_sample.txt"   # glob; {shared} = ../shared beside the repo
+      format: csv                    # csv | parquet | tfrecord
+      compression: auto              # auto (by extension) | none | gzip
+      csv: {delimiter: ",", header: true}          # or header: false + columns: [...]
+    roles:
+      user_id: userid                # optional
+      item_id: adgroup_id            # optional
+      timestamp: {column: time_stamp, format: "%Y-%m-%d %H:%M:%S"}   # or unix | unix_ms; optional
+      segment: cms_segid             # optional explicit segment / scenario columns
+      scenario: pid
+    labels:
+      click: clk
+      daction: [cart, wish]          # optional post-click actions (DAction = OR)
+      purchase: purchase             # optional
+      continuous: [staytime]         # optional
+    features:
+      - {name: I1, type: float, transform: numeric, log1p: true, buckets: 10}
+      - {name: C1, type: string, transform: vocabulary, top_k: 1000, min_frequency: 2, oov_buckets: 1}
+      - {name: device_ip, type: string, transform: hash, hash_buckets: 1000}
+      - {name: click_sequence, type: string, transform: sequence, separator: "^", max_length: 20}
+    split: {kind: time, eval_fraction: 0.1, test_fraction: 0.1}   # time | hash (key: ...) | files
+"""
+from __future__ import annotations
+
+import glob as globlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import yaml
+
+from transforms.features import (CategoricalFeature, FeatureContract, LabelSpec, NumericFeature,
+                                 SequenceFeature)
+
+SCHEMA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemas")
+FORMATS = ("csv", "parquet", "tfrecord")
+COMPRESSIONS = ("auto", "none", "gzip")
+TRANSFORMS = ("hash", "numeric", "sequence", "vocabulary")
+TYPES = {"string": "string", "int": "int64", "int64": "int64", "float": "float32", "float32": "float32"}
+SPLITS = ("time", "hash", "files")
+
+
+class SchemaError(ValueError):
+    """A schema file problem; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class CsvOptions:
+    delimiter: str = ","
+    header: bool = True
+    columns: Optional[Tuple[str, ...]] = None  # required when header is false
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    path: str  # glob, placeholders resolved
+    format: str
+    compression: str = "auto"
+    csv: CsvOptions = field(default_factory=CsvOptions)
+
+    def files(self) -> List[str]:
+        return sorted(globlib.glob(self.path))
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    kind: str = "time"
+    eval_fraction: float = 0.2
+    test_fraction: float = 0.0
+    key: Optional[str] = None  # hash split key column (default: user id, else the record's source position)
+    files: Mapping[str, str] = field(default_factory=dict)  # files split: split -> glob (relative to input dir)
+
+
+@dataclass(frozen=True)
+class DatasetSchema:
+    name: str
+    source: str  # the schema file
+    input: InputSpec
+    contract: FeatureContract
+    timestamp_format: str = "unix"
+    split: SplitSpec = field(default_factory=SplitSpec)
+
+
+def default_shared_dir() -> str:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.environ.get("RANKLINE_SHARED_DIR", os.path.join(os.path.dirname(repo), "shared"))
+
+
+def builtin_schema_path(name: str) -> str:
+    return os.path.join(SCHEMA_DIR, f"{name}.yaml")
+
+
+def load_schema(path: str, input_path: Optional[str] = None) -> DatasetSchema:
+    """Loads and validates ``path``. ``input_path`` overrides ``input.path`` (e.g. generated data)."""
+    if not os.path.exists(path):
+        raise SchemaError(f"schema file not found: {path}")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            doc = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise SchemaError(f"{path}: not valid YAML ({exc})") from None
+    return parse_schema(doc, path, input_path)
+
+
+class _Ctx:
+    def __init__(self, source: str):
+        self.source = os.path.basename(source)
+
+    def fail(self, key: str, problem: str):
+        raise SchemaError(f"{self.source}: {key}: {problem}")
+
+    def mapping(self, value, key: str, required: bool = True) -> Dict:
+        if value is None and not required:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(key, f"expected a mapping, got {type(value).__name__}")
+        return value
+
+    def string(self, value, key: str) -> str:
+        if not isinstance(value, str) or not value:
+            self.fail(key, f"expected a non-empty string, got {value!r}")
+        return value
+
+    def integer(self, value, key: str, minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.fail(key, f"expected an integer >= {minimum}, got {value!r}")
+        return value
+
+    def fraction(self, value, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            self.fail(key, f"expected a number in [0, 1), got {value!r}")
+        return float(value)
+
+    def unknown_keys(self, mapping: Mapping, allowed, key: str):
+        extra = sorted(set(mapping) - set(allowed))
+        if extra:
+            self.fail(key, f"unknown key(s) {extra} (allowed: {', '.join(sorted(allowed))})")
+
+
+def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> DatasetSchema:
+    c = _Ctx(source)
+    doc = c.mapping(doc, "<top level>")
+    c.unknown_keys(doc, ("name", "input", "roles", "labels", "features", "split", "oracle"), "<top level>")
+    name = c.string(doc.get("name"), "name")
+
+    inp = c.mapping(doc.get("input"), "input")
+    c.unknown_keys(inp, ("path", "format", "compression", "csv"), "input")
+    raw_path = input_path or c.string(inp.get("path"), "input.path")
+    path = raw_path.replace("{shared}", default_shared_dir())
+    if not os.path.isabs(path) and not input_path:
+        path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(source)), path))
+    fmt = inp.get("format", "parquet")
+    if fmt not in FORMATS:
+        c.fail("input.format", f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
+    compression = inp.get("compression", "auto")
+    if compression not in COMPRESSIONS:
+        c.fail("input.compression", f"unknown compression {compression!r} (expected one of: {', '.join(COMPRESSIONS)})")
+    csv_doc = c.mapping(inp.get("csv"), "input.csv", required=False)
+    c.unknown_keys(csv_doc, ("delimiter", "header", "columns"), "input.csv")
+    header = csv_doc.get("header", True)
+    if not isinstance(header, bool):
+        c.fail("input.csv.header", f"expected true or false, got {header!r}")
+    columns = csv_doc.get("columns")
+    if columns is not None:
+        if not isinstance(columns, list) or not all(isinstance(x, (str, int)) for x in columns):
+            c.fail("input.csv.columns", "expected a list of column names")
+        columns = tuple(str(x) for x in columns)
+    if fmt == "csv" and not header and not columns:
+        c.fail("input.csv.columns", "required when input.csv.header is false")
+    delimiter = csv_doc.get("delimiter", ",")
+    if not isinstance(delimiter, str) or len(delimiter) != 1:
+        c.fail("input.csv.delimiter", f"expected one character, got {delimiter!r}")
+    input_spec = InputSpec(path=path, format=fmt, compression=compression,
+                           csv=CsvOptions(delimiter=delimiter, header=header, columns=columns))
+
+    roles = c.mapping(doc.get("roles"), "roles", required=False)
+    c.unknown_keys(roles, ("user_id", "item_id", "timestamp", "segment", "scenario"), "roles")
+    ts_column, ts_format = None, "unix"
+    ts = roles.get("timestamp")
+    if isinstance(ts, str):
+        ts_column = ts
+    elif ts is not None:
+        ts = c.mapping(ts, "roles.timestamp")
+        c.unknown_keys(ts, ("column", "format"), "roles.timestamp")
+        ts_column = c.string(ts.get("column"), "roles.timestamp.column")
+        ts_format = c.string(ts.get("format", "unix"), "roles.timestamp.format")
+
+    labels_doc = c.mapping(doc.get("labels"), "labels")
+    c.unknown_keys(labels_doc, ("click", "daction", "purchase", "continuous"), "labels")
+    click = c.string(labels_doc.get("click"), "labels.click")
+    daction = labels_doc.get("daction") or []
+    if isinstance(daction, str):
+        daction = [daction]
+    if not isinstance(daction, list) or not all(isinstance(x, str) for x in daction):
+        c.fail("labels.daction", "expected a column name or a list of column names")
+    purchase = labels_doc.get("purchase")
+    if purchase is not None:
+        c.string(purchase, "labels.purchase")
+    continuous = labels_doc.get("continuous") or []
+    if isinstance(continuous, str):
+        continuous = [continuous]
+    labels = LabelSpec(click=click, daction=tuple(daction), purchase=purchase, continuous=tuple(continuous))
+
+    feats = doc.get("features")
+    if not isinstance(feats, list) or not feats:
+        c.fail("features", "expected a non-empty list of features")
+    categorical, numeric, sequences = [], [], []
+    for i, f in enumerate(feats):
+        key = f"features[{i}]"
+        f = c.mapping(f, key)
+        fname = c.string(f.get("name"), f"{key}.name")
+        key = f"features[{i}] ({fname})"
+        transform = f.get("transform")
+        if transform not in TRANSFORMS:
+            c.fail(f"{key}.transform", f"unknown transform {transform!r} (expected one of: {', '.join(TRANSFORMS)})")
+        ftype = f.get("type", "string" if transform in ("vocabulary", "hash", "sequence") else "float")
+        if ftype not in TYPES:
+            c.fail(f"{key}.type", f"unknown type {ftype!r} (expected one of: {', '.join(TYPES)})")
+        dtype = TYPES[ftype]
+        try:
+            if transform == "numeric":
+                c.unknown_keys(f, ("name", "type", "transform", "log1p", "buckets"), key)
+                if dtype == "string":
+                    c.fail(f"{key}.type", "a numeric transform needs type int or float")
+                numeric.append(NumericFeature(fname, dtype=dtype, log1p=bool(f.get("log1p", True)),
+                                              num_buckets=c.integer(f.get("buckets", 10), f"{key}.buckets", 2)))
+            elif transform == "vocabulary":
+                c.unknown_keys(f, ("name", "type", "transform", "top_k", "min_frequency", "oov_buckets"), key)
+                if dtype == "float32":
+                    c.fail(f"{key}.type", "a vocabulary needs type string or int")
+                top_k = f.get("top_k")
+                categorical.append(CategoricalFeature(
+                    fname, dtype=dtype, top_k=None if top_k is None else c.integer(top_k, f"{key}.top_k", 1),
+                    frequency_threshold=c.integer(f.get("min_frequency", 1), f"{key}.min_frequency", 1),
+                    num_oov_buckets=c.integer(f.get("oov_buckets", 1), f"{key}.oov_buckets", 1)))
+            elif transform == "hash":
+                c.unknown_keys(f, ("name", "type", "transform", "hash_buckets"), key)
+                if dtype == "float32":
+                    c.fail(f"{key}.type", "hashing needs type string or int")
+                categorical.append(CategoricalFeature(
+                    fname, dtype=dtype, hash_buckets=c.integer(f.get("hash_buckets"), f"{key}.hash_buckets", 1)))
+            else:
+                c.unknown_keys(f, ("name", "type", "transform", "separator", "max_length", "top_k",
+                                   "min_frequency", "oov_buckets"), key)
+                if dtype != "string":
+                    c.fail(f"{key}.type", "a sequence is read as a string with separators: type must be string")
+                top_k = f.get("top_k")
+                sequences.append(SequenceFeature(
+                    fname, separator=c.string(f.get("separator", "^"), f"{key}.separator"),
+                    max_length=c.integer(f.get("max_length", 20), f"{key}.max_length", 1),
+                    top_k=None if top_k is None else c.integer(top_k, f"{key}.top_k", 1),
+                    frequency_threshold=c.integer(f.get("min_frequency", 1), f"{key}.min_frequency", 1),
+                    num_oov_buckets=c.integer(f.get("oov_buckets", 1), f"{key}.oov_buckets", 1)))
+        except ValueError as exc:
+            if isinstance(exc, SchemaError):
+                raise
+            c.fail(key, str(exc))
+
+    oracle = doc.get("oracle") or []
+    if not isinstance(oracle, list):
+        c.fail("oracle", "expected a list of column names")
+
+    split_doc = c.mapping(doc.get("split"), "split", required=False)
+    c.unknown_keys(split_doc, ("kind", "eval_fraction", "test_fraction", "key", "files"), "split")
+    kind = split_doc.get("kind", "time" if ts_column else "hash")
+    if kind not in SPLITS:
+        c.fail("split.kind", f"unknown split {kind!r} (expected one of: {', '.join(SPLITS)})")
+    if kind == "time" and not ts_column:
+        c.fail("split.kind", "a time split needs roles.timestamp")
+    eval_fraction = c.fraction(split_doc.get("eval_fraction", 0.2), "split.eval_fraction")
+    test_fraction = c.fraction(split_doc.get("test_fraction", 0.0), "split.test_fraction")
+    if kind != "files" and (eval_fraction <= 0 or eval_fraction + test_fraction >= 1.0):
+        c.fail("split", "need eval_fraction > 0 and eval_fraction + test_fraction < 1")
+    files = c.mapping(split_doc.get("files"), "split.files", required=False)
+    if kind == "files":
+        c.unknown_keys(files, ("train", "eval", "test"), "split.files")
+        if "train" not in files or "eval" not in files:
+            c.fail("split.files", "needs at least train and eval globs")
+    split = SplitSpec(kind=kind, eval_fraction=eval_fraction, test_fraction=test_fraction,
+                      key=split_doc.get("key"), files=dict(files))
+
+    try:
+        contract = FeatureContract(
+            name=name, user_id=roles.get("user_id"), item_id=roles.get("item_id"), timestamp=ts_column,
+            categorical=tuple(categorical), numeric=tuple(numeric), sequences=tuple(sequences), labels=labels,
+            oracle=tuple(oracle), segment=roles.get("segment"), scenario=roles.get("scenario"))
+    except ValueError as exc:
+        c.fail("features", str(exc))
+    feature_names = {f.name for f in categorical + numeric + sequences}
+    for role in ("segment", "scenario"):
+        if roles.get(role) and roles[role] not in feature_names:
+            c.fail(f"roles.{role}", f"column {roles[role]!r} must also be declared under features")
+    return DatasetSchema(name=name, source=os.path.abspath(source), input=input_spec, contract=contract,
+                         timestamp_format=ts_format, split=split)
