@@ -1,0 +1,162 @@
+"""A serving-only forward pass of a trained ESM² that does the per-request work once per request.
+
+Ranking requests score one user against N candidates: the user and context fields (user id, profile,
+device, page, hour, ...) are the same in every row. The first layer of every tower is linear in the
+concatenated field embeddings, so it splits exactly into a request-level part and a candidate-level part:
+
+    x W1 + b1 = x_req W1_req + x_cand W1_cand + b1        (W1 = the four towers' kernels side by side)
+
+``x_req W1_req`` is computed once per distinct request-level id tuple in the batch (``UniqueV2`` over the
+rows of the [B, R] id matrix) and gathered back to the rows; the candidate part and the deeper layers run
+per row. All four towers share one first-layer matmul. Nothing is approximated: results equal the Keras
+model's up to float32 summation order (checked at export, see ``serving.export``).
+
+Ops used are core TensorFlow (UniqueV2, GatherV2, MatMul, BiasAdd, Relu, Sigmoid, ...), so stock TF
+Serving runs the graph; weights are ordinary variables saved in ``variables/``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from transforms.features import CTAVR, CTCVR, CTR, CVR
+
+
+class UnsupportedModel(ValueError):
+    """The model is not a plain ESM² this graph reproduces (the export then serves the Keras model)."""
+
+
+def _structure(model):
+    """(embedding, towers) of a plain ESM², or raises UnsupportedModel naming what differs."""
+    name = type(model).__name__
+    if name != "ESM2":
+        raise UnsupportedModel(f"model class {name} (only ESM2 has an optimised scoring graph)")
+    emb = getattr(model, "embedding", None)
+    towers = getattr(model, "towers", None)
+    if emb is None or towers is None or len(towers) != 4:
+        raise UnsupportedModel("ESM2 without .embedding and four .towers")
+    if getattr(emb, "sequences", None):
+        raise UnsupportedModel("sequence features (masked-mean embeddings) are not in the scoring graph")
+    if not hasattr(emb, "_tables") or list(emb._tables) != list(emb.categorical):  # noqa: SLF001
+        raise UnsupportedModel("SharedEmbedding layout changed (tables not in categorical order)")
+    if getattr(emb, "dense_activation", None) not in ("tanh", "linear"):
+        raise UnsupportedModel(f"dense activation {getattr(emb, 'dense_activation', None)!r}")
+    for tower in towers:
+        dense = getattr(tower, "_dense", None)
+        out = getattr(tower, "_out", None)
+        if not dense or out is None:
+            raise UnsupportedModel(f"tower {tower.name}: expected hidden Dense layers and a logit layer")
+        for layer in dense:
+            if layer.activation.__name__ != "relu" or not layer.use_bias:
+                raise UnsupportedModel(f"tower {tower.name}: hidden layer {layer.name} is not Dense+bias+relu")
+        if out.activation.__name__ != "linear" or not out.use_bias or out.units != 1:
+            raise UnsupportedModel(f"tower {tower.name}: logit layer is not a linear Dense(1)")
+    widths = {tower._dense[0].units for tower in towers}  # noqa: SLF001
+    if len(widths) != 1:
+        raise UnsupportedModel(f"towers' first layers differ in width {sorted(widths)}")
+    return emb, towers
+
+
+class ESM2ScoringGraph(tf.Module):
+    """ESM² inference: transformed features (dict of [B, 1]) -> {ctr, ctavr, cvr, ctcvr} each [B, 1].
+
+    ``request_fields``: transformed categorical inputs that are usually equal across a request's rows
+    (user and context fields). Any subset gives identical results; the choice only sets what is shared.
+    """
+
+    def __init__(self, model, request_fields: Sequence[str]):
+        super().__init__(name="esm2_scoring_graph")
+        emb, towers = _structure(model)
+        self._dim = int(emb.embedding_dim)
+        self._tanh = emb.dense_activation == "tanh"
+        categorical = list(emb.categorical)
+        self._dense_names = list(emb.dense)
+        wanted = set(request_fields)
+        self._request = [n for n in categorical if n in wanted]
+        self._candidate = [n for n in categorical if n not in wanted]
+        tables = {n: emb._tables[n].embeddings.numpy() for n in categorical}  # noqa: SLF001
+        self.tables = {n: tf.Variable(tables[n], trainable=False, name=f"emb_{n}") for n in categorical}
+
+        # Rows of W1 by input block: field j occupies rows [j*D, (j+1)*D), dense inputs follow.
+        w1 = np.concatenate([t._dense[0].kernel.numpy() for t in towers], axis=1)  # noqa: SLF001
+        b1 = np.concatenate([t._dense[0].bias.numpy() for t in towers], axis=0)  # noqa: SLF001
+        rows = {n: slice(j * self._dim, (j + 1) * self._dim) for j, n in enumerate(categorical)}
+        dense_rows = slice(len(categorical) * self._dim, w1.shape[0])
+        cand = [w1[rows[n]] for n in self._candidate] + [w1[dense_rows]]
+        self._has_request = bool(self._request)
+        self.w1_request = tf.Variable(
+            np.concatenate([w1[rows[n]] for n in self._request], axis=0) if self._request
+            else np.zeros((0, w1.shape[1]), np.float32), trainable=False, name="w1_request")
+        self.w1_candidate = tf.Variable(np.concatenate(cand, axis=0), trainable=False, name="w1_candidate")
+        self.b1 = tf.Variable(b1, trainable=False, name="b1")
+        self._width = int(towers[0]._dense[0].units)  # noqa: SLF001
+        self.tower_layers: List[List[tf.Variable]] = []
+        for t, tower in enumerate(towers):
+            layers = list(tower._dense[1:]) + [tower._out]  # noqa: SLF001
+            self.tower_layers.append([tf.Variable(v.numpy(), trainable=False, name=f"tower{t}_{i}")
+                                      for i, layer in enumerate(layers) for v in (layer.kernel, layer.bias)])
+
+    def _lookup(self, names: Sequence[str], ids: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """[B', len(names) * D] concatenated embeddings of int64 ids [B']."""
+        return tf.concat([tf.gather(self.tables[n], ids[n]) for n in names], axis=1)
+
+    def first_layer(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
+        """Pre-activation of every tower's first layer, side by side: [B, 4 * H1]."""
+        flat = {n: tf.reshape(tf.cast(features[n], tf.int64), [-1]) for n in self._request + self._candidate}
+        dense = tf.concat([tf.reshape(tf.cast(features[n], tf.float32), [-1, 1]) for n in self._dense_names], 1)
+        if self._tanh:
+            dense = tf.tanh(dense)
+        x_cand = tf.concat([self._lookup(self._candidate, flat), dense], axis=1) if self._candidate else dense
+        h = tf.matmul(x_cand, self.w1_candidate)
+        if self._has_request:
+            keys = tf.stack([flat[n] for n in self._request], axis=1)                        # [B, R]
+            uniq, idx = tf.raw_ops.UniqueV2(x=keys, axis=tf.constant([0], tf.int64), out_idx=tf.int32)
+            uniq_ids = {n: uniq[:, j] for j, n in enumerate(self._request)}                  # [U] each
+            per_request = tf.matmul(self._lookup(self._request, uniq_ids), self.w1_request)  # [U, 4 * H1]
+            h = h + tf.gather(per_request, idx)
+        return tf.nn.bias_add(h, self.b1)
+
+    def __call__(self, features: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        h1 = tf.nn.relu(self.first_layer(features))
+        probs = []
+        for t, weights in enumerate(self.tower_layers):
+            z = h1[:, t * self._width:(t + 1) * self._width]
+            for i in range(0, len(weights), 2):
+                z = tf.nn.bias_add(tf.matmul(z, weights[i]), weights[i + 1])
+                if i + 2 < len(weights):
+                    z = tf.nn.relu(z)
+            probs.append(tf.sigmoid(z))  # [B, 1]
+        y1, y2, y3, y4 = probs
+        cvr = (1.0 - y2) * y4 + y2 * y3  # ESM² Eqs. 1-4, as models.layers.ESM2Composition
+        return {CTR: y1, CTAVR: y1 * y2, CVR: cvr, CTCVR: y1 * cvr}
+
+
+def probe_features(model, batch: int = 64, seed: int = 0) -> Dict[str, tf.Tensor]:
+    """Random transformed features within the model's cardinalities ([B, 1] each); rows come in groups of 8
+    sharing all but the first two categorical fields, so request-level sharing is exercised."""
+    emb = model.embedding
+    rng = np.random.default_rng(seed)
+    out = {}
+    for j, (name, card) in enumerate(emb.categorical.items()):
+        ids = rng.integers(0, card, size=(batch, 1))
+        if j >= 2:
+            ids = np.repeat(ids[::8], 8, axis=0)[:batch]
+        out[name] = tf.constant(ids, tf.int64)
+    for name in emb.dense:
+        out[name] = tf.constant(rng.normal(size=(batch, 1)).astype(np.float32))
+    return out
+
+
+def verify(graph: ESM2ScoringGraph, model, features: Mapping[str, tf.Tensor], atol: float = 1e-5) -> float:
+    """Max |graph - model| over outputs on ``features``; raises UnsupportedModel above ``atol``."""
+    want = model(dict(features), training=False)
+    got = graph(features)
+    worst = 0.0
+    for name in got:
+        diff = float(np.max(np.abs(np.reshape(got[name].numpy(), [-1]) - np.reshape(want[name].numpy(), [-1]))))
+        worst = max(worst, diff)
+        if not diff <= atol:
+            raise UnsupportedModel(f"scoring graph output {name!r} differs from the Keras model by {diff:g}")
+    return worst
