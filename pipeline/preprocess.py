@@ -97,11 +97,7 @@ class _SplitBatches(beam.DoFn):
         self._timestamp = timestamp
 
     def process(self, batch: pa.RecordBatch, cutoffs=None):
-        idx = batch.schema.get_field_index(sources.SPLIT_COL)
-        hint = batch.column(idx)
-        batch = batch.drop_columns([sources.SPLIT_COL]) if hasattr(batch, "drop_columns") else pa.RecordBatch.from_arrays(
-            [batch.column(i) for i in range(batch.num_columns) if i != idx],
-            [n for i, n in enumerate(batch.schema.names) if i != idx])
+        hint = batch.column(batch.schema.get_field_index(sources.SPLIT_COL))
         if cutoffs is not None:
             parts = sources.split_batch_by_time(batch, self._timestamp, cutoffs)
         else:
@@ -165,6 +161,10 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
              | "WriteRejected" >> beam.io.WriteToText(os.path.join(cfg.output_dir, REJECTED_DIR, "part"),
                                                       file_name_suffix=".jsonl"))
         rows = read.rows
+        if contract.user_features:
+            from pipeline.user_features import add_user_features
+
+            rows = add_user_features(rows, contract)
         if split.kind == "time":
             time_range = (rows | "BatchTimeRange" >> beam.Map(sources.batch_time_range, contract.timestamp)
                           | "TimeRange" >> beam.CombineGlobally(_TimeRange()))

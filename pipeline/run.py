@@ -210,7 +210,7 @@ def sample_canonical_rows(schema, n: int) -> List[Dict]:
     """The last ``n`` valid rows of the last input file, as canonical raw values (what a client sends)."""
     if n <= 0:
         return []
-    from pipeline.sources import SPLIT_COL, ReadFile
+    from pipeline.sources import ORDER_COL, SPLIT_COL, ReadFile
 
     reader = ReadFile(schema)
     reader.setup()
@@ -225,6 +225,7 @@ def sample_canonical_rows(schema, n: int) -> List[Dict]:
     rows = rows[-n:]
     for r in rows:
         r.pop(SPLIT_COL, None)
+        r.pop(ORDER_COL, None)
     return rows
 
 

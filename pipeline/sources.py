@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 REJECTED = "rejected"
 SPLIT_COL = "__split"
+ORDER_COL = "__order"  # (file index << 32) | record index: the deterministic tie-break after the timestamp
 NAMESPACE = "rankline"
 _ARROW = {"string": pa.string(), "int64": pa.int64(), "float32": pa.float32()}
 
@@ -136,7 +137,10 @@ class RowConverter:
             else:
                 out[name] = self._number(name, v, dtype)
         for name, f in self.sequences.items():
-            v = record.get(name)
+            if f.columns_prefix:
+                v = [record[k] for k in record if k.startswith(f.columns_prefix) and not self._missing(record[k])]
+            else:
+                v = record.get(name)
             if self._missing(v):
                 tokens: List[str] = []
             elif isinstance(v, (list, tuple)):
@@ -144,6 +148,8 @@ class RowConverter:
             else:
                 text = v.decode() if isinstance(v, bytes) else str(v)
                 tokens = [t for t in text.split(f.separator) if t != ""]
+            if f.pad_token is not None:
+                tokens = [t for t in tokens if t != f.pad_token]
             if len(tokens) > f.max_length:
                 tokens = tokens[-f.max_length:]
                 truncated.append(name)
@@ -196,6 +202,7 @@ class ReadFile(beam.DoFn):
         self.converter = RowConverter(self.schema)
         self.columns = canonical_columns(self.schema.contract)
         self.split = self.schema.split
+        self.file_index = {os.path.abspath(f): i for i, f in enumerate(self.schema.input.files())}
         self.file_split = {}
         if self.split.kind == "files":
             base = os.path.dirname(self.schema.input.path)
@@ -216,7 +223,8 @@ class ReadFile(beam.DoFn):
             logger.warning("input file %s matches no split.files pattern: skipped", path)
             self._counter("files_unassigned")
             return
-        buf: List[Tuple[Dict, str]] = []
+        buf: List[Tuple[Dict, str, int]] = []
+        base = self.file_index.get(os.path.abspath(path), len(self.file_index)) << 32
         for source, record, problem in self._records(path, fmt):
             rows += 1
             self._counter("rows_in")
@@ -233,7 +241,7 @@ class ReadFile(beam.DoFn):
             for name in truncated:
                 self._counter(f"sequence_truncated: {name}")
             split = split_of_file or (self._hash_split(values, source) if self.split.kind == "hash" else "")
-            buf.append((values, split))
+            buf.append((values, split, base + rows))
             if len(buf) >= self.batch_rows:
                 yield self._batch(buf)
                 buf = []
@@ -248,10 +256,11 @@ class ReadFile(beam.DoFn):
         key = str(values.get(key_col)) if key_col and values.get(key_col) is not None else source
         return hash_split(key, self.split.eval_fraction, self.split.test_fraction)
 
-    def _batch(self, buf: Sequence[Tuple[Dict, str]]) -> pa.RecordBatch:
-        arrays = [pa.array([v[name] for v, _ in buf], type=t) for name, t in self.columns.items()]
-        arrays.append(pa.array([s for _, s in buf], type=pa.string()))
-        return pa.RecordBatch.from_arrays(arrays, list(self.columns) + [SPLIT_COL])
+    def _batch(self, buf: Sequence[Tuple[Dict, str, int]]) -> pa.RecordBatch:
+        arrays = [pa.array([v[name] for v, _, _ in buf], type=t) for name, t in self.columns.items()]
+        arrays.append(pa.array([s for _, s, _ in buf], type=pa.string()))
+        arrays.append(pa.array([o for _, _, o in buf], type=pa.int64()))
+        return pa.RecordBatch.from_arrays(arrays, list(self.columns) + [SPLIT_COL, ORDER_COL])
 
     # ---- formats ---------------------------------------------------------------------------------
     def _open(self, path: str):
@@ -282,6 +291,9 @@ class ReadFile(beam.DoFn):
                     return
                 file_header = next(csv.reader([first.decode("utf-8-sig", errors="replace").rstrip("\r\n")],
                                               delimiter=opts.delimiter))
+                if opts.header == "auto" and file_header != header:
+                    lines = _chain([first], lines)  # no header line in this file: it is a record
+                    lineno -= 1
                 header = header or file_header
             for raw in lines:
                 lineno += 1
@@ -333,6 +345,11 @@ class ReadFile(beam.DoFn):
                 else:
                     record[key] = values[0] if len(values) == 1 else (None if not values else values)
             yield source, record, None
+
+
+def _chain(first, rest):
+    yield from first
+    yield from rest
 
 
 def _category(reason: str) -> str:

@@ -34,6 +34,18 @@ HOUR_CARDINALITY = 24
 MISSING_TOKEN = "__missing__"
 
 
+# Leakage-safe per-user features (computed in Beam, see pipeline/user_features.py).
+UF_COUNT = "uf_count"
+UF_IN_HISTORY = "uf_item_in_history"
+UF_REPEAT_RATIO = "uf_repeat_ratio"
+UF_HISTORY = "uf_history"
+
+
+def uf_rate(label: str) -> str:
+    """Running mean of a transformed binary label over the user's earlier events (STAN Eq. 10)."""
+    return f"uf_rate_{label}"
+
+
 def categorical_id(name: str) -> str:
     return f"{name}_id"
 
@@ -112,6 +124,8 @@ class SequenceFeature:
     frequency_threshold: int = 1
     num_oov_buckets: int = 1
     dtype: str = "string"
+    columns_prefix: Optional[str] = None  # tokens spread over columns PREFIX0, PREFIX1, ... instead of one
+    pad_token: Optional[str] = None  # a token that means "no item" and is dropped
 
     def __post_init__(self):
         if self.max_length < 1:
@@ -124,6 +138,17 @@ class SequenceFeature:
     @property
     def vocab_name(self) -> str:
         return f"vocab_{self.name}"
+
+
+@dataclass(frozen=True)
+class UserFeatureSpec:
+    """Enables the derived ``uf_*`` features; ``history_length`` = items kept in ``uf_history``."""
+
+    history_length: int = 20
+
+    def __post_init__(self):
+        if self.history_length < 1:
+            raise ValueError(f"user_features.history_length must be >= 1, got {self.history_length}")
 
 
 @dataclass(frozen=True)
@@ -162,6 +187,7 @@ class FeatureContract:
     # Explicit business segment / scenario columns (they are also ordinary categorical features).
     segment: Optional[str] = None
     scenario: Optional[str] = None
+    user_features: Optional[UserFeatureSpec] = None
 
     def __post_init__(self):
         names = ([f.name for f in self.categorical] + [f.name for f in self.numeric]
@@ -231,6 +257,25 @@ class FeatureContract:
         return tuple(dict.fromkeys(names))
 
 
+def with_user_features(contract: FeatureContract, spec: UserFeatureSpec) -> FeatureContract:
+    """``contract`` plus the derived per-user features, declared like any other feature."""
+    from dataclasses import replace
+
+    missing = [r for r in ("user_id", "item_id", "timestamp") if not getattr(contract, r)]
+    if missing:
+        raise ValueError(f"user_features need the role(s) {', '.join(missing)}")
+    numeric = [NumericFeature(UF_COUNT, dtype="float32", log1p=True, num_buckets=10)]
+    numeric += [NumericFeature(uf_rate(l), dtype="float32", log1p=False, num_buckets=5)
+                for l in contract.labels.transformed]
+    numeric.append(NumericFeature(UF_REPEAT_RATIO, dtype="float32", log1p=False, num_buckets=5))
+    return replace(
+        contract, user_features=spec,
+        numeric=contract.numeric + tuple(numeric),
+        categorical=contract.categorical + (CategoricalFeature(UF_IN_HISTORY, dtype="int64"),),
+        sequences=contract.sequences + (SequenceFeature(UF_HISTORY, max_length=spec.history_length,
+                                                        top_k=100_000, num_oov_buckets=10),))
+
+
 # The built-in planted-truth dataset (see pipeline/datagen.py for how it is generated).
 BUILTIN = FeatureContract(
     name="builtin",
@@ -259,3 +304,4 @@ BUILTIN = FeatureContract(
     oracle=("true_ctr", "true_ctavr", "true_cvr", "true_ctcvr", "true_scenario", "true_group", "true_stage"),
     segment="segment",
 )
+BUILTIN = with_user_features(BUILTIN, UserFeatureSpec(history_length=20))

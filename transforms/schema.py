@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import yaml
 
 from transforms.features import (CategoricalFeature, FeatureContract, LabelSpec, NumericFeature,
-                                 SequenceFeature)
+                                 SequenceFeature, UserFeatureSpec, with_user_features)
 
 SCHEMA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemas")
 FORMATS = ("csv", "parquet", "tfrecord")
@@ -54,8 +54,8 @@ class SchemaError(ValueError):
 @dataclass(frozen=True)
 class CsvOptions:
     delimiter: str = ","
-    header: bool = True
-    columns: Optional[Tuple[str, ...]] = None  # required when header is false
+    header: object = True  # True, False or "auto" (skip a first line equal to ``columns``)
+    columns: Optional[Tuple[str, ...]] = None  # required when header is false or auto
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,17 @@ class DatasetSchema:
     contract: FeatureContract
     timestamp_format: str = "unix"
     split: SplitSpec = field(default_factory=SplitSpec)
+
+
+def expand_names(pattern: str) -> List[str]:
+    """'I{1..13}' -> ['I1', ..., 'I13']; a name without a range is returned as is."""
+    import re
+
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    lo, hi = int(m.group(1)), int(m.group(2))
+    return [n for k in range(lo, hi + 1) for n in expand_names(pattern[:m.start()] + str(k) + pattern[m.end():])]
 
 
 def default_shared_dir() -> str:
@@ -147,7 +158,8 @@ class _Ctx:
 def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> DatasetSchema:
     c = _Ctx(source)
     doc = c.mapping(doc, "<top level>")
-    c.unknown_keys(doc, ("name", "input", "roles", "labels", "features", "split", "oracle"), "<top level>")
+    c.unknown_keys(doc, ("name", "input", "roles", "labels", "features", "split", "oracle", "user_features"),
+                   "<top level>")
     name = c.string(doc.get("name"), "name")
 
     inp = c.mapping(doc.get("input"), "input")
@@ -165,15 +177,26 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
     csv_doc = c.mapping(inp.get("csv"), "input.csv", required=False)
     c.unknown_keys(csv_doc, ("delimiter", "header", "columns"), "input.csv")
     header = csv_doc.get("header", True)
-    if not isinstance(header, bool):
-        c.fail("input.csv.header", f"expected true or false, got {header!r}")
+    if header not in (True, False, "auto"):
+        c.fail("input.csv.header", f"expected true, false or auto, got {header!r}")
     columns = csv_doc.get("columns")
     if columns is not None:
-        if not isinstance(columns, list) or not all(isinstance(x, (str, int)) for x in columns):
+        if not isinstance(columns, list):
             c.fail("input.csv.columns", "expected a list of column names")
-        columns = tuple(str(x) for x in columns)
-    if fmt == "csv" and not header and not columns:
-        c.fail("input.csv.columns", "required when input.csv.header is false")
+        expanded = []
+        for i, col in enumerate(columns):
+            if isinstance(col, dict):
+                c.unknown_keys(col, ("prefix", "count"), f"input.csv.columns[{i}]")
+                prefix = c.string(col.get("prefix"), f"input.csv.columns[{i}].prefix")
+                count = c.integer(col.get("count"), f"input.csv.columns[{i}].count", 1)
+                expanded.extend(f"{prefix}{k}" for k in range(count))
+            elif isinstance(col, (str, int)):
+                expanded.extend(expand_names(str(col)))
+            else:
+                c.fail(f"input.csv.columns[{i}]", f"expected a name or {{prefix, count}}, got {col!r}")
+        columns = tuple(expanded)
+    if fmt == "csv" and header is not True and not columns:
+        c.fail("input.csv.columns", "required when input.csv.header is false or auto")
     delimiter = csv_doc.get("delimiter", ",")
     if not isinstance(delimiter, str) or len(delimiter) != 1:
         c.fail("input.csv.delimiter", f"expected one character, got {delimiter!r}")
@@ -212,9 +235,20 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
     if not isinstance(feats, list) or not feats:
         c.fail("features", "expected a non-empty list of features")
     categorical, numeric, sequences = [], [], []
+    entries = []
     for i, f in enumerate(feats):
+        f = c.mapping(f, f"features[{i}]")
+        if "names" in f:  # one entry, many columns with the same transform
+            names = f["names"]
+            names = expand_names(names) if isinstance(names, str) else names
+            if not isinstance(names, list) or not names:
+                c.fail(f"features[{i}].names", "expected a list of names or a 'prefix_{1..N}' pattern")
+            rest = {k: v for k, v in f.items() if k != "names"}
+            entries.extend((i, dict(rest, name=str(n))) for n in names)
+        else:
+            entries.append((i, f))
+    for i, f in entries:
         key = f"features[{i}]"
-        f = c.mapping(f, key)
         fname = c.string(f.get("name"), f"{key}.name")
         key = f"features[{i}] ({fname})"
         transform = f.get("transform")
@@ -248,7 +282,7 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
                     fname, dtype=dtype, hash_buckets=c.integer(f.get("hash_buckets"), f"{key}.hash_buckets", 1)))
             else:
                 c.unknown_keys(f, ("name", "type", "transform", "separator", "max_length", "top_k",
-                                   "min_frequency", "oov_buckets"), key)
+                                   "min_frequency", "oov_buckets", "columns_prefix", "pad_token"), key)
                 if dtype != "string":
                     c.fail(f"{key}.type", "a sequence is read as a string with separators: type must be string")
                 top_k = f.get("top_k")
@@ -257,7 +291,8 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
                     max_length=c.integer(f.get("max_length", 20), f"{key}.max_length", 1),
                     top_k=None if top_k is None else c.integer(top_k, f"{key}.top_k", 1),
                     frequency_threshold=c.integer(f.get("min_frequency", 1), f"{key}.min_frequency", 1),
-                    num_oov_buckets=c.integer(f.get("oov_buckets", 1), f"{key}.oov_buckets", 1)))
+                    num_oov_buckets=c.integer(f.get("oov_buckets", 1), f"{key}.oov_buckets", 1),
+                    columns_prefix=f.get("columns_prefix"), pad_token=f.get("pad_token")))
         except ValueError as exc:
             if isinstance(exc, SchemaError):
                 raise
@@ -293,6 +328,15 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
             oracle=tuple(oracle), segment=roles.get("segment"), scenario=roles.get("scenario"))
     except ValueError as exc:
         c.fail("features", str(exc))
+    uf = doc.get("user_features")
+    if uf is not None:
+        uf = c.mapping(uf, "user_features")
+        c.unknown_keys(uf, ("history_length",), "user_features")
+        try:
+            contract = with_user_features(contract, UserFeatureSpec(
+                history_length=c.integer(uf.get("history_length", 20), "user_features.history_length", 1)))
+        except ValueError as exc:
+            c.fail("user_features", str(exc))
     feature_names = {f.name for f in categorical + numeric + sequences}
     for role in ("segment", "scenario"):
         if roles.get(role) and roles[role] not in feature_names:

@@ -1,0 +1,44 @@
+"""Every dataset in ../shared/data runs from its schema file through preprocessing, training and export."""
+import glob
+import math
+import os
+
+import pytest
+
+from pipeline import run as run_mod
+from transforms.schema import SCHEMA_DIR, load_schema
+
+SHARED = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(SCHEMA_DIR, "*.yaml"))
+                if not p.endswith("builtin.yaml"))
+EXPECTED_MODEL = {("click",): "dnn", ("click", "purchase"): "esmm", ("click", "daction", "purchase"): "esm2"}
+
+
+def _data_lines(schema):
+    """Records in the input files, counted independently of the reader (non-empty lines less headers)."""
+    total = 0
+    for path in schema.input.files():
+        with open(path, "rb") as fh:
+            lines = [line for line in fh.read().splitlines() if line.strip()]
+        header = schema.input.csv.header
+        if header is True or (header == "auto" and lines and
+                              lines[0].decode().split(schema.input.csv.delimiter) == list(schema.input.csv.columns)):
+            lines = lines[1:]
+        total += len(lines)
+    return total
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_dataset_end_to_end(name, tmp_path):
+    schema_path = os.path.join(SCHEMA_DIR, f"{name}.yaml")
+    schema = load_schema(schema_path)
+    summary = run_mod.run(["--schema", schema_path, "--epochs", "1", "--batch-size", "32", "--score-rows", "3",
+                           "--work-dir", str(tmp_path)])
+    pp = summary["preprocess"]
+    assert pp["rows_in"] == _data_lines(schema)
+    assert pp["rows_train"] + pp["rows_eval"] + pp["rows_test"] + pp["rows_rejected"] == pp["rows_in"]
+    assert pp["rows_train"] > 0 and pp["rows_eval"] > 0
+    assert summary["model"] == EXPECTED_MODEL[schema.contract.labels.transformed]
+    assert os.path.exists(os.path.join(summary["export"], "saved_model.pb"))
+    assert summary["scored"]["ctr"] and all(0.0 <= v <= 1.0 and math.isfinite(v) for v in summary["scored"]["ctr"])
+    for key, values in summary["history"].items():
+        assert all(math.isfinite(v) for v in values), key

@@ -1,0 +1,126 @@
+"""Bad input goes to the dead letter with a reason and its source; nothing is lost."""
+import gzip
+import json
+import os
+
+import pytest
+
+from pipeline.preprocess import PreprocessConfig, TooManyRejected, read_rejected, run_preprocess
+from pipeline.sources import Rejected, RowConverter, hash_split, parse_timestamp
+from transforms.preprocessing import build_preprocessing_fn
+from transforms.schema import parse_schema
+
+SCHEMA_DOC = {
+    "name": "unit",
+    "input": {"path": "PLACEHOLDER", "format": "csv"},
+    "roles": {"user_id": "user", "timestamp": {"column": "ts", "format": "%Y-%m-%d %H:%M:%S"}},
+    "labels": {"click": "click", "daction": ["cart"], "purchase": "buy"},
+    "features": [
+        {"name": "user", "type": "int", "transform": "vocabulary"},
+        {"name": "cat", "transform": "vocabulary"},
+        {"name": "price", "type": "float", "transform": "numeric", "buckets": 3},
+        {"name": "hist", "transform": "sequence", "separator": "|", "max_length": 3},
+    ],
+    "split": {"kind": "hash", "key": "user", "eval_fraction": 0.3},
+}
+HEADER = "user,cat,price,hist,ts,click,cart,buy"
+
+
+def _schema(path):
+    return parse_schema(dict(SCHEMA_DOC, input={"path": path, "format": "csv"}), "/x/unit.yaml")
+
+
+def _row(**overrides):
+    row = {"user": "7", "cat": "shoes", "price": "12.5", "hist": "a|b", "ts": "2024-01-02 03:04:05",
+           "click": "1", "cart": "0", "buy": "1"}
+    row.update(overrides)
+    return row
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    ({"click": ""}, "missing required field click"),
+    ({"price": "nan"}, "field price: non-finite value nan"),
+    ({"price": "inf"}, "field price: non-finite value inf"),
+    ({"user": "abc"}, "field user: expected int, got 'abc'"),
+    ({"user": "1.5"}, "field user: expected int, got 1.5"),
+    ({"ts": "2024-13-45 00:00:00"}, "bad timestamp '2024-13-45 00:00:00'"),
+    ({"ts": ""}, "missing required field timestamp"),
+    ({"click": "0", "buy": "1"}, "funnel violation: buy without click"),
+    ({"click": "0", "cart": "1", "buy": "0"}, "funnel violation: cart without click"),
+    ({"click": "2"}, "label click: expected 0 or 1, got 2.0"),
+])
+def test_row_converter_rejects_with_a_reason(overrides, reason):
+    conv = RowConverter(_schema("/tmp/none.csv"))
+    with pytest.raises(Rejected) as info:
+        conv.convert(_row(**overrides))
+    assert str(info.value).startswith(reason), str(info.value)
+
+
+def test_row_converter_values_missing_and_truncation():
+    conv = RowConverter(_schema("/tmp/none.csv"))
+    values, truncated = conv.convert(_row(price="", cat=" ", hist="a|b|c|d|e"))
+    assert values["price"] is None and values["cat"] is None
+    assert values["hist"] == ["c", "d", "e"] and truncated == ["hist"]  # the most recent max_length tokens
+    assert values["ts"] == 1704164645 and values["user"] == 7 and values["buy"] == 1
+
+
+def test_timestamp_formats_and_hash_split_is_deterministic():
+    assert parse_timestamp("1700000000", "unix") == 1700000000
+    assert parse_timestamp("1700000000123", "unix_ms") == 1700000000
+    assert parse_timestamp("14102101", "%y%m%d%H") == 1413853200  # 2014-10-21 01:00 UTC
+    shares = [hash_split(str(k), 0.3, 0.1) for k in range(20000)]
+    assert shares == [hash_split(str(k), 0.3, 0.1) for k in range(20000)]
+    assert abs(shares.count("eval") / 20000 - 0.3) < 0.02 and abs(shares.count("test") / 20000 - 0.1) < 0.02
+
+
+@pytest.fixture(scope="module")
+def dirty_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dirty")
+    good = [",".join([str(u), "shoes" if u % 2 else "hats", str(10 + u), "a|b|c|d|e|f" if u == 3 else "a|b",
+                      f"2024-01-0{1 + u % 5} 10:00:00", str(u % 2), "0", "0"]) for u in range(40)]
+    bad = [
+        "41,shoes,12,a,2024-01-01 10:00:00,,0,0",          # missing click
+        "42,shoes,nan,a,2024-01-01 10:00:00,1,0,0",        # NaN
+        "43,shoes,12,a,2024-01-01 10:00:00,1,0",           # truncated line
+        "44,shoes,12,a,not a date,1,0,0",                  # bad timestamp
+        "45,shoes,12,a,2024-01-01 10:00:00,0,0,1",         # funnel violation
+        "x46,shoes,12,a,2024-01-01 10:00:00,1,0,0",        # wrong type
+    ]
+    lines = [HEADER] + good[:20] + bad + good[20:]
+    (d / "a.csv").write_text("\n".join(lines) + "\n")
+    with gzip.open(d / "b.csv.gz", "wb") as fh:  # gzip input with one undecodable line
+        fh.write((HEADER + "\n" + good[0] + "\n").encode() + b"47,sh\xffoes,1,a,2024-01-01 10:00:00,1,0,0\n")
+    (d / "empty.csv").write_text("")
+    schema = _schema(str(d / "*.csv*"))
+    out = str(d / "out")
+    with pytest.raises(TooManyRejected) as info:
+        run_preprocess(schema, PreprocessConfig(output_dir=out, max_reject_fraction=0.1),
+                       build_preprocessing_fn(schema.contract), ["--runner=DirectRunner"])
+    with open(os.path.join(out, "summary.json")) as fh:
+        summary = json.load(fh)
+    return {"summary": summary, "rejected": read_rejected(out), "error": str(info.value), "out": out}
+
+
+def test_no_row_is_lost(dirty_run):
+    s = dirty_run["summary"]
+    assert s["rows_in"] == 40 + 6 + 2
+    assert s["rows_rejected"] == 7 == len(dirty_run["rejected"])
+    assert s["rows_train"] + s["rows_eval"] + s["rows_test"] + s["rows_rejected"] == s["rows_in"]
+    assert s["empty_files"] == 1
+    assert s["sequences_truncated"] == {"hist": 1}
+
+
+def test_dead_letter_names_source_and_reason(dirty_run):
+    by_source = {r["source"]: r["reason"] for r in dirty_run["rejected"]}
+    assert by_source["a.csv:22"].startswith("missing required field click")
+    assert by_source["a.csv:23"].startswith("field price: non-finite value nan")
+    assert by_source["a.csv:24"].startswith("expected 8 fields, got 7")
+    assert by_source["a.csv:25"].startswith("bad timestamp 'not a date'")
+    assert by_source["a.csv:26"] == "funnel violation: buy without click"
+    assert by_source["a.csv:27"].startswith("field user: expected int")
+    assert by_source["b.csv.gz:3"].startswith("invalid UTF-8")
+
+
+def test_max_reject_fraction_fails_with_a_clear_message(dirty_run):
+    assert "7 of 48 rows rejected (14.6%) > --max-reject-fraction 10.0%" in dirty_run["error"]
+    assert "rejected" in dirty_run["error"]

@@ -1,0 +1,90 @@
+import glob
+import os
+
+import pytest
+import yaml
+
+from transforms.features import BUILTIN
+from transforms.schema import SCHEMA_DIR, SchemaError, builtin_schema_path, expand_names, load_schema, parse_schema
+
+SHARED_SCHEMAS = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(SCHEMA_DIR, "*.yaml"))
+                        if not p.endswith("builtin.yaml"))
+
+
+def test_every_shared_dataset_has_a_schema():
+    from transforms.schema import default_shared_dir
+
+    datasets = sorted(d for d in os.listdir(os.path.join(default_shared_dir(), "data"))
+                      if os.path.isdir(os.path.join(default_shared_dir(), "data", d)))
+    assert datasets == SHARED_SCHEMAS
+
+
+@pytest.mark.parametrize("name", SHARED_SCHEMAS)
+def test_shared_schemas_load_and_find_their_files(name):
+    schema = load_schema(os.path.join(SCHEMA_DIR, f"{name}.yaml"))
+    assert schema.name == name
+    assert schema.input.files(), schema.input.path
+
+
+def test_builtin_schema_equals_the_builtin_contract():
+    assert load_schema(builtin_schema_path("builtin")).contract == BUILTIN
+
+
+def test_expand_names():
+    assert expand_names("I{1..3}") == ["I1", "I2", "I3"]
+    assert expand_names("f{0..1}_{1..2}") == ["f0_1", "f0_2", "f1_1", "f1_2"]
+    assert expand_names("plain") == ["plain"]
+
+
+BASE = {
+    "name": "t",
+    "input": {"path": "/tmp/x.csv", "format": "csv"},
+    "labels": {"click": "clk"},
+    "features": [{"name": "a", "transform": "vocabulary"}],
+}
+
+
+def _with(path, value):
+    doc = yaml.safe_load(yaml.safe_dump(BASE))
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    if value is _DELETE:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return doc
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("path,value,expected", [
+    (("features", 0, "transform"), "log2", "features[0] (a).transform: unknown transform 'log2'"),
+    (("labels", "click"), _DELETE, "labels.click: expected a non-empty string"),
+    (("input", "format"), "xlsx", "input.format: unknown format 'xlsx'"),
+    (("input", "csv"), {"header": False}, "input.csv.columns: required when input.csv.header is false"),
+    (("features", 0), {"name": "a", "type": "string", "transform": "numeric"}, "features[0] (a).type: a numeric transform needs type int or float"),
+    (("split",), {"kind": "time"}, "split.kind: a time split needs roles.timestamp"),
+    (("features", 0), {"name": "a", "transform": "vocabulary", "top_k": 0}, "features[0] (a).top_k: expected an integer >= 1"),
+    (("features", 0), {"name": "a", "transform": "vocabulary", "bukets": 3}, "unknown key(s) ['bukets']"),
+    (("roles",), {"segment": "nope"}, "roles.segment: column 'nope' must also be declared under features"),
+    (("split",), {"kind": "hash", "eval_fraction": 1.5}, "split.eval_fraction: expected a number in [0, 1)"),
+    (("features",), [], "features: expected a non-empty list"),
+    (("labels",), {"click": "clk", "purchase": "a"}, "label/oracle column(s) declared as features: ['a']"),
+])
+def test_validation_errors_name_the_file_key_and_problem(path, value, expected):
+    with pytest.raises(SchemaError) as info:
+        parse_schema(_with(path, value), "/some/dir/my_schema.yaml")
+    message = str(info.value)
+    assert message.startswith("my_schema.yaml: "), message
+    assert expected in message, message
+
+
+def test_missing_schema_file_and_bad_yaml(tmp_path):
+    with pytest.raises(SchemaError, match="schema file not found"):
+        load_schema(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SchemaError, match="bad.yaml: not valid YAML"):
+        load_schema(str(bad))
