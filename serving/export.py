@@ -47,15 +47,18 @@ _DTYPES = {"string": tf.string, "int64": tf.int64, "float32": tf.float32}
 def request_level_fields(contract: FeatureContract) -> Sequence[str]:
     """Transformed categorical inputs that describe the request (user, context, hour), not the candidate.
 
-    Candidate-level: the item id column and every raw column whose name starts with ``item``.
+    Candidate-level: the item id column and every raw column whose name contains ``item`` (``item_price``,
+    ``uf_item_in_history``); everything else (user profile and history, device, page, hour) is
+    request-level. A wrong guess costs speed, never correctness (see ``serving.scoring_graph``).
     """
     item = getattr(contract, "item_id", None) or "item"
 
     def is_candidate(raw: str) -> bool:
-        return raw == item or raw.startswith("item")
+        return raw == item or "item" in raw
 
     out = [F.categorical_id(f.name) for f in contract.categorical if not is_candidate(f.name)]
     out += [F.bucket_id(f.name) for f in contract.numeric if not is_candidate(f.name)]
+    out += [F.sequence_ids(f.name) for f in getattr(contract, "sequences", ()) if not is_candidate(f.name)]
     if getattr(contract, "timestamp", None):
         out.append(F.HOUR_ID)
     return out

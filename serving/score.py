@@ -1,9 +1,12 @@
-"""Score raw impressions with an exported model.
+"""Score raw impressions with an exported model, in-process or through TF Serving.
 
     python -m serving.score --saved-model EXPORT/esm2/1 --input impressions.parquet [--limit 10]
+    python -m serving.score --target 127.0.0.1:8500 --model-name esm2 [--version-label stable] --input rows.jsonl
 
-Backend ``--saved-model`` loads the SavedModel in-process (no project code needed to run it). Rows are
-read from Parquet or JSON lines; only the serving columns of the feature contract are sent.
+Backend ``--saved-model`` (the embedded default) loads the SavedModel in-process (no project code needed to
+run it). Backend ``--target`` sends the rows to TF Serving over gRPC (``serving.client``), checking them
+against the served signature first. Rows are read from Parquet or JSON lines; only the serving columns of
+the feature contract are sent.
 """
 from __future__ import annotations
 
@@ -27,6 +30,16 @@ def score_saved_model(saved_model_dir: str, serialized: Sequence[bytes],
     return {k: v.numpy() for k, v in out.items()}
 
 
+def score_tf_serving(target: str, model_name: str, serialized: Sequence[bytes], version: int | None = None,
+                     version_label: str | None = None, signature: str = "serving_default",
+                     timeout_s: float = 10.0) -> Dict[str, np.ndarray]:
+    from serving.client import TFServingClient
+
+    with TFServingClient(target, model_name, version=version, version_label=version_label,
+                         timeout_s=timeout_s) as client:
+        return client.score_examples(serialized, signature=signature)
+
+
 def read_rows(path: str, limit: int) -> List[Mapping]:
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -48,18 +61,32 @@ def read_rows(path: str, limit: int) -> List[Mapping]:
 
 
 def main(argv=None) -> int:
+    from serving.client import ServingError, SignatureMismatch
     from serving.examples import serialize_rows
     from transforms.features import BUILTIN
 
     parser = argparse.ArgumentParser(prog="python -m serving.score", description="Score raw impressions.")
-    parser.add_argument("--saved-model", required=True, help="exported version directory, e.g. export/esm2/1")
+    backend = parser.add_mutually_exclusive_group(required=True)
+    backend.add_argument("--saved-model", help="in-process: exported version directory, e.g. export/esm2/1")
+    backend.add_argument("--target", help="TF Serving gRPC endpoint host:port, e.g. 127.0.0.1:8500")
     parser.add_argument("--input", required=True, help="Parquet file or JSON-lines file of raw impressions")
     parser.add_argument("--limit", type=int, default=10, help="rows to score (0 = all)")
+    parser.add_argument("--model-name", default="esm2", help="--target: served model name (default esm2)")
+    pick = parser.add_mutually_exclusive_group()
+    pick.add_argument("--version", type=int, default=None, help="--target: model version (default: latest)")
+    pick.add_argument("--version-label", default=None, help="--target: version label, e.g. stable or canary")
+    parser.add_argument("--signature", default="serving_default", help="signature taking serialized examples")
+    parser.add_argument("--timeout", type=float, default=10.0, help="--target: per-call deadline in seconds")
     args = parser.parse_args(argv)
     try:
         rows = read_rows(args.input, args.limit)
-        scores = score_saved_model(args.saved_model, serialize_rows(rows, BUILTIN))
-    except (OSError, ValueError, KeyError) as exc:
+        serialized = serialize_rows(rows, BUILTIN)
+        if args.target:
+            scores = score_tf_serving(args.target, args.model_name, serialized, args.version, args.version_label,
+                                      args.signature, args.timeout)
+        else:
+            scores = score_saved_model(args.saved_model, serialized, args.signature)
+    except (OSError, ValueError, KeyError, ServingError, SignatureMismatch) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     names = sorted(scores)

@@ -37,10 +37,13 @@ def _structure(model):
     towers = getattr(model, "towers", None)
     if emb is None or towers is None or len(towers) != 4:
         raise UnsupportedModel("ESM2 without .embedding and four .towers")
-    if getattr(emb, "sequences", None):
-        raise UnsupportedModel("sequence features (masked-mean embeddings) are not in the scoring graph")
     if not hasattr(emb, "_tables") or list(emb._tables) != list(emb.categorical):  # noqa: SLF001
         raise UnsupportedModel("SharedEmbedding layout changed (tables not in categorical order)")
+    if list(getattr(emb, "_seq_tables", {})) != list(getattr(emb, "sequences", {})):
+        raise UnsupportedModel("SharedEmbedding layout changed (sequence tables not in sequence order)")
+    tables = list(emb._tables.values()) + list(getattr(emb, "_seq_tables", {}).values())  # noqa: SLF001
+    if not all(t.built for t in tables):
+        raise UnsupportedModel("the model is not built (call it once before exporting)")
     if getattr(emb, "dense_activation", None) not in ("tanh", "linear"):
         raise UnsupportedModel(f"dense activation {getattr(emb, 'dense_activation', None)!r}")
     for tower in towers:
@@ -60,10 +63,12 @@ def _structure(model):
 
 
 class ESM2ScoringGraph(tf.Module):
-    """ESM² inference: transformed features (dict of [B, 1]) -> {ctr, ctavr, cvr, ctcvr} each [B, 1].
+    """ESM² inference: transformed features -> {ctr, ctavr, cvr, ctcvr} each [B, 1].
 
-    ``request_fields``: transformed categorical inputs that are usually equal across a request's rows
-    (user and context fields). Any subset gives identical results; the choice only sets what is shared.
+    Inputs: categorical ids int64 [B, 1], sequence ids int64 [B, L] (0 = padding; embedded as the masked
+    mean, as ``SharedEmbedding``), dense float32 [B, 1].
+    ``request_fields``: categorical / sequence inputs that are usually equal across a request's rows (user
+    and context fields). Any subset gives identical results; the choice only sets what is shared.
     """
 
     def __init__(self, model, request_fields: Sequence[str]):
@@ -71,19 +76,22 @@ class ESM2ScoringGraph(tf.Module):
         emb, towers = _structure(model)
         self._dim = int(emb.embedding_dim)
         self._tanh = emb.dense_activation == "tanh"
-        categorical = list(emb.categorical)
+        sequences = list(getattr(emb, "sequences", {}))
+        fields = list(emb.categorical) + sequences  # W1 row blocks, in SharedEmbedding's order
+        self._sequences = set(sequences)
         self._dense_names = list(emb.dense)
         wanted = set(request_fields)
-        self._request = [n for n in categorical if n in wanted]
-        self._candidate = [n for n in categorical if n not in wanted]
-        tables = {n: emb._tables[n].embeddings.numpy() for n in categorical}  # noqa: SLF001
-        self.tables = {n: tf.Variable(tables[n], trainable=False, name=f"emb_{n}") for n in categorical}
+        self._request = [n for n in fields if n in wanted]
+        self._candidate = [n for n in fields if n not in wanted]
+        layers = dict(emb._tables, **getattr(emb, "_seq_tables", {}))  # noqa: SLF001
+        self.tables = {n: tf.Variable(layers[n].embeddings.numpy(), trainable=False, name=f"emb_{n}")
+                       for n in fields}
 
         # Rows of W1 by input block: field j occupies rows [j*D, (j+1)*D), dense inputs follow.
         w1 = np.concatenate([t._dense[0].kernel.numpy() for t in towers], axis=1)  # noqa: SLF001
         b1 = np.concatenate([t._dense[0].bias.numpy() for t in towers], axis=0)  # noqa: SLF001
-        rows = {n: slice(j * self._dim, (j + 1) * self._dim) for j, n in enumerate(categorical)}
-        dense_rows = slice(len(categorical) * self._dim, w1.shape[0])
+        rows = {n: slice(j * self._dim, (j + 1) * self._dim) for j, n in enumerate(fields)}
+        dense_rows = slice(len(fields) * self._dim, w1.shape[0])
         cand = [w1[rows[n]] for n in self._candidate] + [w1[dense_rows]]
         self._has_request = bool(self._request)
         self.w1_request = tf.Variable(
@@ -98,22 +106,38 @@ class ESM2ScoringGraph(tf.Module):
             self.tower_layers.append([tf.Variable(v.numpy(), trainable=False, name=f"tower{t}_{i}")
                                       for i, layer in enumerate(layers) for v in (layer.kernel, layer.bias)])
 
+    def _embed(self, name: str, ids: tf.Tensor) -> tf.Tensor:
+        """[B', D]: the row of ids [B'] or, for a sequence, the masked mean over ids [B', L] (0 = padding)."""
+        if name not in self._sequences:
+            return tf.gather(self.tables[name], ids)
+        mask = tf.cast(ids > 0, tf.float32)[..., None]
+        total = tf.reduce_sum(tf.gather(self.tables[name], ids) * mask, axis=1)
+        return total / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+
     def _lookup(self, names: Sequence[str], ids: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        """[B', len(names) * D] concatenated embeddings of int64 ids [B']."""
-        return tf.concat([tf.gather(self.tables[n], ids[n]) for n in names], axis=1)
+        """[B', len(names) * D] concatenated field embeddings."""
+        return tf.concat([self._embed(n, ids[n]) for n in names], axis=1)
 
     def first_layer(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
         """Pre-activation of every tower's first layer, side by side: [B, 4 * H1]."""
-        flat = {n: tf.reshape(tf.cast(features[n], tf.int64), [-1]) for n in self._request + self._candidate}
+        ids = {n: tf.cast(features[n], tf.int64) if n in self._sequences
+               else tf.reshape(tf.cast(features[n], tf.int64), [-1]) for n in self._request + self._candidate}
         dense = tf.concat([tf.reshape(tf.cast(features[n], tf.float32), [-1, 1]) for n in self._dense_names], 1)
         if self._tanh:
             dense = tf.tanh(dense)
-        x_cand = tf.concat([self._lookup(self._candidate, flat), dense], axis=1) if self._candidate else dense
+        x_cand = tf.concat([self._lookup(self._candidate, ids), dense], axis=1) if self._candidate else dense
         h = tf.matmul(x_cand, self.w1_candidate)
         if self._has_request:
-            keys = tf.stack([flat[n] for n in self._request], axis=1)                        # [B, R]
+            # One key row per impression: the request-level ids side by side ([B, R], sequences widen it).
+            cols = [ids[n] if n in self._sequences else ids[n][:, None] for n in self._request]
+            keys = tf.concat(cols, axis=1)
             uniq, idx = tf.raw_ops.UniqueV2(x=keys, axis=tf.constant([0], tf.int64), out_idx=tf.int32)
-            uniq_ids = {n: uniq[:, j] for j, n in enumerate(self._request)}                  # [U] each
+            uniq_ids, start = {}, 0
+            for n, col in zip(self._request, cols):
+                width = tf.shape(col)[1]
+                block = uniq[:, start:start + width]
+                uniq_ids[n] = block if n in self._sequences else block[:, 0]
+                start = start + width
             per_request = tf.matmul(self._lookup(self._request, uniq_ids), self.w1_request)  # [U, 4 * H1]
             h = h + tf.gather(per_request, idx)
         return tf.nn.bias_add(h, self.b1)
@@ -133,9 +157,10 @@ class ESM2ScoringGraph(tf.Module):
         return {CTR: y1, CTAVR: y1 * y2, CVR: cvr, CTCVR: y1 * cvr}
 
 
-def probe_features(model, batch: int = 64, seed: int = 0) -> Dict[str, tf.Tensor]:
-    """Random transformed features within the model's cardinalities ([B, 1] each); rows come in groups of 8
-    sharing all but the first two categorical fields, so request-level sharing is exercised."""
+def probe_features(model, batch: int = 64, seed: int = 0, seq_len: int = 6) -> Dict[str, tf.Tensor]:
+    """Random transformed features within the model's cardinalities: categorical [B, 1], sequences [B, L]
+    (with padding), dense [B, 1]. Rows come in groups of 8 sharing all but the first two categorical
+    fields, so request-level sharing is exercised."""
     emb = model.embedding
     rng = np.random.default_rng(seed)
     out = {}
@@ -144,6 +169,10 @@ def probe_features(model, batch: int = 64, seed: int = 0) -> Dict[str, tf.Tensor
         if j >= 2:
             ids = np.repeat(ids[::8], 8, axis=0)[:batch]
         out[name] = tf.constant(ids, tf.int64)
+    for name, card in getattr(emb, "sequences", {}).items():
+        ids = rng.integers(1, card + 1, size=(batch, seq_len)) * (rng.random((batch, seq_len)) < 0.7)
+        ids[0] = 0  # an empty history
+        out[name] = tf.constant(np.repeat(ids[::8], 8, axis=0)[:batch], tf.int64)
     for name in emb.dense:
         out[name] = tf.constant(rng.normal(size=(batch, 1)).astype(np.float32))
     return out

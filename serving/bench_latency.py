@@ -1,0 +1,234 @@
+"""Scoring latency of ESM² at paper size: one user against N candidates, p50 / p99 in milliseconds.
+
+    python -m serving.bench_latency                          # in-process: naive export vs rankline's graph
+    python -m serving.bench_latency --target 127.0.0.1:8500 --input rows.parquet   # + TF Serving over gRPC
+
+Model: ESM² with the paper's towers 512-256-128-32 (``--preset paper``) on the built-in features, random
+weights (latency does not depend on their values), cardinalities from the contract (top_k + OOV buckets;
+``--tft-dir`` reads the real vocabulary sizes instead).
+
+In-process columns, same transformed inputs and outputs, each a SavedModel loaded with
+``tf.saved_model.load`` and called through its ``serving_default`` signature:
+
+* ``naive``: ``tf.saved_model.save(keras_model)``, the plain Keras export;
+* ``rankline``: the graph ``serving.export`` serves for ESM² (``serving.scoring_graph``), checked equal to
+  the Keras model before timing.
+
+Calls of the variants are interleaved, so background load hits them alike. ``--target`` adds the TF
+Serving column: raw rows from ``--input`` (Parquet) sent as tf.Examples to ``--model-name`` over gRPC,
+client and protocol included; it is skipped, saying why, when nothing answers at the target.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+
+SIZES = (1, 50, 200, 1000)
+
+
+def _percentiles(samples_s: Sequence[float]) -> tuple:
+    ms = np.asarray(samples_s) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def build_model(preset: str, tft_dir: str | None, seed: int = 0):
+    """(ESM² model, contract): paper-size towers on the built-in features, called once to build."""
+    from models import registry
+    from models.keras import keras
+    from serving.scoring_graph import probe_features
+    from transforms import features as F
+    from transforms.features import BUILTIN
+
+    categorical = dict(BUILTIN.model_categorical)
+    if tft_dir:
+        import tensorflow_transform as tft
+
+        out = tft.TFTransformOutput(tft_dir)
+        for f in BUILTIN.vocab_features:
+            categorical[F.categorical_id(f.name)] = int(out.vocabulary_size_by_name(f.vocab_name)) + f.num_oov_buckets
+    else:
+        for f in BUILTIN.vocab_features:
+            categorical[F.categorical_id(f.name)] = (f.top_k or 64) + f.num_oov_buckets
+    keras.utils.set_random_seed(seed)
+    model = registry.build("esm2", categorical, BUILTIN.model_dense, registry.resolve_config("esm2", preset))
+    model(probe_features(model, batch=4), training=False)
+    return model, BUILTIN
+
+
+def request_features(model, n: int, request_fields: Sequence[str], seed: int) -> Dict[str, np.ndarray]:
+    """Transformed inputs of one request: request-level fields equal in all n rows, candidate fields vary."""
+    rng = np.random.default_rng(seed)
+    emb = model.embedding
+    out = {}
+    for name, card in emb.categorical.items():
+        rows = 1 if name in request_fields else n
+        out[name] = np.broadcast_to(rng.integers(0, card, size=(rows, 1)), (n, 1)).astype(np.int64)
+    for name in emb.dense:
+        out[name] = rng.normal(size=(n, 1)).astype(np.float32)
+    return out
+
+
+class _GraphExport:
+    """A tf.Module serving ``ESM2ScoringGraph`` on the transformed inputs, for the in-process comparison."""
+
+    def __new__(cls, graph, specs):
+        import tensorflow as tf
+
+        module = tf.Module()
+        module.graph = graph
+        module.serve = tf.function(lambda feats: {k: tf.reshape(v, [-1]) for k, v in graph(feats).items()},
+                                   input_signature=[specs])
+        return module
+
+
+def export_variants(model, contract, out_dir: str) -> Dict[str, Callable]:
+    """{'naive': fn, 'rankline': fn}: loaded ``serving_default`` signatures taking the transformed inputs."""
+    import tensorflow as tf
+
+    from serving.export import request_level_fields
+    from serving.scoring_graph import ESM2ScoringGraph, probe_features, verify
+
+    naive_dir, fast_dir = os.path.join(out_dir, "naive"), os.path.join(out_dir, "rankline")
+    tf.saved_model.save(model, naive_dir)
+    graph = ESM2ScoringGraph(model, request_level_fields(contract))
+    verify(graph, model, probe_features(model))
+    emb = model.embedding
+    specs = {n: tf.TensorSpec([None, 1], tf.int64, name=n) for n in emb.categorical}
+    specs.update({n: tf.TensorSpec([None, 1], tf.float32, name=n) for n in emb.dense})
+    module = _GraphExport(graph, specs)
+    tf.saved_model.save(module, fast_dir, signatures={"serving_default": module.serve.get_concrete_function()})
+    return {"naive": tf.saved_model.load(naive_dir).signatures["serving_default"],
+            "rankline": tf.saved_model.load(fast_dir).signatures["serving_default"]}
+
+
+def bench_in_process(fns: Dict[str, Callable], model, contract, sizes: Sequence[int], reps: int,
+                     warmup: int = 20) -> Dict[str, Dict[int, tuple]]:
+    """{variant: {n: (p50 ms, p99 ms)}}; each rep calls every variant once, in rotating order."""
+    import tensorflow as tf
+
+    from serving.export import request_level_fields
+
+    fields = request_level_fields(contract)
+    results: Dict[str, Dict[int, tuple]] = {name: {} for name in fns}
+    for n in sizes:
+        feats = {k: tf.constant(v) for k, v in request_features(model, n, fields, seed=n).items()}
+        outs = {name: {k: v.numpy() for k, v in fn(**feats).items()} for name, fn in fns.items()}
+        ref = outs["naive"]
+        for name, out in outs.items():
+            for task in ref:
+                np.testing.assert_allclose(np.ravel(out[task]), np.ravel(ref[task]), rtol=1e-4, atol=1e-5)
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn(**feats)
+        samples: Dict[str, List[float]] = {name: [] for name in fns}
+        names = list(fns)
+        count = reps if n < 1000 else max(50, reps // 3)
+        for i in range(count):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                start = time.perf_counter()
+                out = fns[name](**feats)
+                for v in out.values():
+                    v.numpy()
+                samples[name].append(time.perf_counter() - start)
+        for name in fns:
+            results[name][n] = _percentiles(samples[name])
+    return results
+
+
+def bench_grpc(target: str, model_name: str, input_path: str, sizes: Sequence[int], reps: int,
+               timeout_s: float) -> Dict[int, tuple] | str:
+    """{n: (p50, p99)} through TF Serving, or a string saying why it was skipped."""
+    from serving.client import ServingError, TFServingClient
+    from serving.examples import serialize_rows
+    from serving.score import read_rows
+    from transforms.features import BUILTIN
+
+    if not input_path:
+        return "skipped: --target needs --input (a Parquet file of raw rows to send)"
+    rows = read_rows(input_path, 0)
+    if not rows:
+        return f"skipped: no rows in {input_path}"
+    client = TFServingClient(target, model_name, timeout_s=timeout_s, max_attempts=1)
+    try:
+        try:
+            client.wait_until_available(timeout_s=3.0)
+        except (ServingError, TimeoutError) as exc:
+            return f"skipped: no TF Serving answering at {target} ({exc})"
+        results = {}
+        for n in sizes:
+            batch = [rows[i % len(rows)] for i in range(n)]
+            user = {k: batch[0][k] for k in batch[0] if not k.startswith("item")}
+            examples = serialize_rows([{**r, **user} for r in batch], BUILTIN)
+            for _ in range(10):
+                client.score_examples(examples)
+            samples = []
+            for _ in range(reps if n < 1000 else max(50, reps // 3)):
+                start = time.perf_counter()
+                client.score_examples(examples)
+                samples.append(time.perf_counter() - start)
+            results[n] = _percentiles(samples)
+        return results
+    finally:
+        client.close()
+
+
+def format_table(results: Dict[str, Dict[int, tuple]], sizes: Sequence[int]) -> str:
+    names = list(results)
+    head = f"{'candidates':>10} " + " ".join(f"{n + ' p50':>14} {n + ' p99':>14}" for n in names)
+    if "naive" in results and "rankline" in results:
+        head += f" {'p99 ratio':>10}"
+    lines = [head]
+    for n in sizes:
+        cells = []
+        for name in names:
+            p50, p99 = results[name].get(n, (float("nan"), float("nan")))
+            cells.append(f"{p50:>14.3f} {p99:>14.3f}")
+        line = f"{n:>10} " + " ".join(cells)
+        if "naive" in results and "rankline" in results:
+            line += f" {results['rankline'][n][1] / results['naive'][n][1]:>10.2f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serving.bench_latency", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="paper", help="ESM² preset (paper = towers 512-256-128-32)")
+    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="candidates per request")
+    p.add_argument("--reps", type=int, default=300, help="timed calls per size and variant (1000: a third)")
+    p.add_argument("--tft-dir", default=None, help="transform output for real vocabulary sizes (optional)")
+    p.add_argument("--target", default=None, help="TF Serving gRPC host:port to add (optional)")
+    p.add_argument("--model-name", default="esm2", help="--target: served model name")
+    p.add_argument("--input", default=None, help="--target: Parquet file of raw rows to send")
+    p.add_argument("--timeout", type=float, default=10.0, help="--target: per-call deadline in seconds")
+    args = p.parse_args(argv)
+    if any(n < 1 for n in args.sizes) or args.reps < 10:
+        print("error: --sizes must be >= 1 and --reps >= 10", file=sys.stderr)
+        return 2
+    import tensorflow as tf
+
+    model, contract = build_model(args.preset, args.tft_dir)
+    units = "-".join(str(u) for u in model.config.hidden_units)
+    with tempfile.TemporaryDirectory(prefix="rankline-bench-") as tmp:
+        fns = export_variants(model, contract, tmp)
+        results = bench_in_process(fns, model, contract, args.sizes, args.reps)
+    print(f"ESM² towers {units}, {len(model.embedding.categorical)} categorical + {len(model.embedding.dense)} "
+          f"dense inputs; TensorFlow {tf.__version__}, {os.cpu_count()} CPU(s); latency in ms, one user x N "
+          f"candidates, in-process (SavedModel signature calls)")
+    if args.target:
+        grpc_results = bench_grpc(args.target, args.model_name, args.input, args.sizes, args.reps, args.timeout)
+        if isinstance(grpc_results, str):
+            print(f"gRPC ({args.target}): {grpc_results}")
+        else:
+            results["tf-serving"] = grpc_results
+    print(format_table(results, args.sizes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
