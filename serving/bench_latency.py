@@ -30,6 +30,7 @@ from typing import Callable, Dict, List, Sequence
 import numpy as np
 
 SIZES = (1, 50, 200, 1000)
+SEQ_LEN = 20  # history length of the built-in contract's uf_history
 
 
 def _percentiles(samples_s: Sequence[float]) -> tuple:
@@ -38,7 +39,7 @@ def _percentiles(samples_s: Sequence[float]) -> tuple:
 
 
 def build_model(preset: str, tft_dir: str | None, seed: int = 0):
-    """(ESM² model, contract): paper-size towers on the built-in features, called once to build."""
+    """(ESM² model, contract): paper-size towers on the built-in features (sequences included), built."""
     from models import registry
     from models.keras import keras
     from serving.scoring_graph import probe_features
@@ -55,20 +56,31 @@ def build_model(preset: str, tft_dir: str | None, seed: int = 0):
     else:
         for f in BUILTIN.vocab_features:
             categorical[F.categorical_id(f.name)] = (f.top_k or 64) + f.num_oov_buckets
+    sequences = {}
+    for f in getattr(BUILTIN, "sequences", ()):
+        size = int(out.vocabulary_size_by_name(f.vocab_name)) if tft_dir else (f.top_k or 1000)
+        sequences[F.sequence_ids(f.name)] = size + f.num_oov_buckets
     keras.utils.set_random_seed(seed)
-    model = registry.build("esm2", categorical, BUILTIN.model_dense, registry.resolve_config("esm2", preset))
-    model(probe_features(model, batch=4), training=False)
+    extra = {"sequences": sequences} if sequences else {}
+    model = registry.build("esm2", categorical, BUILTIN.model_dense, registry.resolve_config("esm2", preset), **extra)
+    model(probe_features(model, batch=4, seq_len=SEQ_LEN), training=False)  # fixes the naive export's specs
     return model, BUILTIN
 
 
-def request_features(model, n: int, request_fields: Sequence[str], seed: int) -> Dict[str, np.ndarray]:
-    """Transformed inputs of one request: request-level fields equal in all n rows, candidate fields vary."""
+def request_features(model, n: int, request_fields: Sequence[str], seed: int,
+                     seq_len: int = SEQ_LEN) -> Dict[str, np.ndarray]:
+    """Transformed inputs of one request: request-level fields equal in all n rows, candidate fields vary.
+    Categorical and dense [n, 1], sequences [n, seq_len] (0 = padding)."""
     rng = np.random.default_rng(seed)
     emb = model.embedding
     out = {}
     for name, card in emb.categorical.items():
         rows = 1 if name in request_fields else n
         out[name] = np.broadcast_to(rng.integers(0, card, size=(rows, 1)), (n, 1)).astype(np.int64)
+    for name, card in getattr(emb, "sequences", {}).items():
+        rows = 1 if name in request_fields else n
+        ids = rng.integers(1, card + 1, size=(rows, seq_len)) * (rng.random((rows, seq_len)) < 0.8)
+        out[name] = np.broadcast_to(ids, (n, seq_len)).astype(np.int64)
     for name in emb.dense:
         out[name] = rng.normal(size=(n, 1)).astype(np.float32)
     return out
@@ -100,6 +112,7 @@ def export_variants(model, contract, out_dir: str) -> Dict[str, Callable]:
     verify(graph, model, probe_features(model))
     emb = model.embedding
     specs = {n: tf.TensorSpec([None, 1], tf.int64, name=n) for n in emb.categorical}
+    specs.update({n: tf.TensorSpec([None, None], tf.int64, name=n) for n in getattr(emb, "sequences", {})})
     specs.update({n: tf.TensorSpec([None, 1], tf.float32, name=n) for n in emb.dense})
     module = _GraphExport(graph, specs)
     tf.saved_model.save(module, fast_dir, signatures={"serving_default": module.serve.get_concrete_function()})
@@ -217,8 +230,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="rankline-bench-") as tmp:
         fns = export_variants(model, contract, tmp)
         results = bench_in_process(fns, model, contract, args.sizes, args.reps)
-    print(f"ESM² towers {units}, {len(model.embedding.categorical)} categorical + {len(model.embedding.dense)} "
-          f"dense inputs; TensorFlow {tf.__version__}, {os.cpu_count()} CPU(s); latency in ms, one user x N "
+    print(f"ESM² towers {units}, {len(model.embedding.categorical)} categorical + "
+          f"{len(getattr(model.embedding, 'sequences', {}))} sequence + {len(model.embedding.dense)} dense inputs; TensorFlow {tf.__version__}, {os.cpu_count()} CPU(s); latency in ms, one user x N "
           f"candidates, in-process (SavedModel signature calls)")
     if args.target:
         grpc_results = bench_grpc(args.target, args.model_name, args.input, args.sizes, args.reps, args.timeout)

@@ -62,6 +62,18 @@ def _structure(model):
     return emb, towers
 
 
+class _Side:
+    """One side (request or candidate) of the first layer: its categorical fields share one concatenated
+    table (ids shifted by per-field offsets, so one gather serves them all); sequences keep their tables."""
+
+    def __init__(self, categorical: Sequence[str], sequences: Sequence[str]):
+        self.categorical, self.sequences = list(categorical), list(sequences)
+
+    @property
+    def fields(self) -> List[str]:
+        return self.categorical + self.sequences
+
+
 class ESM2ScoringGraph(tf.Module):
     """ESM² inference: transformed features -> {ctr, ctavr, cvr, ctcvr} each [B, 1].
 
@@ -74,30 +86,37 @@ class ESM2ScoringGraph(tf.Module):
     def __init__(self, model, request_fields: Sequence[str]):
         super().__init__(name="esm2_scoring_graph")
         emb, towers = _structure(model)
-        self._dim = int(emb.embedding_dim)
+        d = self._dim = int(emb.embedding_dim)
         self._tanh = emb.dense_activation == "tanh"
-        sequences = list(getattr(emb, "sequences", {}))
-        fields = list(emb.categorical) + sequences  # W1 row blocks, in SharedEmbedding's order
-        self._sequences = set(sequences)
+        categorical, sequences = list(emb.categorical), list(getattr(emb, "sequences", {}))
+        fields = categorical + sequences  # W1 row blocks, in SharedEmbedding's order
         self._dense_names = list(emb.dense)
         wanted = set(request_fields)
-        self._request = [n for n in fields if n in wanted]
-        self._candidate = [n for n in fields if n not in wanted]
+        self._req = _Side([n for n in categorical if n in wanted], [n for n in sequences if n in wanted])
+        self._cand = _Side([n for n in categorical if n not in wanted], [n for n in sequences if n not in wanted])
         layers = dict(emb._tables, **getattr(emb, "_seq_tables", {}))  # noqa: SLF001
-        self.tables = {n: tf.Variable(layers[n].embeddings.numpy(), trainable=False, name=f"emb_{n}")
-                       for n in fields}
+        weights = {n: layers[n].embeddings.numpy() for n in fields}
+
+        def merged(names: Sequence[str], side: str):
+            sizes = [weights[n].shape[0] for n in names]
+            offsets = np.cumsum([0] + sizes[:-1]).astype(np.int64)
+            table = np.concatenate([weights[n] for n in names], 0) if names else np.zeros((1, d), np.float32)
+            return tf.Variable(table, trainable=False, name=f"{side}_table"), tf.constant(offsets[None, :])
+
+        self.request_table, self._req_offsets = merged(self._req.categorical, "request")
+        self.candidate_table, self._cand_offsets = merged(self._cand.categorical, "candidate")
+        self.sequence_tables = {n: tf.Variable(weights[n], trainable=False, name=f"seq_{n}") for n in sequences}
 
         # Rows of W1 by input block: field j occupies rows [j*D, (j+1)*D), dense inputs follow.
         w1 = np.concatenate([t._dense[0].kernel.numpy() for t in towers], axis=1)  # noqa: SLF001
         b1 = np.concatenate([t._dense[0].bias.numpy() for t in towers], axis=0)  # noqa: SLF001
-        rows = {n: slice(j * self._dim, (j + 1) * self._dim) for j, n in enumerate(fields)}
-        dense_rows = slice(len(fields) * self._dim, w1.shape[0])
-        cand = [w1[rows[n]] for n in self._candidate] + [w1[dense_rows]]
-        self._has_request = bool(self._request)
-        self.w1_request = tf.Variable(
-            np.concatenate([w1[rows[n]] for n in self._request], axis=0) if self._request
-            else np.zeros((0, w1.shape[1]), np.float32), trainable=False, name="w1_request")
-        self.w1_candidate = tf.Variable(np.concatenate(cand, axis=0), trainable=False, name="w1_candidate")
+        rows = {n: w1[j * d:(j + 1) * d] for j, n in enumerate(fields)}
+        dense_rows = w1[len(fields) * d:]
+        self.w1_request = tf.Variable(np.concatenate([rows[n] for n in self._req.fields] or
+                                                     [np.zeros((0, w1.shape[1]), np.float32)], 0),
+                                      trainable=False, name="w1_request")
+        self.w1_candidate = tf.Variable(np.concatenate([rows[n] for n in self._cand.fields] + [dense_rows], 0),
+                                        trainable=False, name="w1_candidate")
         self.b1 = tf.Variable(b1, trainable=False, name="b1")
         self._width = int(towers[0]._dense[0].units)  # noqa: SLF001
         self.tower_layers: List[List[tf.Variable]] = []
@@ -106,40 +125,49 @@ class ESM2ScoringGraph(tf.Module):
             self.tower_layers.append([tf.Variable(v.numpy(), trainable=False, name=f"tower{t}_{i}")
                                       for i, layer in enumerate(layers) for v in (layer.kernel, layer.bias)])
 
-    def _embed(self, name: str, ids: tf.Tensor) -> tf.Tensor:
-        """[B', D]: the row of ids [B'] or, for a sequence, the masked mean over ids [B', L] (0 = padding)."""
-        if name not in self._sequences:
-            return tf.gather(self.tables[name], ids)
+    def _sequence(self, name: str, ids: tf.Tensor) -> tf.Tensor:
+        """[B', D]: masked mean of the embeddings of ids [B', L] (0 = padding), as SharedEmbedding."""
         mask = tf.cast(ids > 0, tf.float32)[..., None]
-        total = tf.reduce_sum(tf.gather(self.tables[name], ids) * mask, axis=1)
+        total = tf.reduce_sum(tf.gather(self.sequence_tables[name], ids) * mask, axis=1)
         return total / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
 
-    def _lookup(self, names: Sequence[str], ids: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        """[B', len(names) * D] concatenated field embeddings."""
-        return tf.concat([self._embed(n, ids[n]) for n in names], axis=1)
+    def _side_input(self, side: _Side, table, offsets, cat_ids: tf.Tensor, seqs: Sequence[tf.Tensor]) -> List:
+        """Embeddings of one side: cat_ids [B', F] (one gather), then each sequence [B', L] -> [B', D]."""
+        parts = []
+        if side.categorical:
+            parts.append(tf.reshape(tf.gather(table, cat_ids + offsets), [-1, len(side.categorical) * self._dim]))
+        parts.extend(self._sequence(n, x) for n, x in zip(side.sequences, seqs))
+        return parts
+
+    @staticmethod
+    def _ids(features, names) -> tf.Tensor:
+        return tf.concat([tf.reshape(tf.cast(features[n], tf.int64), [-1, 1]) for n in names], axis=1)
 
     def first_layer(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
         """Pre-activation of every tower's first layer, side by side: [B, 4 * H1]."""
-        ids = {n: tf.cast(features[n], tf.int64) if n in self._sequences
-               else tf.reshape(tf.cast(features[n], tf.int64), [-1]) for n in self._request + self._candidate}
         dense = tf.concat([tf.reshape(tf.cast(features[n], tf.float32), [-1, 1]) for n in self._dense_names], 1)
         if self._tanh:
             dense = tf.tanh(dense)
-        x_cand = tf.concat([self._lookup(self._candidate, ids), dense], axis=1) if self._candidate else dense
+        cand_ids = self._ids(features, self._cand.categorical) if self._cand.categorical else None
+        cand_seqs = [tf.cast(features[n], tf.int64) for n in self._cand.sequences]
+        x_cand = tf.concat(self._side_input(self._cand, self.candidate_table, self._cand_offsets, cand_ids,
+                                            cand_seqs) + [dense], axis=1)
         h = tf.matmul(x_cand, self.w1_candidate)
-        if self._has_request:
-            # One key row per impression: the request-level ids side by side ([B, R], sequences widen it).
-            cols = [ids[n] if n in self._sequences else ids[n][:, None] for n in self._request]
-            keys = tf.concat(cols, axis=1)
-            uniq, idx = tf.raw_ops.UniqueV2(x=keys, axis=tf.constant([0], tf.int64), out_idx=tf.int32)
-            uniq_ids, start = {}, 0
-            for n, col in zip(self._request, cols):
-                width = tf.shape(col)[1]
-                block = uniq[:, start:start + width]
-                uniq_ids[n] = block if n in self._sequences else block[:, 0]
+        if self._req.fields:
+            # One key row per impression: the request-level ids side by side, sequences widening it.
+            n_cat = len(self._req.categorical)
+            blocks = ([self._ids(features, self._req.categorical)] if n_cat else []) + \
+                [tf.cast(features[n], tf.int64) for n in self._req.sequences]
+            keys = tf.concat(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+            uniq, idx = tf.raw_ops.UniqueV2(x=keys, axis=tf.constant([0], tf.int64), out_idx=tf.int32)  # [U, K]
+            seqs, start = [], n_cat
+            for block in blocks[1 if n_cat else 0:]:
+                width = tf.shape(block)[1]
+                seqs.append(uniq[:, start:start + width])
                 start = start + width
-            per_request = tf.matmul(self._lookup(self._request, uniq_ids), self.w1_request)  # [U, 4 * H1]
-            h = h + tf.gather(per_request, idx)
+            x_req = self._side_input(self._req, self.request_table, self._req_offsets, uniq[:, :n_cat], seqs)
+            per_request = tf.matmul(tf.concat(x_req, axis=1) if len(x_req) > 1 else x_req[0], self.w1_request)
+            h = h + tf.gather(per_request, idx)                                                   # [B, 4 * H1]
         return tf.nn.bias_add(h, self.b1)
 
     def __call__(self, features: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
