@@ -146,3 +146,17 @@ def test_publish_killed_mid_write_never_shows_a_version(served_export, tmp_path)
     entries = os.listdir(base / "esm2")
     assert entries and all(not e.isdigit() for e in entries), entries  # only the hidden temp dir
     assert next_version(str(base / "esm2")) == 1
+
+
+def test_scorer_falls_back_to_keras_when_the_graph_cannot_reproduce_it(esm2_model, monkeypatch):
+    from serving import export, scoring_graph
+
+    assert isinstance(export.build_scorer(esm2_model, BUILTIN), scoring_graph.ESM2ScoringGraph)
+    assert export.build_scorer(esm2_model, BUILTIN, optimize=False) is None
+    real = scoring_graph.ESM2ScoringGraph.__call__
+
+    def off_by_a_bit(self, features):
+        return {k: v + 1e-3 for k, v in real(self, features).items()}
+
+    monkeypatch.setattr(scoring_graph.ESM2ScoringGraph, "__call__", off_by_a_bit)
+    assert export.build_scorer(esm2_model, BUILTIN) is None  # verification failed: serve the Keras model
