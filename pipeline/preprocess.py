@@ -246,9 +246,9 @@ def oov_rates(contract: FeatureContract, tft_output, pattern: str, max_rows: int
     import tensorflow as tf
 
     files = sorted(tf.io.gfile.glob(pattern))
-    if not files:
-        return {}
     feats = list(contract.vocab_features)
+    if not files or not feats:
+        return {}
     spec = {F.categorical_id(f.name): tf.io.FixedLenFeature([1], tf.int64) for f in feats}
     sizes = {f.name: tft_output.vocabulary_size_by_name(f.vocab_name) for f in feats}
     oov = {f.name: 0 for f in feats}

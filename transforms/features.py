@@ -72,8 +72,14 @@ class CategoricalFeature:
     frequency_threshold: int = 1
     num_oov_buckets: int = 1
     hash_buckets: Optional[int] = None  # set: hash into this many buckets instead of a vocabulary
+    # Misra-Gries top_k vocabulary (tft.experimental.approximate_vocabulary): exact while the number of
+    # distinct values is <= top_k, much cheaper in Beam; needs top_k.
+    approximate: bool = False
 
     def __post_init__(self):
+        if self.approximate and (not self.top_k or self.frequency_threshold > 1):
+            raise ValueError(f"categorical feature {self.name!r}: an approximate vocabulary needs top_k "
+                             "and no min_frequency")
         if self.hash_buckets is not None and self.hash_buckets < 1:
             raise ValueError(f"categorical feature {self.name!r}: hash_buckets must be >= 1")
         if self.dtype not in ("string", "int64"):

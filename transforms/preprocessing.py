@@ -69,6 +69,10 @@ def build_preprocessing_fn(contract: FeatureContract):
                 as_str = x if f.dtype == "string" else tf.strings.as_string(x)
                 outputs[F.categorical_id(f.name)] = tf.strings.to_hash_bucket_fast(as_str, f.hash_buckets)
                 continue
+            if f.approximate:
+                vocab = tft.experimental.approximate_vocabulary(x, f.top_k, vocab_filename=f.vocab_name)
+                outputs[F.categorical_id(f.name)] = tft.apply_vocabulary(x, vocab, num_oov_buckets=f.num_oov_buckets)
+                continue
             outputs[F.categorical_id(f.name)] = tft.compute_and_apply_vocabulary(
                 x, top_k=f.top_k,
                 frequency_threshold=f.frequency_threshold if f.frequency_threshold > 1 else None,

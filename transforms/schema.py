@@ -241,6 +241,8 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
         if "names" in f:  # one entry, many columns with the same transform
             names = f["names"]
             names = expand_names(names) if isinstance(names, str) else names
+            if isinstance(names, list):
+                names = [x for n in names for x in expand_names(str(n))]
             if not isinstance(names, list) or not names:
                 c.fail(f"features[{i}].names", "expected a list of names or a 'prefix_{1..N}' pattern")
             rest = {k: v for k, v in f.items() if k != "names"}
@@ -250,6 +252,8 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
     for i, f in entries:
         key = f"features[{i}]"
         fname = c.string(f.get("name"), f"{key}.name")
+        if not all(ch.isalnum() or ch in "_-." for ch in fname):
+            c.fail(f"{key}.name", f"{fname!r}: use letters, digits, '_', '-' or '.' only")
         key = f"features[{i}] ({fname})"
         transform = f.get("transform")
         if transform not in TRANSFORMS:
@@ -266,14 +270,16 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
                 numeric.append(NumericFeature(fname, dtype=dtype, log1p=bool(f.get("log1p", True)),
                                               num_buckets=c.integer(f.get("buckets", 10), f"{key}.buckets", 2)))
             elif transform == "vocabulary":
-                c.unknown_keys(f, ("name", "type", "transform", "top_k", "min_frequency", "oov_buckets"), key)
+                c.unknown_keys(f, ("name", "type", "transform", "top_k", "min_frequency", "oov_buckets",
+                                   "approximate"), key)
                 if dtype == "float32":
                     c.fail(f"{key}.type", "a vocabulary needs type string or int")
                 top_k = f.get("top_k")
                 categorical.append(CategoricalFeature(
                     fname, dtype=dtype, top_k=None if top_k is None else c.integer(top_k, f"{key}.top_k", 1),
                     frequency_threshold=c.integer(f.get("min_frequency", 1), f"{key}.min_frequency", 1),
-                    num_oov_buckets=c.integer(f.get("oov_buckets", 1), f"{key}.oov_buckets", 1)))
+                    num_oov_buckets=c.integer(f.get("oov_buckets", 1), f"{key}.oov_buckets", 1),
+                    approximate=bool(f.get("approximate", False))))
             elif transform == "hash":
                 c.unknown_keys(f, ("name", "type", "transform", "hash_buckets"), key)
                 if dtype == "float32":

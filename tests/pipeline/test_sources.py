@@ -124,3 +124,46 @@ def test_dead_letter_names_source_and_reason(dirty_run):
 def test_max_reject_fraction_fails_with_a_clear_message(dirty_run):
     assert "7 of 48 rows rejected (14.6%) > --max-reject-fraction 10.0%" in dirty_run["error"]
     assert "rejected" in dirty_run["error"]
+
+
+def test_vectorised_parquet_path_matches_the_row_wise_rules(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.sources import ORDER_COL, REJECTED, ReadFile
+
+    doc = dict(SCHEMA_DOC, roles={"user_id": "user", "timestamp": "ts"},
+               features=[f for f in SCHEMA_DOC["features"] if f["name"] != "hist"])
+    table = pa.table({
+        "user": pa.array([1.0, 2.0, None, 1.5, 4.0, 5.0, 6.0, 7.0]),          # float-typed ints, a fraction
+        "cat": pa.array(["a", " b ", "", None, "a", "a", "a", "a"]),
+        "price": pa.array([1.0, float("inf"), 3.0, 4.0, None, 6.0, 7.0, 8.0]),
+        "ts": pa.array([10, 11, 12, 13, 14, None, 16, 17], pa.int64()),
+        "click": pa.array([1, 1, 1, 1, 1, 1, 0, 2], pa.int64()),
+        "cart": pa.array([0, 0, 0, 0, 0, 0, 0, 0], pa.int64()),
+        "buy": pa.array([1, 0, 0, 0, 0, 0, 1, 0], pa.int64()),
+    })
+    path = str(tmp_path / "x.parquet")
+    pq.write_table(table, path)
+    results = {}
+    for vectorised in (True, False):
+        reader = ReadFile(parse_schema(dict(doc, input={"path": path, "format": "parquet"}), "/x/unit.yaml"))
+        reader.setup()
+        reader._vectorisable = lambda v=vectorised: v
+        good, bad = [], {}
+        for out in reader.process(path):
+            if getattr(out, "tag", None) == REJECTED:
+                bad[out.value["source"]] = out.value["reason"]
+            else:
+                good.extend(out.to_pylist())
+        results[vectorised] = (good, bad)
+    (vg, vb), (rg, rb) = results[True], results[False]
+    assert vb == rb
+    assert vb == {"x.parquet:row 1": "field price: non-finite value inf",
+                  "x.parquet:row 3": "field user: expected int, got 1.5",
+                  "x.parquet:row 5": "missing required field timestamp",
+                  "x.parquet:row 6": "funnel violation: buy without click",
+                  "x.parquet:row 7": "label click: expected 0 or 1, got 2.0"}
+    assert vg == rg
+    assert [r["cat"] for r in vg] == ["a", None, "a"] and [r["user"] for r in vg] == [1, None, 4]
+    assert [r[ORDER_COL] & 0xFFFFFFFF for r in vg] == [1, 3, 5]
