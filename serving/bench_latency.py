@@ -164,15 +164,18 @@ def bench_grpc(target: str, model_name: str, input_path: str, sizes: Sequence[in
 
     if not input_path:
         return "skipped: --target needs --input (a Parquet file of raw rows to send)"
-    rows = read_rows(input_path, 0)
-    if not rows:
-        return f"skipped: no rows in {input_path}"
     client = TFServingClient(target, model_name, timeout_s=timeout_s, max_attempts=1)
     try:
         try:
             client.wait_until_available(timeout_s=3.0)
         except (ServingError, TimeoutError) as exc:
             return f"skipped: no TF Serving answering at {target} ({exc})"
+        try:
+            rows = read_rows(input_path, 0)
+        except (OSError, ValueError) as exc:
+            return f"skipped: cannot read --input {input_path} ({type(exc).__name__}: {exc})"
+        if not rows:
+            return f"skipped: no rows in {input_path}"
         results = {}
         for n in sizes:
             batch = [rows[i % len(rows)] for i in range(n)]

@@ -203,3 +203,14 @@ def test_score_cli_target_backend(server, versions, raw_rows, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "serving.score", "--target", server.target, "--version", "9",
                           "--input", str(path)], cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr and "Specific(esm2, 9)" in bad.stderr
+
+
+def test_bench_latency_grpc_path_against_the_stand_in(server, e2e_run):
+    from serving.bench_latency import bench_grpc, format_table
+
+    parquet = os.path.join(e2e_run["summary"]["input"]["dir"], "part-00000.parquet")
+    before = server.requests
+    got = bench_grpc(server.target, "esm2", parquet, [1, 5], reps=10, timeout_s=10)
+    assert set(got) == {1, 5} and all(0 < p50 <= p99 for p50, p99 in got.values())
+    assert server.requests - before == 2 * (10 + 10)  # warmup + timed calls per size
+    assert "tf-serving p99" in format_table({"tf-serving": got}, [1, 5])
