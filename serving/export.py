@@ -132,7 +132,7 @@ class ServingModule(tf.Module):
                 raw[name] = x
         return self._predict(raw)
 
-    def signatures(self) -> Dict:
+    def signature_functions(self) -> Dict:
         return {"serving_default": self.serve_examples.get_concrete_function(),
                 "predict_raw": self.serve_raw.get_concrete_function(),
                 "transform_features": self.transform_examples.get_concrete_function()}
@@ -213,7 +213,7 @@ def export_saved_model(model, tft_output_dir: str, contract: FeatureContract, ex
             raise ValueError(f"warmup examples do not score through the export: {exc.message}") from None
     tmp = os.path.join(model_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
     try:
-        tf.saved_model.save(module, tmp, signatures=module.signatures())
+        tf.saved_model.save(module, tmp, signatures=module.signature_functions())
         if records:
             warmup.write_warmup_file(tmp, records)
         if check:
