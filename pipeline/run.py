@@ -191,9 +191,12 @@ def run(argv: Sequence[str] | None = None) -> Dict:
         preds, labels = ev.collect(model, contract, tft_output, transformed_pattern(pp_dir, "eval"))
         report = ev.evaluate(preds, labels)
     with stage("export SavedModel", timings):
-        export_path = export_saved_model(model, tft_dir, contract, export_base, model_name)
+        # Real rows double as TF Serving warmup requests (assets.extra) and as the final scoring smoke test.
+        rows = sample_canonical_rows(schema, max(args.score_rows, 128))
+        export_path = export_saved_model(model, tft_dir, contract, export_base, model_name,
+                                         warmup_examples=serialize_rows(rows, contract) if rows else None)
     with stage("score raw examples through the export", timings):
-        rows = sample_canonical_rows(schema, args.score_rows)
+        rows = rows[-args.score_rows:] if args.score_rows > 0 else []
         scores = score_saved_model(export_path, serialize_rows(rows, contract)) if rows else {}
 
     summary = {"model": model_name, "input": input_info, "preprocess": pp_summary, "eval": report,

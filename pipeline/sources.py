@@ -201,6 +201,7 @@ class ReadFile(beam.DoFn):
     def setup(self):
         self.converter = RowConverter(self.schema)
         self.columns = canonical_columns(self.schema.contract)
+        self.log1p = [f.name for f in self.schema.contract.numeric if f.log1p]
         self.split = self.schema.split
         self.file_index = {os.path.abspath(f): i for i, f in enumerate(self.schema.input.files())}
         self.file_split = {}
@@ -243,6 +244,9 @@ class ReadFile(beam.DoFn):
                 continue
             for name in truncated:
                 self._counter(f"sequence_truncated: {name}")
+            for name in self.log1p:
+                if values.get(name) is not None and values[name] < 0:
+                    self._counter(f"log1p_clipped: {name}")
             split = split_of_file or (self._hash_split(values, source) if self.split.kind == "hash" else "")
             buf.append((values, split, base + rows))
             if len(buf) >= self.batch_rows:
@@ -289,6 +293,11 @@ class ReadFile(beam.DoFn):
                     yield beam.pvalue.TaggedOutput(REJECTED, {"source": f"{name}:row {offset + i}", "reason": reason,
                                                               "record": _printable(rec)})
             good = np.flatnonzero(reasons == None)  # noqa: E711
+            for col in self.log1p:
+                values = cols[col].to_numpy(zero_copy_only=False)
+                negatives = int(np.sum(np.nan_to_num(np.asarray(values, dtype=np.float64)[good], nan=0.0) < 0))
+                if negatives:
+                    self._counter(f"log1p_clipped: {col}", negatives)
             order = base + offset + 1 + np.arange(n, dtype=np.int64)
             arrays = [cols[c] for c in self.columns]
             batch = pa.RecordBatch.from_arrays(arrays, list(self.columns))

@@ -46,6 +46,11 @@ def uf_rate(label: str) -> str:
     return f"uf_rate_{label}"
 
 
+def pseudo_label(label: str) -> str:
+    """Transformed name of the raw running label mean (STAN's pseudo-label l^k, Eq. 10): float [B, 1]."""
+    return f"pl_{label}"
+
+
 def categorical_id(name: str) -> str:
     return f"{name}_id"
 
@@ -194,6 +199,8 @@ class FeatureContract:
     segment: Optional[str] = None
     scenario: Optional[str] = None
     user_features: Optional[UserFeatureSpec] = None
+    # Raw columns that describe the user (not the item or the context): STAN's U, user-side models.
+    user_columns: Tuple[str, ...] = ()
 
     def __post_init__(self):
         names = ([f.name for f in self.categorical] + [f.name for f in self.numeric]
@@ -253,6 +260,24 @@ class FeatureContract:
     def model_dense(self) -> Tuple[str, ...]:
         return tuple(zscore(f.name) for f in self.numeric)
 
+    def embedded_fields(self, columns) -> Tuple[str, ...]:
+        """Transformed embedding-field names (ids, buckets, sequences) of the given raw columns."""
+        out = []
+        for f in self.categorical:
+            if f.name in columns:
+                out.append(categorical_id(f.name))
+        for f in self.numeric:
+            if f.name in columns:
+                out.append(bucket_id(f.name))
+        for f in self.sequences:
+            if f.name in columns:
+                out.append(sequence_ids(f.name))
+        return tuple(out)
+
+    @property
+    def pseudo_labels(self) -> Tuple[str, ...]:
+        return tuple(pseudo_label(l) for l in self.labels.transformed) if self.user_features else ()
+
     @property
     def transformed_labels(self) -> Tuple[str, ...]:
         return self.labels.transformed + tuple(self.labels.continuous)
@@ -274,8 +299,10 @@ def with_user_features(contract: FeatureContract, spec: UserFeatureSpec) -> Feat
     numeric += [NumericFeature(uf_rate(l), dtype="float32", log1p=False, num_buckets=5)
                 for l in contract.labels.transformed]
     numeric.append(NumericFeature(UF_REPEAT_RATIO, dtype="float32", log1p=False, num_buckets=5))
+    derived_user = (UF_COUNT,) + tuple(uf_rate(l) for l in contract.labels.transformed) + (
+        UF_REPEAT_RATIO, UF_HISTORY)
     return replace(
-        contract, user_features=spec,
+        contract, user_features=spec, user_columns=contract.user_columns + derived_user,
         numeric=contract.numeric + tuple(numeric),
         categorical=contract.categorical + (CategoricalFeature(UF_IN_HISTORY, dtype="int64"),),
         sequences=contract.sequences + (SequenceFeature(UF_HISTORY, max_length=spec.history_length,
@@ -309,5 +336,6 @@ BUILTIN = FeatureContract(
     labels=LabelSpec(click="click", daction=("cart", "wish"), purchase="purchase", continuous=("staytime",)),
     oracle=("true_ctr", "true_ctavr", "true_cvr", "true_ctcvr", "true_scenario", "true_group", "true_stage"),
     segment="segment",
+    user_columns=("user_id", "user_gender", "user_age", "user_city", "user_power", "user_orders_90d", "segment"),
 )
 BUILTIN = with_user_features(BUILTIN, UserFeatureSpec(history_length=20))

@@ -57,6 +57,24 @@ def _as_sparse(x) -> tf.SparseTensor:
                            dense_shape=tf.shape(x, out_type=tf.int64))
 
 
+def bucket_scope(name: str) -> str:
+    """Name scope of a numeric feature's ops (lets the summary find its bucket boundaries in the graph)."""
+    return f"rl_numeric_{name}"
+
+
+def _numeric(f, inputs, outputs) -> None:
+    """log1p (negatives clipped to 0), quantile buckets (0 = missing) and z-score of a numeric feature."""
+    x = _as_sparse(inputs[f.name])
+    values = tf.cast(x.values, tf.float32)
+    if f.log1p:
+        values = tf.math.log1p(tf.maximum(values, 0.0))
+    x = tf.SparseTensor(x.indices, values, x.dense_shape)
+    # Analyzers see present values only; missing becomes bucket 0 and z-score 0 (the mean).
+    buckets = tft.bucketize(x, f.num_buckets, elementwise=False)
+    outputs[F.bucket_id(f.name)] = _dense(buckets, tf.constant(-1, tf.int64)) + 1
+    outputs[F.zscore(f.name)] = _dense(tft.scale_to_z_score(x), 0.0)
+
+
 def build_preprocessing_fn(contract: FeatureContract):
     """Returns a ``preprocessing_fn(inputs) -> outputs`` for ``contract`` (names in transforms.features)."""
 
@@ -88,15 +106,8 @@ def build_preprocessing_fn(contract: FeatureContract):
             outputs[F.sequence_ids(f.name)] = tft.sparse_tensor_to_dense_with_shape(
                 ids, [None, f.max_length], default_value=0)
         for f in contract.numeric:
-            x = _as_sparse(inputs[f.name])
-            values = tf.cast(x.values, tf.float32)
-            if f.log1p:
-                values = tf.math.log1p(tf.maximum(values, 0.0))
-            x = tf.SparseTensor(x.indices, values, x.dense_shape)
-            # Analyzers see present values only; missing becomes bucket 0 and z-score 0 (the mean).
-            buckets = tft.bucketize(x, f.num_buckets, elementwise=False)
-            outputs[F.bucket_id(f.name)] = _dense(buckets, tf.constant(-1, tf.int64)) + 1
-            outputs[F.zscore(f.name)] = _dense(tft.scale_to_z_score(x), 0.0)
+            with tf.name_scope(bucket_scope(f.name)):
+                _numeric(f, inputs, outputs)
         if contract.timestamp:
             ts = tf.reshape(tf.cast(inputs[contract.timestamp], tf.int64), [-1, 1])
             outputs[F.HOUR_ID] = tf.math.floormod(tf.math.floordiv(ts, 3600), F.HOUR_CARDINALITY)
@@ -114,6 +125,9 @@ def build_preprocessing_fn(contract: FeatureContract):
                 outputs[F.PURCHASE] = as_col(labels.purchase)
             for name in labels.continuous:
                 outputs[name] = tf.reshape(tf.cast(inputs[name], tf.float32), [-1, 1])
+        # STAN's pseudo-labels: the raw running label means (not their z-scores), for its squared-error loss.
+        for label in contract.labels.transformed if contract.user_features else ():
+            outputs[F.pseudo_label(label)] = _dense(_as_sparse(inputs[F.uf_rate(label)]), 0.0)
         for name in contract.oracle:
             if name in inputs:
                 outputs[name] = tf.reshape(inputs[name], [-1, 1])

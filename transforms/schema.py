@@ -204,7 +204,10 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
                            csv=CsvOptions(delimiter=delimiter, header=header, columns=columns))
 
     roles = c.mapping(doc.get("roles"), "roles", required=False)
-    c.unknown_keys(roles, ("user_id", "item_id", "timestamp", "segment", "scenario"), "roles")
+    c.unknown_keys(roles, ("user_id", "item_id", "timestamp", "segment", "scenario", "user_columns"), "roles")
+    user_columns = roles.get("user_columns") or []
+    if not isinstance(user_columns, list) or not all(isinstance(x, str) for x in user_columns):
+        c.fail("roles.user_columns", "expected a list of column names")
     ts_column, ts_format = None, "unix"
     ts = roles.get("timestamp")
     if isinstance(ts, str):
@@ -331,7 +334,8 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
         contract = FeatureContract(
             name=name, user_id=roles.get("user_id"), item_id=roles.get("item_id"), timestamp=ts_column,
             categorical=tuple(categorical), numeric=tuple(numeric), sequences=tuple(sequences), labels=labels,
-            oracle=tuple(oracle), segment=roles.get("segment"), scenario=roles.get("scenario"))
+            oracle=tuple(oracle), segment=roles.get("segment"), scenario=roles.get("scenario"),
+            user_columns=tuple(user_columns))
     except ValueError as exc:
         c.fail("features", str(exc))
     uf = doc.get("user_features")
@@ -347,5 +351,8 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
     for role in ("segment", "scenario"):
         if roles.get(role) and roles[role] not in feature_names:
             c.fail(f"roles.{role}", f"column {roles[role]!r} must also be declared under features")
+    unknown_user = [x for x in user_columns if x not in feature_names]
+    if unknown_user:
+        c.fail("roles.user_columns", f"column(s) {unknown_user} must also be declared under features")
     return DatasetSchema(name=name, source=os.path.abspath(source), input=input_spec, contract=contract,
                          timestamp_format=ts_format, split=split)

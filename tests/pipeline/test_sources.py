@@ -86,6 +86,7 @@ def dirty_run(tmp_path_factory):
         "45,shoes,12,a,2024-01-01 10:00:00,0,0,1",         # funnel violation
         "x46,shoes,12,a,2024-01-01 10:00:00,1,0,0",        # wrong type
     ]
+    good[5] = good[5].replace(",15,", ",-3,")  # a negative price: log1p clips it to 0 and counts it
     lines = [HEADER] + good[:20] + bad + good[20:]
     (d / "a.csv").write_text("\n".join(lines) + "\n")
     with gzip.open(d / "b.csv.gz", "wb") as fh:  # gzip input with one undecodable line
@@ -108,6 +109,9 @@ def test_no_row_is_lost(dirty_run):
     assert s["rows_train"] + s["rows_eval"] + s["rows_test"] + s["rows_rejected"] == s["rows_in"]
     assert s["empty_files"] == 1
     assert s["sequences_truncated"] == {"hist": 1}
+    assert s["log1p_negatives_clipped"] == {"price": 1}
+    bounds = s["bucket_boundaries"]["price"]
+    assert 1 <= len(bounds) <= 2 and bounds == sorted(bounds)
 
 
 def test_dead_letter_names_source_and_reason(dirty_run):
@@ -167,3 +171,39 @@ def test_vectorised_parquet_path_matches_the_row_wise_rules(tmp_path):
     assert vg == rg
     assert [r["cat"] for r in vg] == ["a", None, "a"] and [r["user"] for r in vg] == [1, None, 4]
     assert [r[ORDER_COL] & 0xFFFFFFFF for r in vg] == [1, 3, 5]
+
+
+def test_tfrecord_input_of_tf_examples(tmp_path):
+    import tensorflow as tf
+
+    from pipeline.sources import REJECTED, ReadFile
+
+    def example(**kv):
+        feats = {}
+        for k, v in kv.items():
+            if isinstance(v, list):
+                feats[k] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[t.encode() for t in v]))
+            elif isinstance(v, str):
+                feats[k] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode()]))
+            elif isinstance(v, float):
+                feats[k] = tf.train.Feature(float_list=tf.train.FloatList(value=[v]))
+            else:
+                feats[k] = tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
+        return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+
+    path = str(tmp_path / "x.tfrecord")
+    with tf.io.TFRecordWriter(path) as w:
+        w.write(example(user=1, cat="a", price=2.5, hist=["p", "q"], ts="2024-01-01 00:00:00", click=1, cart=0, buy=0))
+        w.write(example(user=2, cat="b", ts="2024-01-01 00:00:00", click=0, cart=0, buy=1))  # funnel violation
+        w.write(b"\x00not a proto")
+    reader = ReadFile(parse_schema(dict(SCHEMA_DOC, input={"path": path, "format": "tfrecord"}), "/x/unit.yaml"))
+    reader.setup()
+    good, bad = [], {}
+    for out in reader.process(path):
+        if getattr(out, "tag", None) == REJECTED:
+            bad[out.value["source"]] = out.value["reason"]
+        else:
+            good.extend(out.to_pylist())
+    assert [(r["user"], r["cat"], r["price"], r["hist"]) for r in good] == [(1, "a", 2.5, ["p", "q"])]
+    assert bad["x.tfrecord:record 1"] == "funnel violation: buy without click"
+    assert bad["x.tfrecord:record 2"].startswith("not a tf.Example")

@@ -79,3 +79,12 @@ def test_pipeline_dockerfile_installs_with_setup_script():
     with open(os.path.join(DOCKER, "pipeline.Dockerfile.dockerignore")) as fh:
         ignored = fh.read().split()
     assert ".venv" in ignored and "artifacts" in ignored
+
+
+def test_root_compose_file_includes_the_serving_stack():
+    root = os.path.dirname(DOCKER)
+    with open(os.path.join(root, "compose.yaml")) as fh:
+        doc = yaml.safe_load(fh)
+    included = [os.path.normpath(os.path.join(root, p)) for p in doc["include"]]
+    assert included == [os.path.join(DOCKER, "docker-compose.yml")]
+    assert "tf-serving" in _compose("docker-compose.yml")["services"]
