@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Sequence
 
-from models import esm2, esmm
+from models import esm2, esmm, mmoe, ple, stan
 
 MODELS = {
     "esm2": (esm2.ESM2, esm2.PRESETS),
     "esmm": (esmm.ESMM, esm2.PRESETS),
     "dnn": (esmm.CTRDNN, esm2.PRESETS),
+    "mmoe": (mmoe.MMoE, mmoe.PRESETS),
+    "ple": (ple.PLE, ple.PRESETS),
+    "stan": (stan.STAN, stan.PRESETS),
+    "stan_nobeta": (stan.STAN, stan.PRESETS_NO_BETA),
 }
 
 

@@ -1,5 +1,6 @@
 from models.layers.composition import ESM2Composition, ESMMComposition
 from models.layers.embedding import SharedEmbedding
+from models.layers.experts import CGC, ExpertGate
 from models.layers.mlp import MLP
 
-__all__ = ["ESM2Composition", "ESMMComposition", "SharedEmbedding", "MLP"]
+__all__ = ["ESM2Composition", "ESMMComposition", "SharedEmbedding", "MLP", "ExpertGate", "CGC"]

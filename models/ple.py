@@ -1,0 +1,134 @@
+"""PLE: Progressive Layered Extraction (Tang et al., RecSys 2020) on the ESM² task graph.
+
+    SEM:     shared per-field embeddings x = g (ESM² Eq. 5), [B, N].
+    Levels:  ``num_levels`` CGC extraction networks (``models.layers.CGC``). Level j, task k:
+                 g^{k,j}(x) = w^{k,j}(g^{k,j-1}(x)) S^{k,j}(x),  w^{k,j} = softmax(W_g^{k,j} .)   (PLE §4.2-4.3)
+             over task k's m_t own experts and the m_s shared experts; at every level but the last a shared
+             gate mixes all 4 * m_t + m_s experts into the next level's shared input. g^{k,0} = x for every
+             k and for the shared part. ``num_levels=1`` is the single-level CGC model (§4.2).
+    Towers:  y_k = sigmoid(t^k(g^{k,L}(x))), k = 1..4 = ESM²'s y1..y4.
+    SCM:     ESM² Eqs. 1-4 -> ctr, ctavr, cvr, ctcvr; loss ESM² Eq. 11 (ctr, ctavr, ctcvr over all impressions).
+
+Design choice (as for ``models.mmoe``): PLE's "tasks" are ESM²'s four towers, each owning experts and a
+gate, composed by ``ESM2Composition`` and trained on ESM²'s three entire-space losses, so that outputs,
+labels and losses equal ESM²'s and a comparison isolates the sharing mechanism. y3 and y4 (purchase given
+DAction / OAction) are supervised only through ctcvr, exactly as in ESM².
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+import tensorflow as tf
+
+from models.base import MultiTaskModel
+from models.keras import keras
+from models.layers import CGC, MLP, ESM2Composition, SharedEmbedding
+from models.mmoe import TOWERS, normalize_and_validate
+from models.tasks import BinaryTask
+from transforms.features import CLICK, CTAVR, CTCVR, CTR, CVR, DACTION, PURCHASE
+
+
+@dataclass(frozen=True)
+class PLEConfig:
+    hidden_units: Tuple[int, ...] = (32,)        # each tower t^k, on top of its last-level output
+    num_levels: int = 2                          # extraction levels; 1 = CGC
+    experts_per_task: int = 1                    # m_t, per tower and level
+    num_shared_experts: int = 2                  # m_s, per level
+    expert_units: Tuple[int, ...] = (64,)        # every expert of every level: ReLU MLP, output width H
+    dropout: float = 0.1
+    embedding_dim: int = 16
+    dense_activation: str = "tanh"
+    l2: float = 0.0
+    w_ctr: float = 1.0
+    w_ctavr: float = 1.0
+    w_ctcvr: float = 1.0
+    learning_rate: float = 1e-3
+    batch_size: int = 1000
+
+    def __post_init__(self):
+        normalize_and_validate(self)
+        for f in ("num_levels", "experts_per_task", "num_shared_experts"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"PLEConfig.{f} must be >= 1, got {getattr(self, f)}")
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+PRESETS: Dict[str, PLEConfig] = {
+    # Fast default for the built-in data on 2 CPU cores: two levels of 4 * 1 + 2 = 6 experts of 64 units
+    # (as many experts per level as MMoE's default), towers of 32: ESM²'s default depth of three layers.
+    "default": PLEConfig(),
+    # ESM²'s "paper" training setting (§4.1.3: dropout 0.5, Adam 5e-4, batch 1000) with two levels of
+    # 256-unit experts under towers 128-32, so that `--preset paper` compares like with like. Not a setting
+    # from the PLE paper itself.
+    "paper": PLEConfig(hidden_units=(128, 32), num_levels=2, experts_per_task=1, num_shared_experts=2,
+                       expert_units=(256,), dropout=0.5, learning_rate=5e-4, batch_size=1000),
+}
+
+
+@keras.utils.register_keras_serializable(package="rankline")
+class PLE(MultiTaskModel):
+    """Inputs: dict of transformed features ([B, 1]; sequences [B, L]). Outputs: {ctr, ctavr, cvr, ctcvr} [B, 1].
+
+    ``decomposed(features)`` gives the towers' y1..y4, ``gate_weights(features)`` every level's gates.
+    """
+
+    TOWERS = TOWERS
+
+    REQUIRED_LABELS = (CLICK, DACTION, PURCHASE)
+
+    def __init__(self, categorical: Mapping[str, int], dense: Sequence[str] = (),
+                 config: PLEConfig | Dict | None = None, sequences: Mapping[str, int] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.config = PLEConfig(**config) if isinstance(config, dict) else (config or PLEConfig())
+        c = self.config
+        self.embedding = SharedEmbedding(categorical, dense, embedding_dim=c.embedding_dim,
+                                         dense_activation=c.dense_activation, sequences=sequences or {}, name="sem")
+        self.levels = [CGC(len(self.TOWERS), c.experts_per_task, c.num_shared_experts, c.expert_units,
+                           shared_output=j < c.num_levels - 1, dropout=c.dropout, l2=c.l2, name=f"cgc_{j}")
+                       for j in range(c.num_levels)]
+        self.towers = [MLP(c.hidden_units, dropout=c.dropout, output_units=1, l2=c.l2, name=f"tower_{t}")
+                       for t in self.TOWERS]
+        self.composition = ESM2Composition(name="scm")
+        self._tasks.extend([
+            BinaryTask(CTR, CLICK, c.w_ctr),          # ESM² Eq. 8
+            BinaryTask(CTAVR, DACTION, c.w_ctavr),    # ESM² Eq. 9
+            BinaryTask(CTCVR, PURCHASE, c.w_ctcvr),   # ESM² Eq. 10
+        ])
+
+    @property
+    def output_names_(self):
+        return (CTR, CTAVR, CVR, CTCVR)
+
+    def extract(self, features, training=None) -> List[tf.Tensor]:
+        """g^{k,L}(x) of the last level for the four towers, each [B, H]."""
+        h = self.embedding(features)
+        for level in self.levels:
+            h = level(h, training=training)  # [x_1..x_4, x_s] for the next level; the last gives 4 tensors
+        return h
+
+    def gate_weights(self, features) -> List[List[tf.Tensor]]:
+        """Per level: the four task gates [B, m_t + m_s], then (all but the last level) the shared gate."""
+        h, out = self.embedding(features), []
+        for level in self.levels:
+            out.append(level.gate_weights(h))
+            h = level(h, training=False)
+        return out
+
+    def decomposed(self, features, training=None) -> List[tf.Tensor]:
+        """[y1, y2, y3, y4], each [B, 1]."""
+        return [tf.sigmoid(tower(g, training=training))
+                for tower, g in zip(self.towers, self.extract(features, training=training))]
+
+    def call(self, features, training=None):
+        return self.composition(self.decomposed(features, training=training))
+
+    def get_config(self):
+        return {"categorical": self.embedding.categorical, "dense": self.embedding.dense,
+                "sequences": self.embedding.sequences, "config": self.config.to_dict(), "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
