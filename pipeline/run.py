@@ -152,10 +152,12 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     schema, input_info = resolve_schema(args, work_dir, timings)
     contract = schema.contract
     model_name = registry.auto_model(contract.labels.transformed) if args.model == "auto" else args.model
-    missing = [k for k in registry.required_labels(model_name) if k not in contract.labels.transformed]
+    have = contract.labels.transformed + contract.pseudo_labels
+    missing = [k for k in registry.required_labels(model_name) if k not in have]
     if missing:
+        hint = " (pseudo-labels come from user_features in the schema)" if any(m.startswith("pl_") for m in missing) else ""
         raise UsageError(f"model {model_name!r} needs label(s) {', '.join(missing)}, which dataset "
-                         f"{contract.name!r} does not have (it has: {', '.join(contract.labels.transformed)})")
+                         f"{contract.name!r} does not have (it has: {', '.join(have)}){hint}")
     try:
         model_config = registry.resolve_config(model_name, args.preset, {
             "batch_size": args.batch_size, "learning_rate": args.learning_rate})

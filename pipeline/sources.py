@@ -319,6 +319,7 @@ class ReadFile(beam.DoFn):
                 yield pa.RecordBatch.from_arrays(list(part.columns) + extra,
                                                  list(self.columns) + [SPLIT_COL, ORDER_COL])
             offset += n
+            logger.info("read %s: %d rows so far", name, offset)
         if offset == 0:
             logger.warning("empty input file: %s", path)
             self._counter("empty_files")

@@ -115,7 +115,14 @@ def add_user_features(rows, contract: FeatureContract, label: str = "UserFeature
     return (rows
             | f"{label}/KeyByUser" >> beam.FlatMap(split_by_user, contract.user_id)
             | f"{label}/GroupByUser" >> beam.GroupByKey()
-            | f"{label}/Compute" >> beam.ParDo(AddUserFeatures(contract)))
+            | f"{label}/Compute" >> beam.ParDo(AddUserFeatures(contract))
+            # One small batch per user would make every later step (and TF) pay per-batch costs: re-batch.
+            | f"{label}/Rebatch" >> beam.BatchElements(min_batch_size=256, max_batch_size=4096)
+            | f"{label}/Concat" >> beam.FlatMap(_concat_batches))
+
+
+def _concat_batches(batches: List[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    yield from pa.Table.from_batches(batches).combine_chunks().to_batches()
 
 
 def concat(batches: Iterable[pa.RecordBatch]) -> pa.Table:

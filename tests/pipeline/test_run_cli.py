@@ -1,4 +1,5 @@
 """Command-line behaviour of pipeline.run: clear one-line errors, Beam options passed through untouched."""
+import os
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import run as run_mod
 from pipeline.beam_runner import make_pipeline
+from transforms.schema import SCHEMA_DIR
 
 
 def _main(capsys, argv):
@@ -36,8 +38,16 @@ def test_bad_invocation_from_the_shell_is_one_line_and_nonzero(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.run", "--model", "nosuchmodel", "--work-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "error: unknown model 'nosuchmodel'; available: auto, dnn, esm2, esmm"
+    assert proc.stderr.strip().splitlines()[-1] == "error: unknown model 'nosuchmodel'; available: auto, dnn, esm2, esmm, mmoe, ple, stan, stan_nobeta"
     assert "Traceback" not in proc.stderr
+
+
+def test_model_that_the_labels_cannot_train_is_refused(capsys, tmp_path):
+    schema = os.path.join(SCHEMA_DIR, "criteo-sample.yaml")
+    code, errors, err = _main(capsys, ["--schema", schema, "--model", "esm2", "--work-dir", str(tmp_path)])
+    assert code == 2
+    assert errors == ["error: model 'esm2' needs label(s) daction, purchase, which dataset 'criteo-sample' does "
+                      "not have (it has: click)"], err
 
 
 def test_beam_options_reach_beam_untouched():
