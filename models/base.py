@@ -63,3 +63,13 @@ class MultiTaskModel(keras.Model):
 
     def predict_dict(self, features: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         return self(features, training=False)
+
+    # Every model is built from (categorical, dense, config, sequences) around a ``SharedEmbedding`` named
+    # ``self.embedding`` and a typed ``self.config``; that is all it takes to rebuild it.
+    def get_config(self):
+        return {"categorical": self.embedding.categorical, "dense": self.embedding.dense,
+                "sequences": self.embedding.sequences, "config": self.config.to_dict(), "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

@@ -8,12 +8,13 @@ Paper: ../shared/papers/esm2-entire-space-post-click-decomposition.txt
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Dict, Mapping, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Mapping, Sequence
 
 import tensorflow as tf
 
 from models.base import MultiTaskModel
+from models.config import ModelConfig
 from models.keras import keras
 from models.layers import MLP, ESM2Composition, SharedEmbedding
 from models.tasks import BinaryTask
@@ -21,32 +22,8 @@ from transforms.features import CLICK, CTAVR, CTCVR, CTR, CVR, DACTION, PURCHASE
 
 
 @dataclass(frozen=True)
-class ESM2Config:
-    hidden_units: Tuple[int, ...] = (128, 64, 32)
-    dropout: float = 0.1
-    embedding_dim: int = 16
-    dense_activation: str = "tanh"
-    l2: float = 0.0
-    w_ctr: float = 1.0
-    w_ctavr: float = 1.0
-    w_ctcvr: float = 1.0
-    learning_rate: float = 1e-3
-    batch_size: int = 1000
-
-    def __post_init__(self):
-        if not self.hidden_units or any(int(u) < 1 for u in self.hidden_units):
-            raise ValueError(f"hidden_units must be positive integers, got {self.hidden_units}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
-        if min(self.w_ctr, self.w_ctavr, self.w_ctcvr) < 0:
-            raise ValueError("loss weights must be >= 0")
-        if self.learning_rate <= 0 or self.batch_size < 1:
-            raise ValueError("learning_rate must be > 0 and batch_size >= 1")
-
-    def to_dict(self) -> Dict:
-        return asdict(self)
+class ESM2Config(ModelConfig):
+    """ESM²: towers ``hidden_units`` (one MLP per y_k) over the shared embedding; nothing else to add."""
 
 
 PRESETS: Dict[str, ESM2Config] = {
@@ -71,9 +48,7 @@ class ESM2(MultiTaskModel):
     def __init__(self, categorical: Mapping[str, int], dense: Sequence[str] = (),
                  config: ESM2Config | Dict | None = None, sequences: Mapping[str, int] | None = None, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(config, dict):
-            config = ESM2Config(**{k: tuple(v) if k == "hidden_units" else v for k, v in config.items()})
-        self.config = config or ESM2Config()
+        self.config = ESM2Config.coerce(config)
         c = self.config
         self.embedding = SharedEmbedding(categorical, dense, embedding_dim=c.embedding_dim,
                                          dense_activation=c.dense_activation, sequences=sequences or {}, name="sem")
@@ -98,10 +73,3 @@ class ESM2(MultiTaskModel):
     def call(self, features, training=None):
         return self.composition(self.decomposed(features, training=training))
 
-    def get_config(self):
-        return {"categorical": self.embedding.categorical, "dense": self.embedding.dense,
-                "sequences": self.embedding.sequences, "config": self.config.to_dict(), "name": self.name}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)

@@ -18,9 +18,7 @@ from transforms.features import CLICK, CTCVR, CTR, CVR, PURCHASE
 
 
 def _config(config) -> ESM2Config:
-    if isinstance(config, dict):
-        return ESM2Config(**{k: tuple(v) if k == "hidden_units" else v for k, v in config.items()})
-    return config or ESM2Config()
+    return ESM2Config.coerce(config)
 
 
 @keras.utils.register_keras_serializable(package="rankline")
@@ -51,13 +49,6 @@ class ESMM(MultiTaskModel):
         pcvr = tf.sigmoid(self.cvr_tower(g, training=training))
         return self.composition([pctr, pcvr])
 
-    def get_config(self):
-        return {"categorical": self.embedding.categorical, "dense": self.embedding.dense,
-                "sequences": self.embedding.sequences, "config": self.config.to_dict(), "name": self.name}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
 
 @keras.utils.register_keras_serializable(package="rankline")
@@ -83,10 +74,3 @@ class CTRDNN(MultiTaskModel):
     def call(self, features, training=None):
         return {CTR: tf.sigmoid(self.tower(self.embedding(features), training=training))}
 
-    def get_config(self):
-        return {"categorical": self.embedding.categorical, "dense": self.embedding.dense,
-                "sequences": self.embedding.sequences, "config": self.config.to_dict(), "name": self.name}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)

@@ -16,12 +16,13 @@ shares gated experts; PLE adds task-owned experts). The alternative, one tower p
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Mapping, Sequence, Tuple
+from dataclasses import dataclass
+from typing import ClassVar, Dict, List, Mapping, Sequence, Tuple
 
 import tensorflow as tf
 
 from models.base import MultiTaskModel
+from models.config import ModelConfig
 from models.keras import keras
 from models.layers import MLP, ESM2Composition, ExpertGate, SharedEmbedding
 from models.tasks import BinaryTask
@@ -29,63 +30,16 @@ from transforms.features import CLICK, CTAVR, CTCVR, CTR, CVR, DACTION, PURCHASE
 
 # ESM²'s towers y1..y4 (models.esm2.ESM2.TOWERS): the tasks that get a gate and a tower.
 TOWERS = ("click", "daction", "purchase_daction", "purchase_oaction")
-TUPLE_FIELDS = ("hidden_units", "expert_units")
-
-
-def normalize_and_validate(config) -> None:
-    """Validation shared by the expert-mixture configs (MMoEConfig, PLEConfig); errors name the field.
-
-    Turns list-valued unit fields (e.g. from config.json) into tuples, in place on the frozen dataclass.
-    """
-    name = type(config).__name__
-    for f in TUPLE_FIELDS:
-        value = getattr(config, f)
-        try:
-            units = tuple(int(u) for u in value if int(u) == u)
-        except (TypeError, ValueError):
-            units = ()
-        if isinstance(value, str) or not units or len(units) != len(value) or min(units) < 1:
-            raise ValueError(f"{name}.{f} must be a non-empty sequence of positive integers, got {value!r}")
-        object.__setattr__(config, f, units)
-    if not 0.0 <= config.dropout < 1.0:
-        raise ValueError(f"{name}.dropout must be in [0, 1), got {config.dropout}")
-    if config.embedding_dim < 1:
-        raise ValueError(f"{name}.embedding_dim must be >= 1, got {config.embedding_dim}")
-    if config.dense_activation not in ("tanh", "linear"):
-        raise ValueError(f"{name}.dense_activation must be 'tanh' or 'linear', got {config.dense_activation!r}")
-    if config.l2 < 0:
-        raise ValueError(f"{name}.l2 must be >= 0, got {config.l2}")
-    for f in ("w_ctr", "w_ctavr", "w_ctcvr"):
-        if getattr(config, f) < 0:
-            raise ValueError(f"{name}.{f} (loss weight) must be >= 0, got {getattr(config, f)}")
-    if config.learning_rate <= 0:
-        raise ValueError(f"{name}.learning_rate must be > 0, got {config.learning_rate}")
-    if config.batch_size < 1:
-        raise ValueError(f"{name}.batch_size must be >= 1, got {config.batch_size}")
 
 
 @dataclass(frozen=True)
-class MMoEConfig:
+class MMoEConfig(ModelConfig):
     hidden_units: Tuple[int, ...] = (32,)        # each tower h^k, on top of its mixture f^k(x)
     num_experts: int = 6                         # E
     expert_units: Tuple[int, ...] = (128, 64)    # each expert f_i: ReLU MLP, output width H = last entry
-    dropout: float = 0.1
-    embedding_dim: int = 16
-    dense_activation: str = "tanh"
-    l2: float = 0.0
-    w_ctr: float = 1.0
-    w_ctavr: float = 1.0
-    w_ctcvr: float = 1.0
-    learning_rate: float = 1e-3
-    batch_size: int = 1000
 
-    def __post_init__(self):
-        normalize_and_validate(self)
-        if self.num_experts < 1:
-            raise ValueError(f"MMoEConfig.num_experts must be >= 1, got {self.num_experts}")
-
-    def to_dict(self) -> Dict:
-        return asdict(self)
+    TUPLE_FIELDS: ClassVar[Tuple[str, ...]] = ("hidden_units", "expert_units")
+    POSITIVE_INT_FIELDS: ClassVar[Tuple[str, ...]] = ("num_experts",)
 
 
 PRESETS: Dict[str, MMoEConfig] = {
@@ -114,7 +68,7 @@ class MMoE(MultiTaskModel):
     def __init__(self, categorical: Mapping[str, int], dense: Sequence[str] = (),
                  config: MMoEConfig | Dict | None = None, sequences: Mapping[str, int] | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.config = MMoEConfig(**config) if isinstance(config, dict) else (config or MMoEConfig())
+        self.config = MMoEConfig.coerce(config)
         c = self.config
         self.embedding = SharedEmbedding(categorical, dense, embedding_dim=c.embedding_dim,
                                          dense_activation=c.dense_activation, sequences=sequences or {}, name="sem")
@@ -145,10 +99,3 @@ class MMoE(MultiTaskModel):
     def call(self, features, training=None):
         return self.composition(self.decomposed(features, training=training))
 
-    def get_config(self):
-        return {"categorical": self.embedding.categorical, "dense": self.embedding.dense,
-                "sequences": self.embedding.sequences, "config": self.config.to_dict(), "name": self.name}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)

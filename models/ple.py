@@ -16,44 +16,30 @@ DAction / OAction) are supervised only through ctcvr, exactly as in ESM².
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Mapping, Sequence, Tuple
+from dataclasses import dataclass
+from typing import ClassVar, Dict, List, Mapping, Sequence, Tuple
 
 import tensorflow as tf
 
 from models.base import MultiTaskModel
+from models.config import ModelConfig
 from models.keras import keras
 from models.layers import CGC, MLP, ESM2Composition, SharedEmbedding
-from models.mmoe import TOWERS, normalize_and_validate
+from models.mmoe import TOWERS
 from models.tasks import BinaryTask
 from transforms.features import CLICK, CTAVR, CTCVR, CTR, CVR, DACTION, PURCHASE
 
 
 @dataclass(frozen=True)
-class PLEConfig:
+class PLEConfig(ModelConfig):
     hidden_units: Tuple[int, ...] = (32,)        # each tower t^k, on top of its last-level output
     num_levels: int = 2                          # extraction levels; 1 = CGC
     experts_per_task: int = 1                    # m_t, per tower and level
     num_shared_experts: int = 2                  # m_s, per level
     expert_units: Tuple[int, ...] = (64,)        # every expert of every level: ReLU MLP, output width H
-    dropout: float = 0.1
-    embedding_dim: int = 16
-    dense_activation: str = "tanh"
-    l2: float = 0.0
-    w_ctr: float = 1.0
-    w_ctavr: float = 1.0
-    w_ctcvr: float = 1.0
-    learning_rate: float = 1e-3
-    batch_size: int = 1000
 
-    def __post_init__(self):
-        normalize_and_validate(self)
-        for f in ("num_levels", "experts_per_task", "num_shared_experts"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"PLEConfig.{f} must be >= 1, got {getattr(self, f)}")
-
-    def to_dict(self) -> Dict:
-        return asdict(self)
+    TUPLE_FIELDS: ClassVar[Tuple[str, ...]] = ("hidden_units", "expert_units")
+    POSITIVE_INT_FIELDS: ClassVar[Tuple[str, ...]] = ("num_levels", "experts_per_task", "num_shared_experts")
 
 
 PRESETS: Dict[str, PLEConfig] = {
@@ -76,13 +62,14 @@ class PLE(MultiTaskModel):
     """
 
     TOWERS = TOWERS
+    CONFIG = PLEConfig
 
     REQUIRED_LABELS = (CLICK, DACTION, PURCHASE)
 
     def __init__(self, categorical: Mapping[str, int], dense: Sequence[str] = (),
                  config: PLEConfig | Dict | None = None, sequences: Mapping[str, int] | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.config = PLEConfig(**config) if isinstance(config, dict) else (config or PLEConfig())
+        self.config = type(self).CONFIG.coerce(config)
         c = self.config
         self.embedding = SharedEmbedding(categorical, dense, embedding_dim=c.embedding_dim,
                                          dense_activation=c.dense_activation, sequences=sequences or {}, name="sem")
@@ -125,10 +112,3 @@ class PLE(MultiTaskModel):
     def call(self, features, training=None):
         return self.composition(self.decomposed(features, training=training))
 
-    def get_config(self):
-        return {"categorical": self.embedding.categorical, "dense": self.embedding.dense,
-                "sequences": self.embedding.sequences, "config": self.config.to_dict(), "name": self.name}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)

@@ -17,7 +17,7 @@ in non-trainable variables keyed by the user's vocabulary index, so checkpoints 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, Mapping, Sequence, Tuple
 
 import tensorflow as tf
@@ -45,8 +45,6 @@ class STANConfig(PLEConfig):
         if self.w_stage < 0:
             raise ValueError(f"STANConfig.w_stage must be >= 0, got {self.w_stage}")
 
-    def to_dict(self) -> Dict:
-        return asdict(self)
 
 
 PRESETS: Dict[str, STANConfig] = {
@@ -60,10 +58,10 @@ PRESETS_NO_BETA: Dict[str, STANConfig] = {k: STANConfig(**dict(v.to_dict(), use_
 @keras.utils.register_keras_serializable(package="rankline")
 class STAN(PLE):
     REQUIRED_LABELS = STAGE_LABELS + tuple(pseudo_label(l) for l in STAGE_LABELS)
+    CONFIG = STANConfig
 
     def __init__(self, categorical: Mapping[str, int], dense: Sequence[str] = (),
                  config: STANConfig | Dict | None = None, sequences: Mapping[str, int] | None = None, **kwargs):
-        config = STANConfig(**config) if isinstance(config, dict) else (config or STANConfig())
         super().__init__(categorical, dense, config, sequences, **kwargs)
         c = self.config
         fields = list(self.embedding.categorical) + list(self.embedding.sequences)  # field_embeddings order

@@ -10,7 +10,6 @@ and ``benchmark.json`` in the work directory.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os

@@ -240,7 +240,7 @@ def generate_blocks(cfg: GeneratorConfig) -> Iterator[Dict[str, np.ndarray]]:
     """Yields column dicts of ``block_rows`` impressions each, in timestamp order."""
     rng = np.random.default_rng(cfg.seed)
     w = _World(cfg, rng)
-    U, I, K, H = cfg.n_users, cfg.n_items, cfg.scenarios, cfg.history_len
+    U, I, H = cfg.n_users, cfg.n_items, cfg.history_len
     hist = np.full((U, H), -1, dtype=np.int64)  # ring buffer of clicked items
     hist_n = np.zeros(U, dtype=np.int64)
     seen = np.zeros(U, dtype=np.int64)  # impressions so far (drives the lifecycle stage)
@@ -342,7 +342,7 @@ def write_parquet(cfg: GeneratorConfig, out_dir: str, progress: bool = True) -> 
     next_report = 0.1
 
     def flush():
-        nonlocal writer, buf
+        nonlocal buf
         if not buf:
             return
         merged = {k: np.ma.concatenate([b[k] for b in buf]) if isinstance(buf[0][k], np.ma.MaskedArray)

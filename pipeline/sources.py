@@ -18,7 +18,6 @@ import csv
 import datetime as dt
 import gzip
 import hashlib
-import io
 import logging
 import math
 import os
@@ -442,7 +441,6 @@ class ReadFile(beam.DoFn):
                     yield source, None, f"invalid UTF-8 at byte {exc.start}"
                     continue
                 if not text.strip():
-                    lineno_blank = True  # noqa: F841  (blank lines are not records)
                     continue
                 fields = next(csv.reader([text], delimiter=opts.delimiter))
                 if len(fields) != len(header):

@@ -7,8 +7,6 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
-import tensorflow as tf
-
 from models import registry
 from models.keras import keras
 from pipeline.data import make_dataset

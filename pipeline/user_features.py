@@ -16,7 +16,7 @@ Changing or deleting a later event can therefore never change an earlier row's f
 from __future__ import annotations
 
 from collections import deque
-from typing import Dict, Iterable, Iterator, List, Tuple
+from typing import Dict, Iterable, Iterator, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -75,20 +75,27 @@ def _label_values(rows, contract: FeatureContract, name: str) -> np.ndarray:
     return values
 
 
-def split_by_user(batch: pa.RecordBatch, user_col: str) -> Iterator[Tuple[str, pa.RecordBatch]]:
-    """(user key, that user's rows of the batch). Rows without a user id get one key each (no history)."""
+def split_by_user(batch: pa.RecordBatch, user_col: str, buckets: int = 64) -> Iterator[Tuple[int, pa.RecordBatch]]:
+    """(bucket, the batch's rows whose user hashes to it). All events of a user share a bucket.
+
+    Grouping by a bucket of users instead of by user keeps the number of shuffled elements small (one
+    slice per bucket and input batch), which is what the runner pays for.
+    """
+    import zlib
+
     users = batch.column(batch.schema.get_field_index(user_col)).to_pylist()
-    order = batch.column(batch.schema.get_field_index(ORDER_COL)).to_pylist()
-    groups: Dict[str, List[int]] = {}
-    for i, u in enumerate(users):
-        key = f"u:{u}" if u is not None else f"anon:{order[i]}"
-        groups.setdefault(key, []).append(i)
-    for key, idx in groups.items():
-        yield key, batch.take(pa.array(idx, pa.int64()))
+    keys = np.fromiter((zlib.crc32(str(u).encode()) % buckets if u is not None else 0 for u in users),
+                       dtype=np.int64, count=len(users))
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_keys)) + 1]
+    ends = np.r_[starts[1:], len(order)]
+    for start, end in zip(starts, ends):
+        yield int(sorted_keys[start]), batch.take(pa.array(order[start:end]))
 
 
 class AddUserFeatures(beam.DoFn):
-    """(user, [batches]) -> one batch with the derived ``uf_*`` columns filled in."""
+    """(bucket, [batches]) -> the same rows with the derived ``uf_*`` columns filled in, user by user."""
 
     def __init__(self, contract: FeatureContract):
         self._contract = contract
@@ -97,17 +104,29 @@ class AddUserFeatures(beam.DoFn):
         _, batches = element
         c = self._contract
         table = pa.Table.from_batches(list(batches))
-        table = table.sort_by([(c.timestamp, "ascending"), (ORDER_COL, "ascending")])
-        needed = [c.timestamp, c.item_id] + list(c.labels.binary_columns)
-        rows = {name: table.column(name).to_numpy(zero_copy_only=False) if name != c.item_id
-                else table.column(name).to_pylist() for name in needed}
-        derived = compute_user_features(rows, c)
+        table = table.sort_by([(c.user_id, "ascending"), (c.timestamp, "ascending"), (ORDER_COL, "ascending")])
+        needed = [c.timestamp] + list(c.labels.binary_columns)
+        cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in needed}
+        items = table.column(c.item_id).to_pylist()
+        users = table.column(c.user_id).to_pylist()
+        derived: Dict[str, list] = {}
+        start = 0
+        n = table.num_rows
+        while start < n:
+            end = start + 1
+            if users[start] is not None:  # a user without an id has no history: one row at a time
+                while end < n and users[end] == users[start]:
+                    end += 1
+            rows = {name: values[start:end] for name, values in cols.items()}
+            rows[c.item_id] = items[start:end]
+            for name, values in compute_user_features(rows, c).items():
+                derived.setdefault(name, []).extend(values)
+            start = end
         for name, values in derived.items():
             idx = table.schema.get_field_index(name)
             table = table.set_column(idx, name, pa.array(values, type=table.schema.field(name).type))
-        beam.metrics.Metrics.counter("rankline", "rows_with_user_features").inc(table.num_rows)
-        for batch in table.to_batches():
-            yield batch
+        beam.metrics.Metrics.counter("rankline", "rows_with_user_features").inc(n)
+        yield from table.combine_chunks().to_batches(max_chunksize=10_000)
 
 
 def add_user_features(rows, contract: FeatureContract, label: str = "UserFeatures"):
@@ -115,14 +134,7 @@ def add_user_features(rows, contract: FeatureContract, label: str = "UserFeature
     return (rows
             | f"{label}/KeyByUser" >> beam.FlatMap(split_by_user, contract.user_id)
             | f"{label}/GroupByUser" >> beam.GroupByKey()
-            | f"{label}/Compute" >> beam.ParDo(AddUserFeatures(contract))
-            # One small batch per user would make every later step (and TF) pay per-batch costs: re-batch.
-            | f"{label}/Rebatch" >> beam.BatchElements(min_batch_size=256, max_batch_size=4096)
-            | f"{label}/Concat" >> beam.FlatMap(_concat_batches))
-
-
-def _concat_batches(batches: List[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    yield from pa.Table.from_batches(batches).combine_chunks().to_batches()
+            | f"{label}/Compute" >> beam.ParDo(AddUserFeatures(contract)))
 
 
 def concat(batches: Iterable[pa.RecordBatch]) -> pa.Table:

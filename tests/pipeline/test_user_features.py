@@ -1,7 +1,6 @@
 """Leakage-safe per-user features: values worked out by hand, and no dependence on later events."""
 import numpy as np
 import pyarrow as pa
-import pytest
 
 from pipeline.sources import ORDER_COL, SPLIT_COL, canonical_columns
 from pipeline.user_features import AddUserFeatures, compute_user_features, split_by_user
