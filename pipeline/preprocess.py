@@ -236,49 +236,11 @@ def _summary(schema: DatasetSchema, cfg: PreprocessConfig, counters: Dict[str, i
     }
     summary["log1p_negatives_clipped"] = {k.split(": ", 1)[1]: v for k, v in counters.items()
                                           if k.startswith("log1p_clipped: ")}
-    try:
-        summary["bucket_boundaries"] = bucket_boundaries(contract, os.path.join(cfg.output_dir, TRANSFORM_DIR))
-    except (OSError, ValueError) as exc:  # a summary detail must not fail the run
-        logger.warning("could not read bucket boundaries: %s", exc)
     for s in SPLITS:
         summary[f"rows_{s}"] = counters.get(f"rows_{s}", 0)
     summary["oov_rate"] = {s: oov_rates(contract, tft_output, transformed_pattern(cfg.output_dir, s))
                            for s in (EVAL, TEST) if summary[f"rows_{s}"]}
     return summary
-
-
-def bucket_boundaries(contract: FeatureContract, tft_dir: str) -> Dict[str, List[float]]:
-    """Quantile bucket boundaries per numeric feature, read from the saved transform graph.
-
-    Values are in the raw feature's units (``expm1`` undoes log1p). The boundaries are the constant first
-    input of the ``UpperBound`` op inside each feature's name scope (``transforms.preprocessing``).
-    """
-    import tensorflow as tf
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    from transforms.preprocessing import bucket_scope
-
-    sm = saved_model_pb2.SavedModel()
-    with open(os.path.join(tft_dir, "transform_fn", "saved_model.pb"), "rb") as fh:
-        sm.ParseFromString(fh.read())
-    out: Dict[str, List[float]] = {}
-    for fn in sm.meta_graphs[0].graph_def.library.function:
-        nodes = {n.name: n for n in fn.node_def}
-        for node in fn.node_def:
-            if node.op != "UpperBound":
-                continue
-            feature = next((f for f in contract.numeric if node.name.startswith(bucket_scope(f.name) + "/")), None)
-            if feature is None or feature.name in out:
-                continue
-            src = nodes.get(node.input[0].split(":")[0])
-            while src is not None and src.op in ("Identity", "Reshape", "ExpandDims", "Squeeze"):
-                src = nodes.get(src.input[0].split(":")[0])
-            if src is None or src.op != "Const":
-                continue
-            values = tf.make_ndarray(src.attr["value"].tensor).astype(np.float64).ravel()
-            values = np.expm1(values) if feature.log1p else values
-            out[feature.name] = [float(round(v, 6)) for v in values]
-    return out
 
 
 def oov_rates(contract: FeatureContract, tft_output, pattern: str, max_rows: int = 200_000) -> Dict[str, float]:

@@ -58,7 +58,7 @@ def _as_sparse(x) -> tf.SparseTensor:
 
 
 def bucket_scope(name: str) -> str:
-    """Name scope of a numeric feature's ops (lets the summary find its bucket boundaries in the graph)."""
+    """Name scope of a numeric feature's ops in the transform graph."""
     return f"rl_numeric_{name}"
 
 
