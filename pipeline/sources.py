@@ -18,6 +18,7 @@ import csv
 import datetime as dt
 import gzip
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -202,6 +203,7 @@ class ReadFile(beam.DoFn):
         self.columns = canonical_columns(self.schema.contract)
         self.log1p = [f.name for f in self.schema.contract.numeric if f.log1p]
         self.split = self.schema.split
+        self.split_key = self.split.key or self.schema.contract.user_id  # hash split key column (may be None)
         self.file_index = {os.path.abspath(f): i for i, f in enumerate(self.schema.input.files())}
         self.file_split = {}
         if self.split.kind == "files":
@@ -217,18 +219,25 @@ class ReadFile(beam.DoFn):
 
     def process(self, path: str):
         fmt = self.schema.input.format
-        if fmt == "parquet" and self._vectorisable():
-            yield from self._process_parquet(path)
-            return
-        rows = 0
-        split_of_file = self.file_split.get(os.path.abspath(path), "") if self.split.kind == "files" else ""
-        if self.split.kind == "files" and not split_of_file:
-            logger.warning("input file %s matches no split.files pattern: skipped", path)
-            self._counter("files_unassigned")
-            return
-        buf: List[Tuple[Dict, str, int]] = []
+        split_of_file = ""
+        if self.split.kind == "files":
+            split_of_file = self.file_split.get(os.path.abspath(path), "")
+            if not split_of_file:
+                logger.warning("input file %s matches no split.files pattern: skipped", path)
+                self._counter("files_unassigned")
+                return
         base = self.file_index.get(os.path.abspath(path), len(self.file_index)) << 32
-        for source, record, problem in self._records(path, fmt):
+        read = self._process_parquet if fmt == "parquet" and self._vectorisable() else self._process_rows
+        rows = yield from read(path, split_of_file, base)
+        if rows == 0:
+            logger.warning("empty input file: %s", path)
+            self._counter("empty_files")
+
+    def _process_rows(self, path: str, split_of_file: str, base: int):
+        """Record by record (CSV, TFRecord, Parquet with sequences): ``RowConverter``; returns the count."""
+        rows = 0
+        buf: List[Tuple[Dict, str, int]] = []
+        for source, record, problem in self._records(path, self.schema.input.format):
             rows += 1
             self._counter("rows_in")
             try:
@@ -246,16 +255,15 @@ class ReadFile(beam.DoFn):
             for name in self.log1p:
                 if values.get(name) is not None and values[name] < 0:
                     self._counter(f"log1p_clipped: {name}")
-            split = split_of_file or (self._hash_split(values, source) if self.split.kind == "hash" else "")
+            split = (self._hash_split(values.get(self.split_key), source) if self.split.kind == "hash"
+                     else split_of_file)
             buf.append((values, split, base + rows))
             if len(buf) >= self.batch_rows:
                 yield self._batch(buf)
                 buf = []
         if buf:
             yield self._batch(buf)
-        if rows == 0:
-            logger.warning("empty input file: %s", path)
-            self._counter("empty_files")
+        return rows
 
     # ---- vectorised Parquet path ------------------------------------------------------------------
     def _vectorisable(self) -> bool:
@@ -263,17 +271,12 @@ class ReadFile(beam.DoFn):
         return (not any(not f.name.startswith("uf_") for f in self.schema.contract.sequences)
                 and self.schema.timestamp_format in ("unix", "unix_ms"))
 
-    def _process_parquet(self, path: str):
-        """Row groups -> canonical batches with the row-wise path's rules, applied as Arrow compute kernels."""
+    def _process_parquet(self, path: str, split_of_file: str, base: int):
+        """Row groups -> canonical batches with the row-wise path's rules, applied as Arrow compute kernels;
+        returns the count."""
         import pyarrow.parquet as pq
 
         name = os.path.basename(path)
-        base = self.file_index.get(os.path.abspath(path), len(self.file_index)) << 32
-        split_of_file = self.file_split.get(os.path.abspath(path), "") if self.split.kind == "files" else ""
-        if self.split.kind == "files" and not split_of_file:
-            logger.warning("input file %s matches no split.files pattern: skipped", path)
-            self._counter("files_unassigned")
-            return
         pf = pq.ParquetFile(path)
         present = set(pf.schema_arrow.names)
         offset = 0
@@ -304,11 +307,9 @@ class ReadFile(beam.DoFn):
                 batch = batch.take(pa.array(good))
                 order = order[good]
             if self.split.kind == "hash":
-                key_col = self.split.key or self.schema.contract.user_id
-                keys = (batch.column(batch.schema.get_field_index(key_col)).to_pylist() if key_col
+                keys = (batch.column(batch.schema.get_field_index(self.split_key)).to_pylist() if self.split_key
                         else [None] * batch.num_rows)
-                splits = [hash_split(str(k) if k is not None else f"{name}:row {o - base - 1}",
-                                     self.split.eval_fraction, self.split.test_fraction) for k, o in zip(keys, order)]
+                splits = [self._hash_split(k, f"{name}:row {o - base - 1}") for k, o in zip(keys, order)]
             else:
                 splits = [split_of_file] * batch.num_rows
             for start in range(0, batch.num_rows, self.batch_rows):
@@ -319,9 +320,7 @@ class ReadFile(beam.DoFn):
                                                  list(self.columns) + [SPLIT_COL, ORDER_COL])
             offset += n
             logger.info("read %s: %d rows so far", name, offset)
-        if offset == 0:
-            logger.warning("empty input file: %s", path)
-            self._counter("empty_files")
+        return offset
 
     def _validate_table(self, table: pa.Table, n: int):
         """Canonical column arrays and a per-row reason (None = good), like ``RowConverter``."""
@@ -388,9 +387,9 @@ class ReadFile(beam.DoFn):
                  lambda i: "funnel violation: " + ", ".join(col for col in later if pos[col][i]) + " without click")
         return cols, reasons
 
-    def _hash_split(self, values: Dict, source: str) -> str:
-        key_col = self.split.key or self.schema.contract.user_id
-        key = str(values.get(key_col)) if key_col and values.get(key_col) is not None else source
+    def _hash_split(self, key_value, source: str) -> str:
+        """Split of a record by its key column's value, or by its source position when it has none."""
+        key = str(key_value) if key_value is not None else source
         return hash_split(key, self.split.eval_fraction, self.split.test_fraction)
 
     def _batch(self, buf: Sequence[Tuple[Dict, str, int]]) -> pa.RecordBatch:
@@ -429,7 +428,7 @@ class ReadFile(beam.DoFn):
                 file_header = next(csv.reader([first.decode("utf-8-sig", errors="replace").rstrip("\r\n")],
                                               delimiter=opts.delimiter))
                 if opts.header == "auto" and file_header != header:
-                    lines = _chain([first], lines)  # no header line in this file: it is a record
+                    lines = itertools.chain([first], lines)  # no header line in this file: it is a record
                     lineno -= 1
                 header = header or file_header
             for raw in lines:
@@ -483,11 +482,6 @@ class ReadFile(beam.DoFn):
             yield source, record, None
 
 
-def _chain(first, rest):
-    yield from first
-    yield from rest
-
-
 def _category(reason: str) -> str:
     for prefix in ("funnel violation", "missing required field", "bad timestamp", "invalid UTF-8", "expected",
                    "label", "not a tf.Example"):
@@ -537,4 +531,4 @@ def batch_time_range(batch: pa.RecordBatch, timestamp: str) -> Tuple[float, floa
 
 
 __all__ = ["ReadFile", "RowConverter", "Rejected", "canonical_columns", "hash_split", "split_batch_by_time",
-           "REJECTED", "SPLIT_COL", "np"]
+           "REJECTED", "SPLIT_COL", "ORDER_COL"]

@@ -16,12 +16,11 @@ Changing or deleting a later event can therefore never change an earlier row's f
 from __future__ import annotations
 
 from collections import deque
-from typing import Dict, Iterable, Iterator, Tuple
+from typing import Dict, Iterator, Tuple
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.sources import ORDER_COL
 from transforms import features as F
@@ -137,8 +136,4 @@ def add_user_features(rows, contract: FeatureContract, label: str = "UserFeature
             | f"{label}/Compute" >> beam.ParDo(AddUserFeatures(contract)))
 
 
-def concat(batches: Iterable[pa.RecordBatch]) -> pa.Table:
-    return pa.Table.from_batches(list(batches))
-
-
-__all__ = ["ORDER_COL", "add_user_features", "compute_user_features", "split_by_user", "pc"]
+__all__ = ["ORDER_COL", "add_user_features", "compute_user_features", "split_by_user"]
