@@ -1,12 +1,14 @@
 """Base class of the multi-task models (after tensorflow_recommenders.models.Model)."""
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import tensorflow as tf
 
 from models.keras import keras
+from models.layers import MLP, SharedEmbedding
 from models.tasks import BinaryTask
+from transforms.features import CLICK, CTAVR, CTCVR, CTR, DACTION, PURCHASE
 
 
 class MultiTaskModel(keras.Model):
@@ -17,6 +19,24 @@ class MultiTaskModel(keras.Model):
     losses, so the serving path is loss-free. ``fit``/``evaluate`` take ``(features, labels)`` pairs, both
     dicts of [B, 1] tensors.
     """
+
+    # ---- builders shared by the concrete models (all read ``self.config``, a ``ModelConfig``) ------------
+    def shared_embedding(self, categorical, dense, sequences) -> SharedEmbedding:
+        """The shared embedding module (ESM² "SEM", Eq. 5) configured from ``self.config``."""
+        c = self.config
+        return SharedEmbedding(categorical, dense, embedding_dim=c.embedding_dim,
+                               dense_activation=c.dense_activation, sequences=sequences or {}, name="sem")
+
+    def tower(self, name: str) -> MLP:
+        """One prediction tower: ``hidden_units`` ReLU layers and a logit unit (ESM² Eq. 6 without sigmoid)."""
+        c = self.config
+        return MLP(c.hidden_units, dropout=c.dropout, output_units=1, l2=c.l2, name=name)
+
+    def entire_space_tasks(self) -> List[BinaryTask]:
+        """ESM²'s three entire-space losses (Eqs. 8-10) with the config's weights (Eq. 11)."""
+        c = self.config
+        return [BinaryTask(CTR, CLICK, c.w_ctr), BinaryTask(CTAVR, DACTION, c.w_ctavr),
+                BinaryTask(CTCVR, PURCHASE, c.w_ctcvr)]
 
     def __init__(self, tasks: Sequence[BinaryTask] = (), **kwargs):
         super().__init__(**kwargs)

@@ -16,8 +16,7 @@ import tensorflow as tf
 from models.base import MultiTaskModel
 from models.config import ModelConfig
 from models.keras import keras
-from models.layers import MLP, ESM2Composition, SharedEmbedding
-from models.tasks import BinaryTask
+from models.layers import ESM2Composition
 from transforms.features import CLICK, CTAVR, CTCVR, CTR, CVR, DACTION, PURCHASE
 
 
@@ -49,17 +48,10 @@ class ESM2(MultiTaskModel):
                  config: ESM2Config | Dict | None = None, sequences: Mapping[str, int] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.config = ESM2Config.coerce(config)
-        c = self.config
-        self.embedding = SharedEmbedding(categorical, dense, embedding_dim=c.embedding_dim,
-                                         dense_activation=c.dense_activation, sequences=sequences or {}, name="sem")
-        self.towers = [MLP(c.hidden_units, dropout=c.dropout, output_units=1, l2=c.l2, name=f"tower_{t}")
-                       for t in self.TOWERS]
+        self.embedding = self.shared_embedding(categorical, dense, sequences)
+        self.towers = [self.tower(f"tower_{t}") for t in self.TOWERS]
         self.composition = ESM2Composition(name="scm")
-        self._tasks.extend([
-            BinaryTask(CTR, CLICK, c.w_ctr),          # Eq. 8
-            BinaryTask(CTAVR, DACTION, c.w_ctavr),    # Eq. 9
-            BinaryTask(CTCVR, PURCHASE, c.w_ctcvr),   # Eq. 10
-        ])
+        self._tasks.extend(self.entire_space_tasks())  # ESM² Eqs. 8-11
 
     @property
     def output_names_(self):

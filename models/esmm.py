@@ -12,13 +12,9 @@ import tensorflow as tf
 from models.base import MultiTaskModel
 from models.esm2 import ESM2Config
 from models.keras import keras
-from models.layers import MLP, ESMMComposition, SharedEmbedding
+from models.layers import ESMMComposition
 from models.tasks import BinaryTask
 from transforms.features import CLICK, CTCVR, CTR, CVR, PURCHASE
-
-
-def _config(config) -> ESM2Config:
-    return ESM2Config.coerce(config)
 
 
 @keras.utils.register_keras_serializable(package="rankline")
@@ -30,12 +26,11 @@ class ESMM(MultiTaskModel):
     def __init__(self, categorical: Mapping[str, int], dense: Sequence[str] = (), config=None,
                  sequences: Mapping[str, int] | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.config = _config(config)
+        self.config = ESM2Config.coerce(config)
         c = self.config
-        self.embedding = SharedEmbedding(categorical, dense, embedding_dim=c.embedding_dim,
-                                         dense_activation=c.dense_activation, sequences=sequences or {}, name="sem")
-        self.ctr_tower = MLP(c.hidden_units, dropout=c.dropout, output_units=1, l2=c.l2, name="tower_ctr")
-        self.cvr_tower = MLP(c.hidden_units, dropout=c.dropout, output_units=1, l2=c.l2, name="tower_cvr")
+        self.embedding = self.shared_embedding(categorical, dense, sequences)
+        self.ctr_tower = self.tower("tower_ctr")
+        self.cvr_tower = self.tower("tower_cvr")
         self.composition = ESMMComposition(name="esmm")
         self._tasks.extend([BinaryTask(CTR, CLICK, c.w_ctr), BinaryTask(CTCVR, PURCHASE, c.w_ctcvr)])
 
@@ -60,11 +55,10 @@ class CTRDNN(MultiTaskModel):
     def __init__(self, categorical: Mapping[str, int], dense: Sequence[str] = (), config=None,
                  sequences: Mapping[str, int] | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.config = _config(config)
+        self.config = ESM2Config.coerce(config)
         c = self.config
-        self.embedding = SharedEmbedding(categorical, dense, embedding_dim=c.embedding_dim,
-                                         dense_activation=c.dense_activation, sequences=sequences or {}, name="sem")
-        self.tower = MLP(c.hidden_units, dropout=c.dropout, output_units=1, l2=c.l2, name="tower_ctr")
+        self.embedding = self.shared_embedding(categorical, dense, sequences)
+        self.ctr_tower = self.tower("tower_ctr")
         self._tasks.append(BinaryTask(CTR, CLICK, c.w_ctr))
 
     @property
@@ -72,5 +66,5 @@ class CTRDNN(MultiTaskModel):
         return (CTR,)
 
     def call(self, features, training=None):
-        return {CTR: tf.sigmoid(self.tower(self.embedding(features), training=training))}
+        return {CTR: tf.sigmoid(self.ctr_tower(self.embedding(features), training=training))}
 

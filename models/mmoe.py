@@ -24,8 +24,7 @@ import tensorflow as tf
 from models.base import MultiTaskModel
 from models.config import ModelConfig
 from models.keras import keras
-from models.layers import MLP, ESM2Composition, ExpertGate, SharedEmbedding
-from models.tasks import BinaryTask
+from models.layers import ESM2Composition, ExpertGate
 from transforms.features import CLICK, CTAVR, CTCVR, CTR, CVR, DACTION, PURCHASE
 
 # ESM²'s towers y1..y4 (models.esm2.ESM2.TOWERS): the tasks that get a gate and a tower.
@@ -70,18 +69,12 @@ class MMoE(MultiTaskModel):
         super().__init__(**kwargs)
         self.config = MMoEConfig.coerce(config)
         c = self.config
-        self.embedding = SharedEmbedding(categorical, dense, embedding_dim=c.embedding_dim,
-                                         dense_activation=c.dense_activation, sequences=sequences or {}, name="sem")
+        self.embedding = self.shared_embedding(categorical, dense, sequences)
         self.mixture = ExpertGate(c.num_experts, c.expert_units, num_tasks=len(self.TOWERS), dropout=c.dropout,
                                   l2=c.l2, name="mmoe")
-        self.towers = [MLP(c.hidden_units, dropout=c.dropout, output_units=1, l2=c.l2, name=f"tower_{t}")
-                       for t in self.TOWERS]
+        self.towers = [self.tower(f"tower_{t}") for t in self.TOWERS]
         self.composition = ESM2Composition(name="scm")
-        self._tasks.extend([
-            BinaryTask(CTR, CLICK, c.w_ctr),          # ESM² Eq. 8
-            BinaryTask(CTAVR, DACTION, c.w_ctavr),    # ESM² Eq. 9
-            BinaryTask(CTCVR, PURCHASE, c.w_ctcvr),   # ESM² Eq. 10
-        ])
+        self._tasks.extend(self.entire_space_tasks())  # ESM² Eqs. 8-11
 
     @property
     def output_names_(self):

@@ -24,9 +24,8 @@ import tensorflow as tf
 from models.base import MultiTaskModel
 from models.config import ModelConfig
 from models.keras import keras
-from models.layers import CGC, MLP, ESM2Composition, SharedEmbedding
+from models.layers import CGC, ESM2Composition
 from models.mmoe import TOWERS
-from models.tasks import BinaryTask
 from transforms.features import CLICK, CTAVR, CTCVR, CTR, CVR, DACTION, PURCHASE
 
 
@@ -71,19 +70,13 @@ class PLE(MultiTaskModel):
         super().__init__(**kwargs)
         self.config = type(self).CONFIG.coerce(config)
         c = self.config
-        self.embedding = SharedEmbedding(categorical, dense, embedding_dim=c.embedding_dim,
-                                         dense_activation=c.dense_activation, sequences=sequences or {}, name="sem")
+        self.embedding = self.shared_embedding(categorical, dense, sequences)
         self.levels = [CGC(len(self.TOWERS), c.experts_per_task, c.num_shared_experts, c.expert_units,
                            shared_output=j < c.num_levels - 1, dropout=c.dropout, l2=c.l2, name=f"cgc_{j}")
                        for j in range(c.num_levels)]
-        self.towers = [MLP(c.hidden_units, dropout=c.dropout, output_units=1, l2=c.l2, name=f"tower_{t}")
-                       for t in self.TOWERS]
+        self.towers = [self.tower(f"tower_{t}") for t in self.TOWERS]
         self.composition = ESM2Composition(name="scm")
-        self._tasks.extend([
-            BinaryTask(CTR, CLICK, c.w_ctr),          # ESM² Eq. 8
-            BinaryTask(CTAVR, DACTION, c.w_ctavr),    # ESM² Eq. 9
-            BinaryTask(CTCVR, PURCHASE, c.w_ctcvr),   # ESM² Eq. 10
-        ])
+        self._tasks.extend(self.entire_space_tasks())  # ESM² Eqs. 8-11
 
     @property
     def output_names_(self):
