@@ -128,11 +128,24 @@ def test_max_reject_fraction_fails_with_a_clear_message(dirty_run):
     assert "rejected" in dirty_run["error"]
 
 
+def _read_all(reader, path):
+    """Runs a ReadFile DoFn over one file outside Beam: (good rows, {source: dead-letter reason})."""
+    from pipeline.sources import REJECTED
+
+    good, bad = [], {}
+    for out in reader.process(path):
+        if getattr(out, "tag", None) == REJECTED:
+            bad[out.value["source"]] = out.value["reason"]
+        else:
+            good.extend(out.to_pylist())
+    return good, bad
+
+
 def test_vectorised_parquet_path_matches_the_row_wise_rules(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.sources import ORDER_COL, REJECTED, ReadFile
+    from pipeline.sources import ORDER_COL, ReadFile
 
     doc = dict(SCHEMA_DOC, roles={"user_id": "user", "timestamp": "ts"},
                features=[f for f in SCHEMA_DOC["features"] if f["name"] != "hist"])
@@ -152,13 +165,7 @@ def test_vectorised_parquet_path_matches_the_row_wise_rules(tmp_path):
         reader = ReadFile(parse_schema(dict(doc, input={"path": path, "format": "parquet"}), "/x/unit.yaml"))
         reader.setup()
         reader._vectorisable = lambda v=vectorised: v
-        good, bad = [], {}
-        for out in reader.process(path):
-            if getattr(out, "tag", None) == REJECTED:
-                bad[out.value["source"]] = out.value["reason"]
-            else:
-                good.extend(out.to_pylist())
-        results[vectorised] = (good, bad)
+        results[vectorised] = _read_all(reader, path)
     (vg, vb), (rg, rb) = results[True], results[False]
     assert vb == rb
     assert vb == {"x.parquet:row 1": "field price: non-finite value inf",
@@ -174,7 +181,7 @@ def test_vectorised_parquet_path_matches_the_row_wise_rules(tmp_path):
 def test_tfrecord_input_of_tf_examples(tmp_path):
     import tensorflow as tf
 
-    from pipeline.sources import REJECTED, ReadFile
+    from pipeline.sources import ReadFile
 
     def example(**kv):
         feats = {}
@@ -196,12 +203,7 @@ def test_tfrecord_input_of_tf_examples(tmp_path):
         w.write(b"\x00not a proto")
     reader = ReadFile(parse_schema(dict(SCHEMA_DOC, input={"path": path, "format": "tfrecord"}), "/x/unit.yaml"))
     reader.setup()
-    good, bad = [], {}
-    for out in reader.process(path):
-        if getattr(out, "tag", None) == REJECTED:
-            bad[out.value["source"]] = out.value["reason"]
-        else:
-            good.extend(out.to_pylist())
+    good, bad = _read_all(reader, path)
     assert [(r["user"], r["cat"], r["price"], r["hist"]) for r in good] == [(1, "a", 2.5, ["p", "q"])]
     assert bad["x.tfrecord:record 1"] == "funnel violation: buy without click"
     assert bad["x.tfrecord:record 2"].startswith("not a tf.Example")
