@@ -38,6 +38,16 @@ class MultiTaskModel(keras.Model):
         return [BinaryTask(CTR, CLICK, c.w_ctr), BinaryTask(CTAVR, DACTION, c.w_ctavr),
                 BinaryTask(CTCVR, PURCHASE, c.w_ctcvr)]
 
+    @classmethod
+    def bind_to_contract(cls, config, contract, inputs: Sequence[str]):
+        """The config with dataset-dependent fields filled in from the feature contract (default: unchanged).
+
+        ``inputs`` are the model's transformed input names (categorical ids, sequences, dense). Models that
+        read role-specific fields (STAN's user side, MUSENET's history, USSR's segment) override this and
+        raise ``ValueError`` naming what the dataset lacks. The pipeline calls it before ``build``.
+        """
+        return config
+
     def __init__(self, tasks: Sequence[BinaryTask] = (), **kwargs):
         super().__init__(**kwargs)
         self._tasks = self._no_dependency(list(tasks))

@@ -16,6 +16,10 @@ MODELS = {
 }
 
 
+def model_class(model: str):
+    return _lookup(model)[0]
+
+
 def required_labels(model: str) -> Sequence[str]:
     return _lookup(model)[0].REQUIRED_LABELS
 

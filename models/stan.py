@@ -17,6 +17,7 @@ in non-trainable variables keyed by the user's vocabulary index, so checkpoints 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Mapping, Sequence, Tuple
 
@@ -59,6 +60,17 @@ PRESETS_NO_BETA: Dict[str, STANConfig] = {k: STANConfig(**dict(v.to_dict(), use_
 class STAN(PLE):
     REQUIRED_LABELS = STAGE_LABELS + tuple(pseudo_label(l) for l in STAGE_LABELS)
     CONFIG = STANConfig
+
+    @classmethod
+    def bind_to_contract(cls, config, contract, inputs):
+        """Fills ``user_fields`` (U of Eq. 7) from the contract's user columns when not set."""
+        if config.user_fields:
+            return config
+        fields = tuple(f for f in contract.embedded_fields(contract.user_columns) if f in inputs)
+        if not fields:
+            raise ValueError(f"STAN needs user-side features; dataset {contract.name!r} declares none "
+                             "(roles.user_columns)")
+        return dataclasses.replace(config, user_fields=fields)
 
     def __init__(self, categorical: Mapping[str, int], dense: Sequence[str] = (),
                  config: STANConfig | Dict | None = None, sequences: Mapping[str, int] | None = None, **kwargs):

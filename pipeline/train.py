@@ -1,7 +1,6 @@
 """Training wiring: transform output -> model inputs -> Keras fit."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
@@ -60,13 +59,11 @@ def train_model(model_name: str, model_config, contract: FeatureContract, tft_ou
     label_keys = tuple(registry.required_labels(model_name))
     check_transform_output(contract, tft_output, label_keys, model_name)
     categorical, dense, sequences = model_inputs(contract, tft_output)
-    if hasattr(model_config, "user_fields") and not model_config.user_fields:
-        # User-side models (STAN) read U from the contract's user columns.
-        fields = tuple(f for f in contract.embedded_fields(contract.user_columns) if f in categorical or f in sequences)
-        if not fields:
-            raise ModelDataMismatch(f"model {model_name!r} needs user-side features; dataset {contract.name!r} "
-                                    "declares none (roles.user_columns)")
-        model_config = dataclasses.replace(model_config, user_fields=fields)
+    try:
+        model_config = registry.model_class(model_name).bind_to_contract(
+            model_config, contract, tuple(categorical) + tuple(sequences) + tuple(dense))
+    except ValueError as exc:
+        raise ModelDataMismatch(f"model {model_name!r}: {exc}") from exc
     model = registry.build(model_name, categorical, dense, model_config, sequences)
     spec = tft_output.transformed_feature_spec()
     feature_keys = contract.model_feature_names()
