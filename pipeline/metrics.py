@@ -393,3 +393,30 @@ def calibration(labels, probs, n_bins: int = 10, strategy: str = "uniform") -> C
     ece = float(np.sum(count[nz] / len(p) * np.abs(rate - mean_p)))
     idx = np.flatnonzero(nz)
     return CalibrationResult(ece, edges[idx], edges[idx + 1], mean_p, rate, count[nz], edges)
+
+
+# --------------------------------------------------------------------------------------------------
+# clustering
+
+def normalized_mutual_info(truth, assigned) -> float:
+    """NMI of two labelings with the arithmetic-mean normaliser: I(T; A) / ((H(T) + H(A)) / 2).
+
+    Used to check that a model's latent assignments (e.g. MUSENET's scenarios) recover the generator's
+    hidden ones; 1 = the same partition up to renaming, 0 = independent. Equals
+    ``sklearn.metrics.normalized_mutual_info_score`` (average_method="arithmetic"); two single-cluster
+    labelings give 1.
+    """
+    t_keys, t = _group_codes(truth, "truth")
+    a_keys, a = _group_codes(assigned, "assigned")
+    _same_length(truth=t, assigned=a)
+    n = len(t)
+    joint = np.bincount(t * len(a_keys) + a, minlength=len(t_keys) * len(a_keys)).reshape(len(t_keys), len(a_keys))
+    p = joint / n
+    pt, pa = p.sum(axis=1), p.sum(axis=0)
+    nz = p > 0
+    mi = float(np.sum(p[nz] * np.log(p[nz] / np.outer(pt, pa)[nz])))
+    ht = float(-np.sum(pt[pt > 0] * np.log(pt[pt > 0])))
+    ha = float(-np.sum(pa[pa > 0] * np.log(pa[pa > 0])))
+    if ht == 0.0 and ha == 0.0:
+        return 1.0
+    return float(max(0.0, mi) / ((ht + ha) / 2.0))

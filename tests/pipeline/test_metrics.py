@@ -417,3 +417,18 @@ def test_log_loss_matches_sklearn():
 def test_bad_input_raises_value_error_naming_the_argument(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_normalized_mutual_info_matches_sklearn():
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from pipeline.metrics import normalized_mutual_info
+
+    rng = np.random.default_rng(7)
+    t = rng.integers(0, 5, 2000)
+    a = np.where(rng.random(2000) < 0.6, t * 3 % 7, rng.integers(0, 7, 2000))   # partly informative, renamed
+    assert normalized_mutual_info(t, a) == pytest.approx(normalized_mutual_info_score(t, a), abs=1e-12)
+    assert normalized_mutual_info(t, (t + 2) % 5) == pytest.approx(1.0)
+    assert normalized_mutual_info(np.zeros(10), np.zeros(10)) == 1.0
+    with pytest.raises(ValueError, match="assigned"):
+        normalized_mutual_info(t, a[:-1])
