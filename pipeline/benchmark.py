@@ -5,17 +5,18 @@
     python -m pipeline.benchmark --schema transforms/schemas/ali-ccp-sample.yaml --models esmm,dnn
 
 The data is preprocessed once; every (model, seed) trains on the same TFRecords and is evaluated on the
-same eval split. Output: a table of AUC mean ± std per task (with the oracle AUC on planted-truth data)
-and ``benchmark.json`` in the work directory.
+same eval split. Output, in the work directory: ``report.md`` (AUC, GAUC, LogLoss, calibration, NDCG,
+top-10% F1 and worst-segment AUC as mean ± std over seeds, the oracle beside them on planted-truth data,
+RelaImpr against ``--baseline``), ``report.json`` and PNG plots (ROC and reliability per task, AUC per
+segment, training curves). The AUC table is also printed.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -23,12 +24,15 @@ logger = logging.getLogger("rankline.benchmark")
 
 
 def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, epochs: int, preset: str = "default",
-                  batch_size=None, beam_args=None, preprocess: bool = True) -> Dict:
+                  batch_size=None, beam_args=None, preprocess: bool = True, baseline: Optional[str] = None,
+                  plots: bool = True) -> Dict:
+    """Trains every (model, seed) on the same preprocessed data; writes the report; returns its aggregate."""
     import tensorflow_transform as tft
 
     from models import registry
     from pipeline import evaluate as ev
     from pipeline.preprocess import TRANSFORM_DIR, PreprocessConfig, run_preprocess, transformed_pattern
+    from pipeline.report import write_report
     from pipeline.train import TrainConfig, train_model
     from transforms.preprocessing import build_preprocessing_fn
 
@@ -37,43 +41,36 @@ def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, ep
         run_preprocess(schema, PreprocessConfig(output_dir=pp_dir), build_preprocessing_fn(schema.contract),
                        beam_args or ["--runner=DirectRunner"])
     tft_output = tft.TFTransformOutput(os.path.join(pp_dir, TRANSFORM_DIR))
-    results: Dict[str, Dict[str, List[float]]] = {}
-    oracle: Dict[str, float] = {}
+    runs: Dict[str, List[Dict]] = {}
+    histories: Dict[str, List[Dict]] = {}
+    eval_rows = 0
+    total = len(models) * len(seeds)
     for model_name in models:
         cfg = registry.resolve_config(model_name, preset, {"batch_size": batch_size})
         for seed in seeds:
             started = time.time()
-            model, _ = train_model(model_name, cfg, schema.contract, tft_output, transformed_pattern(pp_dir, "train"),
-                                   transformed_pattern(pp_dir, "eval"), TrainConfig(epochs=epochs, seed=seed))
-            preds, labels = ev.collect(model, schema.contract, tft_output, transformed_pattern(pp_dir, "eval"))
-            report = ev.evaluate(preds, labels)
-            for task, row in report.items():
-                results.setdefault(model_name, {}).setdefault(task, []).append(row["auc"])
-                if "oracle_auc" in row:
-                    oracle[task] = row["oracle_auc"]
+            logger.info("[%d/%d] training %s, seed %d", len(sum(runs.values(), [])) + 1, total, model_name, seed)
+            model, history = train_model(model_name, cfg, schema.contract, tft_output,
+                                         transformed_pattern(pp_dir, "train"), transformed_pattern(pp_dir, "eval"),
+                                         TrainConfig(epochs=epochs, seed=seed))
+            report = ev.evaluate_model(model, schema.contract, tft_output, transformed_pattern(pp_dir, "eval"))
+            runs.setdefault(model_name, []).append(report)
+            histories.setdefault(model_name, []).append(history)
+            eval_rows = max([eval_rows] + [r["n"] for r in report.values()])
             logger.info("%s seed %d: %s (%.0fs)", model_name, seed,
-                        {t: round(r["auc"], 4) for t, r in report.items()}, time.time() - started)
-    out = {"models": models, "seeds": seeds, "epochs": epochs, "auc": results, "oracle_auc": oracle}
-    with open(os.path.join(work_dir, "benchmark.json"), "w") as fh:
-        json.dump(out, fh, indent=2)
-    return out
+                        {t: round(r["auc"], 4) for t, r in report.items() if "auc" in r}, time.time() - started)
+    result = {"dataset": schema.contract.name, "models": models, "seeds": seeds, "epochs": epochs, "preset": preset,
+              "baseline": baseline or models[0], "eval_rows": eval_rows}
+    agg = write_report(result, runs, histories, work_dir, plots=plots)
+    return dict(result, **agg)
 
 
 def format_table(result: Dict) -> str:
-    tasks = sorted({t for per_model in result["auc"].values() for t in per_model},
-                   key=["ctr", "ctavr", "cvr", "ctcvr"].index)
-    lines = ["| model | " + " | ".join(f"{t} AUC" for t in tasks) + " |",
-             "|---|" + "---|" * len(tasks)]
-    for model, per_task in result["auc"].items():
-        cells = []
-        for t in tasks:
-            v = np.asarray(per_task.get(t, []), dtype=float)
-            cells.append(f"{np.nanmean(v):.4f} ± {np.nanstd(v):.4f}" if len(v) else "-")
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    if result["oracle_auc"]:
-        lines.append("| oracle | " + " | ".join(f"{result['oracle_auc'].get(t, float('nan')):.4f}" for t in tasks)
-                     + " |")
-    return "\n".join(lines)
+    """The AUC table (mean ± std over seeds, oracle last) as markdown."""
+    from pipeline.report import TASK_ORDER, metric_table
+
+    tasks = [t for t in TASK_ORDER if any(t in per_task for per_task in result["summary"].values())]
+    return "\n".join(metric_table(result, "auc", tasks))
 
 
 def main(argv=None) -> int:
@@ -92,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-fraction", type=float, default=None)
     p.add_argument("--uninformative-daction", action="store_true")
     p.add_argument("--work-dir", default="artifacts/benchmark")
+    p.add_argument("--baseline", default=None, help="model RelaImpr is measured against (default: the first)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--reuse-preprocessed", action="store_true", help="skip preprocessing when outputs exist")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "apache_beam", "tensorflow"):
@@ -103,6 +102,8 @@ def main(argv=None) -> int:
 
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         unknown = [m for m in models if m not in registry.available()]
+        if args.baseline and args.baseline not in models:
+            raise UsageError(f"--baseline {args.baseline!r} is not among --models {models}")
         if unknown:
             raise UsageError(f"unknown model(s) {unknown}; available: {', '.join(registry.available())}")
         work_dir = os.path.abspath(args.work_dir)
@@ -112,8 +113,10 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result = run_benchmark(models, list(range(args.seeds)), schema, work_dir, args.epochs, args.preset,
-                           args.batch_size, beam_args, preprocess=not args.reuse_preprocessed)
+                           args.batch_size, beam_args, preprocess=not args.reuse_preprocessed,
+                           baseline=args.baseline, plots=not args.no_plots)
     print(format_table(result))
+    print(f"report: {os.path.join(work_dir, 'report.md')} (and report.json, plots)")
     return 0
 
 

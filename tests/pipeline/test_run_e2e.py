@@ -8,7 +8,7 @@ import numpy as np
 
 def test_run_reports_aucs_beside_oracle(e2e_run):
     report = e2e_run["summary"]["eval"]
-    assert set(report) == {"ctr", "ctavr", "cvr", "ctcvr"}
+    assert set(report) == {"ctr", "ctavr", "cvr", "cvr_entire", "ctcvr"}
     ctr = report["ctr"]
     assert 0.6 < ctr["auc"] <= 1.0, ctr  # learned something from ~5k rows
     assert ctr["oracle_auc"] > ctr["auc"] - 0.05  # the true probabilities are (nearly) the ceiling

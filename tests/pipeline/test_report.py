@@ -1,0 +1,87 @@
+"""The benchmark report: aggregates over seeds, RelaImpr, markdown, plots, and the benchmark command end to end."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline import evaluate as ev
+from pipeline import report as rp
+
+
+def _eval_report(seed, quality):
+    """A real evaluation report of scores whose informativeness is ``quality``."""
+    rng = np.random.default_rng(seed)
+    n = 4000
+    p = rng.uniform(0.02, 0.5, n)
+    y = (rng.random(n) < p).astype(np.int64)
+    score = np.clip(quality * p + (1 - quality) * rng.random(n) * 0.5, 0, 1)
+    labels = {"click": y, "true_ctr": p, ev.USER_KEY: rng.integers(0, 50, n),
+              ev.SEGMENT_KEY: np.array(["x", "y"], dtype=object)[rng.integers(0, 2, n)]}
+    return ev.evaluate({"ctr": score}, labels)
+
+
+def test_aggregate_means_stds_and_rela_impr():
+    runs = {"base": [_eval_report(s, 0.3) for s in range(3)], "better": [_eval_report(s, 0.9) for s in range(3)]}
+    agg = rp.aggregate(runs, baseline="better")
+    aucs = [r["ctr"]["auc"] for r in runs["base"]]
+    stat = agg["summary"]["base"]["ctr"]["auc"]
+    assert stat["mean"] == pytest.approx(np.mean(aucs)) and stat["std"] == pytest.approx(np.std(aucs))
+    worst = [r["ctr"]["worst_segment"][1] for r in runs["base"]]
+    assert agg["summary"]["base"]["ctr"]["worst_segment_auc"]["mean"] == pytest.approx(np.mean(worst))
+    b = np.mean([r["ctr"]["auc"] for r in runs["better"]])
+    assert agg["rela_impr"]["base"]["ctr"]["auc"] == pytest.approx(((np.mean(aucs) - 0.5) / (b - 0.5) - 1) * 100)
+    assert agg["rela_impr"]["better"]["ctr"]["auc"] == pytest.approx(0.0)
+    assert agg["rela_impr"]["base"]["ctr"]["auc"] < 0
+    assert agg["oracle"]["ctr"]["auc"] == pytest.approx(runs["base"][0]["ctr"]["oracle_auc"])
+
+
+def test_write_report_produces_markdown_json_and_real_pngs(tmp_path):
+    runs = {"a": [_eval_report(s, 0.5) for s in range(2)], "b": [_eval_report(s, 0.8) for s in range(2)]}
+    histories = {m: [{"loss": [0.5, 0.4], "val_loss": [0.55, 0.5]}] * 2 for m in runs}
+    result = {"dataset": "toy", "models": ["a", "b"], "seeds": [0, 1], "epochs": 2, "baseline": "a"}
+    rp.write_report(result, runs, histories, str(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    mean_b = np.mean([r["ctr"]["auc"] for r in runs["b"]])
+    assert f"{mean_b:.4f} ±" in md and "*oracle*" in md and "RelaImpr vs a" in md
+    payload = json.loads((tmp_path / "report.json").read_text())
+    assert payload["per_seed"]["b"][1]["ctr"]["auc"] == pytest.approx(runs["b"][1]["ctr"]["auc"])
+    assert set(payload["plots"]) == {"roc_ctr.png", "reliability_ctr.png", "segment_auc_ctr.png",
+                                     "training_curves.png"}
+    import matplotlib.image as mpimg
+
+    for name in payload["plots"]:
+        assert f"]({name})" in md
+        img = mpimg.imread(tmp_path / name)
+        assert img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0.01, name   # not blank
+
+
+def test_benchmark_command_writes_report_on_preprocessed_data(e2e_run, tmp_path, capsys):
+    from pipeline import benchmark
+
+    src = e2e_run["work_dir"]
+    for sub in ("builtin-data", "preprocessed"):
+        shutil.copytree(os.path.join(src, sub), tmp_path / sub)
+    rc = benchmark.main(["--models", "esmm,esm2", "--seeds", "2", "--epochs", "1", "--rows", "6000",
+                         "--batch-size", "256", "--work-dir", str(tmp_path), "--reuse-preprocessed",
+                         "--baseline", "esmm"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    payload = json.loads((tmp_path / "report.json").read_text())
+    assert payload["models"] == ["esmm", "esm2"] and payload["seeds"] == [0, 1]
+    for model in ("esmm", "esm2"):
+        per_seed = [s["ctr"]["auc"] for s in payload["per_seed"][model]]
+        assert len(per_seed) == 2 and all(0.5 < a < 1 for a in per_seed)
+        assert f"{np.mean(per_seed):.4f} ± {np.std(per_seed):.4f}" in out
+    assert "ctavr" in payload["summary"]["esm2"] and "ctavr" not in payload["summary"]["esmm"]
+    assert payload["oracle"]["ctr"]["auc"] > 0.5
+    assert "worst_segment_auc" in payload["summary"]["esm2"]["ctr"]
+    assert os.path.exists(tmp_path / "roc_cvr_entire.png") and os.path.exists(tmp_path / "training_curves.png")
+
+
+def test_benchmark_rejects_a_baseline_outside_the_models(capsys):
+    from pipeline import benchmark
+
+    assert benchmark.main(["--models", "esm2", "--baseline", "dnn"]) == 2
+    assert "--baseline" in capsys.readouterr().err
