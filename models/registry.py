@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Sequence
 
-from models import esm2, esmm, mmoe, ple, stan
+from models import esm2, esmm, gprec, mmoe, ple, stan
 
 MODELS = {
     "esm2": (esm2.ESM2, esm2.PRESETS),
@@ -13,6 +13,8 @@ MODELS = {
     "ple": (ple.PLE, ple.PRESETS),
     "stan": (stan.STAN, stan.PRESETS),
     "stan_nobeta": (stan.STAN, stan.PRESETS_NO_BETA),
+    "gprec": (gprec.GPRec, gprec.PRESETS),
+    "gprec_dcn": (gprec.GPRec, gprec.PRESETS_DCN),
 }
 
 
