@@ -1,0 +1,342 @@
+"""GPRec: equation-level checks against numpy (Eqs. 2-4, 6, 9, 13, 14-18, 20), the contrastive term's frozen f1,
+gradients, serialization, SavedModel round trip, contract binding, export through the pipeline."""
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models import registry
+from models.gprec import GPRec, GPRecConfig, PRESETS, PRESETS_DCN
+from models.keras import keras
+from models.layers.groups import DualGroupEmbedding, GroupClassifier, GumbelMask, cosine_similarity
+
+CATEGORICAL = {"user_id_id": 12, "user_age_id": 4, "user_power_id": 3, "item_id_id": 9, "device_id": 3}
+DENSE = ("x_z",)
+G, D = 5, 4
+
+
+def _batch(n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    feats = {k: tf.constant(rng.integers(0, c, (n, 1)), tf.int64) for k, c in CATEGORICAL.items()}
+    feats["x_z"] = tf.constant(rng.normal(size=(n, 1)), tf.float32)
+    return feats, {"click": tf.constant(rng.random((n, 1)) < 0.4, tf.int64)}
+
+
+def _config(**kw):
+    base = dict(num_groups=G, embedding_dim=D, hidden_units=(8,), prediction_units=(6, 4), classifier_units=(7,),
+                personal_units=(5,), dp_units=(6,), num_cross_layers=2, dropout=0.0,
+                lambda_group=0.7, lambda_contrast=0.3, lambda_orthogonal=0.2,
+                user_fields=("user_id_id", "user_age_id", "user_power_id"), personal_fields=("user_id_id",))
+    base.update(kw)
+    return GPRecConfig(**base)
+
+
+def _model(**kw):
+    m = GPRec(CATEGORICAL, DENSE, _config(**kw))
+    m(_batch()[0])
+    return m
+
+
+def _bce(y, p):
+    y, p = np.asarray(y, np.float64).reshape(-1), np.clip(np.asarray(p, np.float64).reshape(-1), 1e-7, 1 - 1e-7)
+    return -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _np_mlp(mlp, x, relu_last=False):
+    """Numpy forward of a models.layers.MLP (ReLU hidden layers, optional linear logit) from its weights."""
+    w = [np.asarray(a, np.float64) for a in mlp.get_weights()]
+    pairs = list(zip(w[0::2], w[1::2]))
+    n_hidden = len(mlp.hidden_units)
+    for i, (k, b) in enumerate(pairs):
+        x = x @ k + b
+        if i < n_hidden or relu_last:
+            x = np.maximum(x, 0.0)
+    return x
+
+
+def _reps(m, feats):
+    return {k: np.asarray(v.numpy(), np.float64) for k, v in m.representations(feats, training=False).items()}
+
+
+# ---- layers: Eqs. 2-4, 6, 9, 13 -------------------------------------------------------------------------------
+@pytest.mark.parametrize("per_group", [False, True])
+def test_group_classifier_eq2_scores_are_pairwise_softmaxes(per_group):
+    layer = GroupClassifier(G, (6, 3), per_group=per_group)
+    x = np.random.default_rng(1).normal(size=(10, 8)).astype(np.float32)
+    s = layer(x).numpy()
+    assert s.shape == (10, 2, G)
+    np.testing.assert_allclose(s.sum(axis=1), 1.0, rtol=1e-6)
+    w = [np.asarray(a, np.float64) for a in layer.get_weights()]
+    if per_group:  # G independent MLPs [8 -> 6 -> 3 -> 2]
+        logits = np.zeros((10, 2, G))
+        ks, bs = w[0::2], w[1::2]
+        for g in range(G):
+            h = x.astype(np.float64)
+            for i, (k, b) in enumerate(zip(ks, bs)):
+                h = h @ k[g] + b[g]
+                if i < len(ks) - 1:
+                    h = np.maximum(h, 0)
+            logits[:, :, g] = h
+    else:  # shared trunk and a 2G head, row 0 = in-group scores
+        h = np.maximum(np.maximum(x @ w[0] + w[1], 0) @ w[2] + w[3], 0)
+        logits = (h @ w[4] + w[5]).reshape(10, 2, G)
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(s, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_gumbel_mask_eqs3_4_with_given_noise_and_no_noise_at_inference():
+    rng = np.random.default_rng(2)
+    s1 = rng.uniform(0.05, 0.95, (6, G))
+    scores = np.stack([s1, 1 - s1], axis=1).astype(np.float32)
+    u = rng.uniform(0.01, 0.99, (6, 2, G))
+    gn = -np.log(-np.log(u))
+    tau = 0.5
+    layer = GumbelMask(tau)
+    num = np.exp((np.log(scores[:, 0]) + gn[:, 0]) / tau)
+    m1 = num / (num + np.exp((np.log(scores[:, 1]) + gn[:, 1]) / tau))        # Eq. 3, literally
+    got = layer.mask(tf.constant(scores), tf.constant(gn, tf.float32)).numpy()
+    np.testing.assert_allclose(got[:, 0], m1, rtol=1e-5)
+    np.testing.assert_allclose(got[:, 1], 1 - m1, rtol=1e-5, atol=1e-6)         # Eq. 4
+    # inference: no noise, m1 = s1^(1/tau) / (s1^(1/tau) + s0^(1/tau))
+    plain = s1 ** 2 / (s1 ** 2 + (1 - s1) ** 2)
+    np.testing.assert_allclose(layer(tf.constant(scores), training=False).numpy()[:, 0], plain, rtol=1e-5)
+    noisy = layer(tf.constant(scores), training=True).numpy()
+    assert not np.allclose(noisy[:, 0], plain, atol=1e-3)  # training draws Gumbel noise
+    np.testing.assert_allclose(noisy.sum(axis=1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("reduce", ["concat", "sum"])
+def test_dual_group_embedding_eq6_and_contrast_eq9(reduce):
+    layer = DualGroupEmbedding(G, D, reduce=reduce)
+    rng = np.random.default_rng(3)
+    m1 = rng.uniform(size=(7, G))
+    masks = np.stack([m1, 1 - m1], axis=1).astype(np.float32)
+    p, n = (np.asarray(a, np.float64) for a in layer.get_weights())
+    patterns = m1[:, :, None] * p + (1 - m1)[:, :, None] * n                    # [B, G, D]
+    contrast = (1 - m1)[:, :, None] * p + m1[:, :, None] * n
+    if reduce == "concat":
+        want, want_con = patterns.reshape(7, G * D), contrast.reshape(7, G * D)
+    else:
+        want, want_con = patterns.sum(1), contrast.sum(1)
+    np.testing.assert_allclose(layer(tf.constant(masks)).numpy(), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.contrast(tf.constant(masks)).numpy(), want_con, rtol=1e-5, atol=1e-6)
+    assert layer.output_dim == want.shape[1]
+    cos = (p * n).sum(1) / np.linalg.norm(p, axis=1) / np.linalg.norm(n, axis=1)
+    np.testing.assert_allclose(layer.pair_cosine().numpy(), cos, rtol=1e-5)
+
+
+def test_cosine_similarity_eq13():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(5, 9)), rng.normal(size=(5, 9))
+    want = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    np.testing.assert_allclose(cosine_similarity(tf.constant(a), tf.constant(b)).numpy(), want, rtol=1e-6)
+
+
+# ---- model: Eqs. 6-20 -------------------------------------------------------------------------------------------
+def test_representations_follow_eqs_6_and_12_and_outputs_eqs_7_10_13():
+    m = _model()
+    feats, _ = _batch()
+    r = _reps(m, feats)
+    p, n = (np.asarray(v.numpy(), np.float64) for v in (m.groups.positive, m.groups.negative))
+    m1 = r["masks"][:, 0]
+    np.testing.assert_allclose(r["masks"][:, 0], r["scores"][:, 0] ** 2 / (r["scores"] ** 2).sum(1), rtol=1e-5)
+    np.testing.assert_allclose(r["r_g"], (m1[:, :, None] * p + (1 - m1)[:, :, None] * n).reshape(len(m1), -1),
+                               rtol=1e-5, atol=1e-6)                                     # Eq. 6
+    np.testing.assert_allclose(r["r_p"], _np_mlp(m.f2, r["e_p"]), rtol=1e-4, atol=1e-6)  # Eq. 12
+    r_con = ((1 - m1)[:, :, None] * p + m1[:, :, None] * n).reshape(len(m1), -1)
+    out = {k: np.asarray(v.numpy(), np.float64) for k, v in m(feats, training=False).items()}
+    np.testing.assert_allclose(out["ctr_group"], _sigmoid(_np_mlp(m.f1, np.hstack([r["r_g"], r["e_v"]]))),
+                               rtol=1e-4)                                                # Eq. 7
+    np.testing.assert_allclose(out["ctr_contrast"], _sigmoid(_np_mlp(m.f1, np.hstack([r_con, r["e_v"]]))),
+                               rtol=1e-4)                                                # Eqs. 9-10
+    norms = np.maximum(np.linalg.norm(r["r_g"], axis=1) * np.linalg.norm(r["r_p"], axis=1), 1e-7)
+    cos = (r["r_g"] * r["r_p"]).sum(1) / norms
+    np.testing.assert_allclose(out["orthogonal_cos"][:, 0], cos, rtol=1e-4, atol=1e-6)  # Eq. 13
+    np.testing.assert_allclose(out["group"], r["scores"][:, 0], rtol=1e-6)
+    # E_u / E_p / E_v are the configured fields of the shared embedding (fields in sorted name order)
+    e = m.embedding.field_embeddings(feats).numpy()
+    names = list(m.embedding.categorical)
+    pick = (lambda fs: e[:, [names.index(f) for f in fs]].reshape(len(e), -1))
+    np.testing.assert_allclose(r["e_u"], pick(["user_id_id", "user_age_id", "user_power_id"]), rtol=1e-6)
+    np.testing.assert_allclose(r["e_p"], pick(["user_id_id"]), rtol=1e-6)
+    np.testing.assert_allclose(r["e_v"], pick(["device_id", "item_id_id"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "dcn"])
+def test_input_strategy_eq14(backbone):
+    m = _model(strategy="input", backbone=backbone)
+    feats, _ = _batch()
+    r = _reps(m, feats)
+    x = np.asarray(m.embedding(feats).numpy(), np.float64)
+    r_b = _np_mlp(m.backbone, x, relu_last=True)
+    if backbone == "dcn":  # x_{l+1} = x0 * (W x_l + b) + x_l, then [cross, deep]
+        xl = x
+        for layer in m.cross._layers:
+            k, b = (np.asarray(a, np.float64) for a in layer.get_weights())
+            xl = x * (xl @ k + b) + xl
+        r_b = np.hstack([xl, r_b])
+    np.testing.assert_allclose(r["r_b"], r_b, rtol=1e-4, atol=1e-5)
+    want = _sigmoid(_np_mlp(m.f_y, np.hstack([r["r_b"], r["r_g"], r["r_p"]])))
+    np.testing.assert_allclose(m(feats, training=False)["ctr"].numpy(), want, rtol=1e-4)
+
+
+def test_dynamic_parameter_strategy_eqs15_16():
+    m = _model(strategy="dp")
+    feats, _ = _batch()
+    r = _reps(m, feats)
+    tower = m.f_y
+    c = np.hstack([r["r_g"], r["r_p"]])
+    flat = _np_mlp(tower._generator, c, relu_last=True)
+    pk, pb = (np.asarray(a, np.float64) for a in tower._projection.get_weights())
+    flat = flat @ pk + pb                                                                 # Eq. 15 (f_DP)
+    shapes = [(r["r_b"].shape[1], 6), (6, 4), (4, 1)]
+    assert [tuple(k.shape) for k in tower._kernels] == shapes
+    x = r["r_b"]
+    start = 0
+    for i, ((a, b), k, bias) in enumerate(zip(shapes, tower._kernels, tower._biases)):
+        w_dp = flat[:, start:start + a * b].reshape(-1, a, b)                             # ReShape
+        start += a * b
+        x = np.einsum("bi,bio->bo", x, k.numpy() + w_dp) + bias.numpy()                   # Eq. 16
+        if i < 2:
+            x = np.maximum(x, 0)
+    assert start == flat.shape[1]
+    np.testing.assert_allclose(m(feats, training=False)["ctr"].numpy(), _sigmoid(x), rtol=1e-4)
+
+
+def test_ensemble_strategy_eqs17_18():
+    m = _model(strategy="ensemble")
+    feats, _ = _batch()
+    r = _reps(m, feats)
+    want = (_sigmoid(_np_mlp(m.f_b, r["r_b"])) + _sigmoid(_np_mlp(m.f_G, r["r_g"]))
+            + _sigmoid(_np_mlp(m.f_P, r["r_p"]))) / 3.0
+    np.testing.assert_allclose(m(feats, training=False)["ctr"].numpy(), want, rtol=1e-4)
+
+
+def test_loss_is_eq20():
+    m = _model(w_ctr=1.5)
+    feats, labels = _batch()
+    out = {k: v.numpy() for k, v in m(feats, training=False).items()}
+    y = labels["click"].numpy()
+    want = (1.5 * _bce(y, out["ctr"]) + 0.7 * _bce(y, out["ctr_group"]) - 0.3 * _bce(y, out["ctr_contrast"])
+            + 0.2 * np.mean(out["orthogonal_cos"]))
+    assert float(m.compute_loss(feats, labels, training=False)) == pytest.approx(want, rel=1e-5)
+
+
+# ---- gradients and the frozen f1 ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("backbone,strategy,per_group", [("mlp", "input", False), ("mlp", "dp", True),
+                                                         ("mlp", "ensemble", False), ("dcn", "input", False)])
+def test_gradients_reach_every_trainable_variable(backbone, strategy, per_group):
+    m = _model(backbone=backbone, strategy=strategy, classifier_per_group=per_group)
+    feats, labels = _batch(96)
+    with tf.GradientTape() as tape:
+        loss = m.compute_loss(feats, labels, training=True)
+    grads = tape.gradient(loss, m.trainable_variables)
+    assert len(m.trainable_variables) > 10
+    for v, g in zip(m.trainable_variables, grads):
+        assert g is not None, v.name
+        assert float(tf.reduce_sum(tf.abs(tf.convert_to_tensor(g)))) > 0, v.name
+
+
+def test_contrastive_term_never_reaches_f1():
+    m = _model()
+    feats, labels = _batch()
+    with tf.GradientTape(persistent=True) as tape:
+        terms = m.loss_terms(feats, labels, training=True)
+    f1_vars = m.f1.trainable_variables
+    assert len(f1_vars) == 6
+    assert all(g is None for g in tape.gradient(terms["contrast"], f1_vars))
+    assert all(g is not None for g in tape.gradient(terms["group"], f1_vars))  # L_G trains f1
+    g_pos, g_neg = tape.gradient(terms["contrast"], [m.groups.positive, m.groups.negative])
+    assert float(tf.reduce_sum(tf.abs(g_pos))) > 0 and float(tf.reduce_sum(tf.abs(g_neg))) > 0
+
+
+def test_train_step_with_only_the_contrastive_term_leaves_f1_bit_identical_and_raises_it():
+    m = _model(w_ctr=0.0, lambda_group=0.0, lambda_orthogonal=0.0, lambda_contrast=1.0)
+    feats, labels = _batch(64, seed=5)
+    m.compile(optimizer=keras.optimizers.SGD(0.5))
+    f1_before = [v.numpy().copy() for v in m.f1.trainable_variables]
+    emb_before = m.groups.positive.numpy().copy()
+    con_before = float(m.loss_terms(feats, labels)["contrast"])
+    m.train_step((feats, labels))
+    for before, v in zip(f1_before, m.f1.trainable_variables):
+        np.testing.assert_array_equal(before, v.numpy())
+    assert not np.array_equal(emb_before, m.groups.positive.numpy())
+    assert float(m.loss_terms(feats, labels)["contrast"]) > con_before  # L_G^Con is maximised
+
+
+# ---- serialization ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw", [dict(backbone="dcn", strategy="dp"),
+                                dict(strategy="ensemble", classifier_per_group=True, group_reduce="sum")])
+def test_config_round_trip_and_savedmodel_reload_keep_predictions(tmp_path, kw):
+    m = _model(**kw)
+    feats, labels = _batch(128, seed=1)
+    m.compile(optimizer=keras.optimizers.Adam(1e-2))
+    m.fit(tf.data.Dataset.from_tensor_slices((feats, labels)).batch(64), epochs=1, verbose=0)
+    want = {k: v.numpy() for k, v in m(feats, training=False).items()}
+    clone = GPRec.from_config(m.get_config())
+    assert clone.config == m.config
+    clone(feats)
+    clone.set_weights(m.get_weights())
+    for k, v in clone(feats, training=False).items():
+        np.testing.assert_array_equal(v.numpy(), want[k], err_msg=k)
+    path = str(tmp_path / "gprec")
+    m.save(path, save_format="tf")
+    reloaded = keras.models.load_model(path)
+    assert isinstance(reloaded, GPRec) and reloaded.config == m.config
+    for k, v in reloaded(feats, training=False).items():
+        np.testing.assert_array_equal(v.numpy(), want[k], err_msg=k)
+
+
+def test_cross_layers_are_tf_keras():
+    m = _model(backbone="dcn")
+    import tensorflow_recommenders as tfrs
+
+    assert all(isinstance(layer, tfrs.layers.dcn.Cross) and isinstance(layer, keras.layers.Layer) for layer in m.cross._layers)
+    assert not any(type(v).__module__.startswith("keras.") for v in m.cross.variables)
+
+
+# ---- config, registry, contract --------------------------------------------------------------------------------
+def test_registry_and_presets():
+    assert {"gprec", "gprec_dcn"} <= set(registry.available())
+    assert registry.required_labels("gprec") == ("click",)
+    assert {"default", "input", "dp", "ensemble", "paper"} <= set(registry.presets("gprec"))
+    assert all(c.backbone == "dcn" for c in PRESETS_DCN.values())
+    paper = PRESETS["paper"]
+    assert (paper.num_groups, paper.tau, paper.lambda_group, paper.lambda_contrast, paper.lambda_orthogonal) == (
+        60, 0.5, 1.0, 0.001, 0.0001)
+    assert registry.resolve_config("gprec", "dp", {"num_groups": 8}).strategy == "dp"
+
+
+@pytest.mark.parametrize("field,value", [("strategy", "stack"), ("backbone", "gdcn"), ("tau", 0.0),
+                                         ("lambda_contrast", -1.0), ("num_groups", 0), ("group_reduce", "mean")])
+def test_bad_config_is_named(field, value):
+    with pytest.raises(ValueError, match=field):
+        GPRecConfig(**{field: value})
+
+
+def test_bad_fields_are_named():
+    with pytest.raises(ValueError, match="nope_id"):
+        GPRec(CATEGORICAL, DENSE, _config(user_fields=("nope_id", "user_id_id"), personal_fields=("user_id_id",)))
+    with pytest.raises(ValueError, match="personal_fields"):
+        _config(personal_fields=("device_id",))
+
+
+def test_bind_to_contract_takes_user_columns_and_the_user_id():
+    from transforms.features import BUILTIN
+
+    inputs = BUILTIN.model_feature_names()
+    cfg = GPRec.bind_to_contract(GPRecConfig(), BUILTIN, inputs)
+    assert cfg.personal_fields == ("user_id_id",)
+    assert {"user_id_id", "user_gender_id", "user_age_id", "user_city_id", "user_power_id", "segment_id",
+            "user_orders_90d_bucket"} <= set(cfg.user_fields)
+    assert not any("item" in f for f in cfg.user_fields)
+    assert set(cfg.user_fields) <= set(inputs)
+    kept = GPRec.bind_to_contract(dataclasses.replace(cfg, personal_fields=("user_age_id",)), BUILTIN, inputs)
+    assert kept.personal_fields == ("user_age_id",)
+    with pytest.raises(ValueError, match="user id"):
+        GPRec.bind_to_contract(GPRecConfig(), dataclasses.replace(BUILTIN, user_id=None), inputs)
