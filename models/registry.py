@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Sequence
 
-from models import esm2, esmm, gprec, mmoe, ple, stan
+from models import esm2, esmm, gprec, mmoe, musenet, ple, stan
 
 MODELS = {
     "esm2": (esm2.ESM2, esm2.PRESETS),
@@ -15,6 +15,8 @@ MODELS = {
     "stan_nobeta": (stan.STAN, stan.PRESETS_NO_BETA),
     "gprec": (gprec.GPRec, gprec.PRESETS),
     "gprec_dcn": (gprec.GPRec, gprec.PRESETS_DCN),
+    "musenet": (musenet.MUSENET, musenet.PRESETS),
+    "musenet_base": (musenet.MUSENET, musenet.PRESETS_BASE),
 }
 
 

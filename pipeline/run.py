@@ -164,6 +164,7 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
+    import numpy as np
     import tensorflow_transform as tft
 
     from pipeline import evaluate as ev
@@ -204,7 +205,7 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     summary = {"model": model_name, "input": input_info, "preprocess": pp_summary, "eval": report,
                "export": export_path, "history": history, "timings_s": timings,
                "total_s": round(time.time() - started, 2),
-               "scored": {k: [round(float(x), 6) for x in v] for k, v in scores.items()}}
+               "scored": {k: np.round(np.asarray(v, np.float64), 6).tolist() for k, v in scores.items()}}
     with open(os.path.join(work_dir, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2)
     _print_summary(summary, ev.format_report(report))
@@ -242,8 +243,8 @@ def _print_summary(summary: Dict, report_text: str) -> None:
           f"test {pp['rows_test']}  rejected {pp['rows_rejected']}", file=out)
     print(report_text, file=out)
     print(f"export: {summary['export']}", file=out)
-    if summary["scored"]:
-        names = sorted(summary["scored"])
+    if summary["scored"]:  # one column per [B] output (wider ones, e.g. a scenario distribution, are in summary.json)
+        names = sorted(n for n, v in summary["scored"].items() if not v or not isinstance(v[0], list))
         print("scored raw examples through the SavedModel:", file=out)
         print("  " + "  ".join(f"{n:>9}" for n in names), file=out)
         for i in range(len(summary["scored"][names[0]])):

@@ -105,7 +105,9 @@ class ServingModule(tf.Module):
 
     def _predict(self, raw) -> Dict[str, tf.Tensor]:
         outputs = self._score(self._transform(raw))
-        return {name: tf.reshape(outputs[name], [-1]) for name in self._output_names}
+        # [B, 1] probabilities are served as [B]; wider outputs (e.g. a scenario distribution) stay [B, K].
+        return {name: tf.reshape(outputs[name], [-1]) if outputs[name].shape[-1] == 1 else outputs[name]
+                for name in self._output_names}
 
     def _serve_examples(self, examples):
         return self._predict(tf.io.parse_example(examples, self._raw_spec))

@@ -39,6 +39,8 @@ UF_COUNT = "uf_count"
 UF_IN_HISTORY = "uf_item_in_history"
 UF_REPEAT_RATIO = "uf_repeat_ratio"
 UF_HISTORY = "uf_history"
+# MUSENET's auxiliary label r_i (Eq. 10): the raw ``uf_repeat_ratio`` (not its z-score), float32 [B, 1].
+REPEAT_RATIO_LABEL = "pl_repeat_ratio"
 
 
 def uf_rate(label: str) -> str:
@@ -65,6 +67,11 @@ def zscore(name: str) -> str:
 
 def sequence_ids(name: str) -> str:
     return f"{name}_seq"
+
+
+def flag(name: str) -> str:
+    """Transformed name of a raw 0/1 column passed through as float32 [B, 1] (0 when missing)."""
+    return f"{name}_flag"
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,9 @@ class FeatureContract:
     user_features: Optional[UserFeatureSpec] = None
     # Raw columns that describe the user (not the item or the context): STAN's U, user-side models.
     user_columns: Tuple[str, ...] = ()
+    # Raw 0/1 feature columns also passed through unchanged as ``flag(x)`` float32 [B, 1] model inputs
+    # (e.g. MUSENET's exact indicator I[t in B_u], Eq. 9, beside its embedded vocabulary id).
+    flags: Tuple[str, ...] = ()
 
     def __post_init__(self):
         names = ([f.name for f in self.categorical] + [f.name for f in self.numeric]
@@ -211,6 +221,11 @@ class FeatureContract:
         leaked = sorted(set(names) & (set(self.labels.binary_columns) | set(self.labels.continuous) | set(self.oracle)))
         if leaked:
             raise ValueError(f"contract {self.name!r}: label/oracle column(s) declared as features: {leaked}")
+        numeric_cols = {f.name for f in self.categorical + self.numeric if f.dtype != "string"}
+        bad_flags = [n for n in self.flags if n not in numeric_cols]
+        if bad_flags:
+            raise ValueError(f"contract {self.name!r}: flag column(s) {bad_flags} must be declared int64/float32 "
+                             "features")
 
     # ---- raw side -------------------------------------------------------------------------------
     @property
@@ -276,7 +291,10 @@ class FeatureContract:
 
     @property
     def pseudo_labels(self) -> Tuple[str, ...]:
-        return tuple(pseudo_label(l) for l in self.labels.transformed) if self.user_features else ()
+        """Label-like outputs of the per-user stage: STAN's running label means and MUSENET's repeat ratio."""
+        if not self.user_features:
+            return ()
+        return tuple(pseudo_label(l) for l in self.labels.transformed) + (REPEAT_RATIO_LABEL,)
 
     @property
     def transformed_labels(self) -> Tuple[str, ...]:
@@ -285,6 +303,7 @@ class FeatureContract:
     def model_feature_names(self) -> Tuple[str, ...]:
         names = [categorical_id(f.name) for f in self.vocab_features] + list(self.model_categorical)
         names += list(self.model_dense) + [sequence_ids(f.name) for f in self.sequences]
+        names += [flag(name) for name in self.flags]
         return tuple(dict.fromkeys(names))
 
 
@@ -305,6 +324,7 @@ def with_user_features(contract: FeatureContract, spec: UserFeatureSpec) -> Feat
         contract, user_features=spec, user_columns=contract.user_columns + derived_user,
         numeric=contract.numeric + tuple(numeric),
         categorical=contract.categorical + (CategoricalFeature(UF_IN_HISTORY, dtype="int64"),),
+        flags=contract.flags + (UF_IN_HISTORY,),
         sequences=contract.sequences + (SequenceFeature(UF_HISTORY, max_length=spec.history_length,
                                                         top_k=100_000, num_oov_buckets=10),))
 

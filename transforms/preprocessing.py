@@ -125,9 +125,17 @@ def build_preprocessing_fn(contract: FeatureContract):
                 outputs[F.PURCHASE] = as_col(labels.purchase)
             for name in labels.continuous:
                 outputs[name] = tf.reshape(tf.cast(inputs[name], tf.float32), [-1, 1])
-        # STAN's pseudo-labels: the raw running label means (not their z-scores), for its squared-error loss.
+        # Raw 0/1 columns passed through as float32 [B, 1] (any non-zero value is 1, missing is 0).
+        for name in contract.flags:
+            x = _as_sparse(inputs[name])
+            on = tf.cast(tf.not_equal(x.values, tf.zeros_like(x.values)), tf.float32)
+            outputs[F.flag(name)] = _dense(tf.SparseTensor(x.indices, on, x.dense_shape), 0.0)
+        # STAN's pseudo-labels: the raw running label means (not their z-scores), for its squared-error loss;
+        # MUSENET's auxiliary label r_i (Eq. 10): the raw running repeat ratio.
         for label in contract.labels.transformed if contract.user_features else ():
             outputs[F.pseudo_label(label)] = _dense(_as_sparse(inputs[F.uf_rate(label)]), 0.0)
+        if contract.user_features:
+            outputs[F.REPEAT_RATIO_LABEL] = _dense(_as_sparse(inputs[F.UF_REPEAT_RATIO]), 0.0)
         for name in contract.oracle:
             if name in inputs:
                 outputs[name] = tf.reshape(inputs[name], [-1, 1])

@@ -1,0 +1,236 @@
+"""MUSENET: multi-scenario learning for repeat-aware recommendation (Xu et al., WSDM 2023).
+
+Paper: ../shared/papers/musenet-multi-scenario-repeat-aware.txt. B = batch, F = embedded fields, D = embedding
+width, N = F * D + dense inputs (the data-sample embedding x), P = projected width, K = scenarios.
+
+    x:                   the shared embedding of the whole sample [p_u, B_u, b_t, o_u] -> [B, N].
+    Scenario learner:    f_omega(x) [B, P]; Q_s(c | x) = softmax(-||f_omega(x) - c_k||^2) (Eq. 3); soft a = Q_s,
+                         hard a = Gumbel-softmax (Eq. 7, tau = 0.1) while training, one-hot arg max (Eq. 4) after.
+    Repeat intention:    per scenario k, p_r^k from user + history + context only, s_r^k and s_e^k from all of
+                         x; z_k = I[t in B_u] p_r s_r + (1 - I) (1 - p_r) s_e (Eq. 9).
+    Prediction (§3.2.3): ctr = sigma(sum_k a_k z_k) (soft; hard: a is one-hot, so sigma(z_k) of the assigned k).
+    Loss (Eq. 13):       L_T (Eq. 11) + D_KL(a || 1/K) (Eq. 12) + beta * L_A, L_A = mean_i (r_i - sum_k p_r^k a_ki)^2
+                         (Eq. 10 without its sign typo: the squared error is minimised), r_i = the user's running
+                         repeat ratio (``pl_repeat_ratio``).
+    Optimisation:        each training step first moves the prototypes by Eq. 14 (alpha = 0.2) with Theta fixed,
+                         then takes a gradient step on Theta (omega, embeddings, MLPs) with the new prototypes
+                         fixed: the alternating scheme of Eq. 13. Prototypes receive no gradient.
+
+Outputs of ``call``: ``ctr`` [B, 1]; ``scenario`` [B, K] (Q_s, the scenario distribution) and
+``repeat_intention`` [B, 1] (sum_k a_k p_r^k) when those modules are on. Ablation "w/o M1 & M2"
+(``musenet_base``): ``use_scenarios=False, use_repeat=False`` -> ctr = sigma(MLP(x)).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, Mapping, Sequence, Tuple
+
+import tensorflow as tf
+
+from models.base import MultiTaskModel
+from models.config import ModelConfig
+from models.keras import keras
+from models.layers.scenario import ASSIGNMENTS, RepeatIntention, ScenarioLearner
+from models.tasks import BinaryTask
+from transforms.features import CLICK, CTR, HOUR_ID, REPEAT_RATIO_LABEL, UF_IN_HISTORY, flag, zscore
+
+SCENARIO = "scenario"
+REPEAT_INTENTION = "repeat_intention"
+
+
+@dataclass(frozen=True)
+class MUSENETConfig(ModelConfig):
+    num_scenarios: int = 4            # K
+    projection_dim: int = 16          # P, width of f_omega(x)
+    assignment: str = "soft"          # "soft" (Eq. 3) or "hard" (Eqs. 4, 7)
+    temperature: float = 0.1          # tau of the Gumbel-softmax (Eq. 7)
+    prototype_momentum: float = 0.2   # alpha of Eq. 14
+    beta: float = 0.5                 # weight of L_A (Eq. 13)
+    w_kl: float = 1.0                 # weight of D_KL (Eq. 13 uses 1)
+    normalize_scenario_input: bool = True  # standardise x per sample before f_omega
+    use_scenarios: bool = True        # False: no scenario learner (K = 1, a = 1): ablation "w/o M1"
+    use_repeat: bool = True           # False: z_k = s_k, one scorer per scenario: ablation "w/o M2"
+    # Transformed inputs (embedded fields or dense names) of the intention layer: user, history and context,
+    # never the target item. Filled from the contract by ``bind_to_contract``.
+    intention_inputs: Tuple[str, ...] = ()
+    # Transformed inputs the scenario learner sees; () = the whole sample x (the paper).
+    scenario_inputs: Tuple[str, ...] = ()
+    in_history: str = flag(UF_IN_HISTORY)  # the 0/1 float input I[t in B_u]
+
+    POSITIVE_INT_FIELDS = ("num_scenarios", "projection_dim")
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "intention_inputs", tuple(self.intention_inputs))
+        object.__setattr__(self, "scenario_inputs", tuple(self.scenario_inputs))
+        if self.assignment not in ASSIGNMENTS:
+            raise ValueError(f"MUSENETConfig.assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"MUSENETConfig.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.prototype_momentum <= 1.0:
+            raise ValueError(f"MUSENETConfig.prototype_momentum must be in [0, 1], got {self.prototype_momentum}")
+        for f in ("beta", "w_kl"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"MUSENETConfig.{f} must be >= 0, got {getattr(self, f)}")
+
+
+PRESETS: Dict[str, MUSENETConfig] = {
+    "default": MUSENETConfig(),
+    "hard": MUSENETConfig(assignment="hard"),
+    # §4.1 Implementations: Adam 1e-3, K = 4, beta = 0.5.
+    "paper": MUSENETConfig(learning_rate=1e-3, num_scenarios=4, beta=0.5),
+}
+# Ablation "MUSENET w/o M1 & M2" (Table 3): no scenario learner, no repeat module: an embedding + MLP model.
+PRESETS_BASE: Dict[str, MUSENETConfig] = {
+    k: dataclasses.replace(v, use_scenarios=False, use_repeat=False) for k, v in PRESETS.items()}
+
+
+def _is_item_side(column: str, item_id) -> bool:
+    """The candidate side, by the convention of ``serving.export.request_level_fields``."""
+    return column == item_id or "item" in column
+
+
+@keras.utils.register_keras_serializable(package="rankline")
+class MUSENET(MultiTaskModel):
+    REQUIRED_LABELS = (CLICK, REPEAT_RATIO_LABEL)
+    CONFIG = MUSENETConfig
+
+    @classmethod
+    def bind_to_contract(cls, config, contract, inputs):
+        """Fills ``intention_inputs`` with the user, history and context inputs (everything but the item side)
+        and checks that the dataset has the exact I[t in B_u] input."""
+        if config.use_repeat and UF_IN_HISTORY not in contract.flags:
+            raise ValueError(f"MUSENET needs the per-user features (uf_item_in_history); dataset "
+                             f"{contract.name!r} has none (user_features in the schema)")
+        if config.intention_inputs or not config.use_repeat:
+            return config
+        columns = [f.name for f in contract.categorical + contract.numeric + contract.sequences]
+        request_side = [c for c in columns if not _is_item_side(c, contract.item_id)]
+        fields = list(contract.embedded_fields(request_side))
+        fields += [zscore(c) for c in request_side if any(f.name == c for f in contract.numeric)]
+        if contract.timestamp:
+            fields.append(HOUR_ID)
+        fields = tuple(f for f in dict.fromkeys(fields) if f in inputs)
+        if not fields:
+            raise ValueError(f"MUSENET needs user/history/context features; dataset {contract.name!r} has none")
+        return dataclasses.replace(config, intention_inputs=fields)
+
+    def __init__(self, categorical: Mapping[str, int], dense: Sequence[str] = (),
+                 config: MUSENETConfig | Dict | None = None, sequences: Mapping[str, int] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.config = MUSENETConfig.coerce(config)
+        c = self.config
+        self.embedding = self.shared_embedding(categorical, dense, sequences)
+        fields = list(self.embedding.categorical) + list(self.embedding.sequences)  # field_embeddings order
+        self._fields = fields
+        self._intention = self._positions(c.intention_inputs, "intention_inputs") if c.use_repeat else ([], [])
+        self._scenario = self._positions(c.scenario_inputs, "scenario_inputs") if c.scenario_inputs else None
+        k = c.num_scenarios if c.use_scenarios else 1
+        self.num_scenarios = k
+        self.scenarios = (ScenarioLearner(k, c.projection_dim, c.assignment, c.temperature, c.prototype_momentum,
+                                          c.normalize_scenario_input, name="scenario_learner")
+                          if c.use_scenarios else None)
+        self.repeat = RepeatIntention(k, c.hidden_units, dropout=c.dropout, l2=c.l2, use_repeat=c.use_repeat,
+                                      name="repeat_intention")
+        self._tasks.append(BinaryTask(CTR, CLICK, c.w_ctr))
+
+    def _positions(self, names, what) -> Tuple[list, list]:
+        """(field positions, dense positions) of transformed input names."""
+        names = list(names)
+        if not names:
+            raise ValueError(f"MUSENET: config.{what} is empty (bind_to_contract fills it from the dataset)")
+        missing = [n for n in names if n not in self._fields and n not in self.embedding.dense]
+        if missing:
+            raise ValueError(f"MUSENET: {what} {missing} are not model inputs; have "
+                             f"{self._fields + list(self.embedding.dense)}")
+        return ([self._fields.index(n) for n in names if n in self._fields],
+                [self.embedding.dense.index(n) for n in names if n in self.embedding.dense])
+
+    @property
+    def output_names_(self):
+        names = [CTR]
+        if self.config.use_scenarios:
+            names.append(SCENARIO)
+        if self.config.use_repeat:
+            names.append(REPEAT_INTENTION)
+        return tuple(names)
+
+    def _select(self, fields, dense, positions) -> tf.Tensor:
+        """[B, len(fp) * D + len(dp)] from field embeddings [B, F, D] and dense values [B, Nd]."""
+        fp, dp = positions
+        parts = []
+        if fp:
+            parts.append(tf.reshape(tf.gather(fields, fp, axis=1), [-1, len(fp) * self.embedding.embedding_dim]))
+        if dp:
+            parts.append(tf.gather(dense, dp, axis=1))
+        return tf.concat(parts, axis=1) if len(parts) > 1 else parts[0]
+
+    def forward(self, features, training=None, update_prototypes: bool = False) -> Dict[str, tf.Tensor]:
+        """Every intermediate: ``a``, ``q`` [B, K], ``z`` [B, K], ``p_r`` [B, K] (with the repeat module),
+        ``logit`` [B, 1], plus the public outputs. ``update_prototypes``: Step 1 of Eq. 13 (Eq. 14 on this
+        batch, Theta fixed) before the assignment is computed with the moved prototypes (Step 2)."""
+        c = self.config
+        fields = self.embedding.field_embeddings(features)                                 # [B, F, D]
+        dense = self.embedding.dense_values(features) if self.embedding.dense else None    # [B, Nd]
+        parts = [tf.reshape(fields, [-1, len(self._fields) * self.embedding.embedding_dim])]
+        x = tf.concat(parts + ([dense] if dense is not None else []), axis=1)              # [B, N]
+        batch = tf.shape(x)[0]
+        if self.scenarios is not None:
+            xs = x if self._scenario is None else self._select(fields, dense, self._scenario)
+            if update_prototypes:
+                projected = tf.stop_gradient(self.scenarios.project(xs))
+                a_fixed, _ = self.scenarios.assign(projected, training=True)
+                self.scenarios.update_prototypes(projected, a_fixed)                         # Eq. 14
+            a, q, _ = self.scenarios(xs, training=training)
+        else:
+            a = q = tf.ones([batch, 1], tf.float32)
+        if c.use_repeat:
+            xi = self._select(fields, dense, self._intention)
+            in_history = tf.reshape(tf.cast(features[c.in_history], tf.float32), [-1, 1])
+        else:
+            xi, in_history = x, tf.zeros([batch, 1], tf.float32)
+        out = dict(self.repeat(xi, x, in_history, training=training))
+        logit = tf.reduce_sum(a * out["z"], axis=1, keepdims=True)                        # §3.2.3
+        out.update(a=a, q=q, logit=logit)
+        out[CTR] = tf.sigmoid(logit)
+        if self.scenarios is not None:
+            out[SCENARIO] = q
+        if c.use_repeat:
+            out[REPEAT_INTENTION] = tf.reduce_sum(a * out["p_r"], axis=1, keepdims=True)
+        return out
+
+    def call(self, features, training=None):
+        out = self.forward(features, training=training)
+        return {name: out[name] for name in self.output_names_}
+
+    def loss_terms(self, features, labels, training: bool = False, update_prototypes: bool = False):
+        """(L_T, D_KL, L_A) of Eq. 13; L_T also feeds the task's metrics."""
+        out = self.forward(features, training=training, update_prototypes=update_prototypes)
+        l_t = self._tasks[0].compute_loss(labels, out)                                       # Eq. 11
+        kl = ScenarioLearner.kl_to_uniform(out["a"]) if self.scenarios is not None else tf.constant(0.0)  # Eq. 12
+        if self.config.use_repeat:
+            r = tf.reshape(tf.cast(labels[REPEAT_RATIO_LABEL], tf.float32), [-1, 1])
+            l_a = tf.reduce_mean(tf.square(r - out[REPEAT_INTENTION]))                      # Eq. 10
+        else:
+            l_a = tf.constant(0.0)
+        return l_t, kl, l_a
+
+    def compute_loss(self, features, labels, training: bool = False, update_prototypes: bool = False) -> tf.Tensor:
+        c = self.config
+        l_t, kl, l_a = self.loss_terms(features, labels, training, update_prototypes)
+        loss = self._tasks[0].weight * l_t + c.w_kl * kl + c.beta * l_a                    # Eq. 13
+        if self.losses:
+            loss += tf.add_n(self.losses)
+        return loss
+
+    def train_step(self, data):
+        """Alternating optimisation (Eq. 13): Eq. 14 on the prototypes, then a gradient step on Theta."""
+        features, labels = data
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(features, labels, training=True, update_prototypes=True)
+            scaled = loss / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
+        grads = tape.gradient(scaled, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        self._total_loss.update_state(loss)
+        return {m.name: m.result() for m in self.metrics}

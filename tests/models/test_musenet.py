@@ -1,0 +1,322 @@
+"""MUSENET: Eqs. 3, 4, 7, 9, 10, 12, 13, 14 against numpy; serving outputs; alternating training; persistence."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models import registry
+from models.keras import keras
+from models.layers import ParallelMLP, RepeatIntention, ScenarioLearner
+from models.musenet import MUSENET, PRESETS, PRESETS_BASE, MUSENETConfig
+from transforms import features as F
+
+CATEGORICAL = {"user_id": 6, "device_id": 3, "hour_id": 24, "item_id": 5}
+SEQUENCES = {"hist_seq": 5}
+DENSE = ("user_z", "item_z")
+INTENTION = ("user_id", "device_id", "hour_id", "hist_seq", "user_z")
+FLAG = F.flag(F.UF_IN_HISTORY)
+
+
+def _batch(n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    feats = {k: tf.constant(rng.integers(0, c, (n, 1)), tf.int64) for k, c in CATEGORICAL.items()}
+    feats["hist_seq"] = tf.constant(rng.integers(0, 6, (n, 4)), tf.int64)
+    for name in DENSE:
+        feats[name] = tf.constant(rng.normal(size=(n, 1)), tf.float32)
+    feats[FLAG] = tf.constant((rng.random((n, 1)) < 0.4).astype(np.float32))
+    labels = {"click": tf.constant(rng.random((n, 1)) < 0.4, tf.int64),
+              F.REPEAT_RATIO_LABEL: tf.constant(rng.random((n, 1)), tf.float32)}
+    return feats, labels
+
+
+def _config(**kw):
+    base = dict(hidden_units=(8,), embedding_dim=4, dropout=0.0, projection_dim=3, intention_inputs=INTENTION)
+    base.update(kw)
+    return MUSENETConfig(**base)
+
+
+def _model(**kw):
+    m = MUSENET(CATEGORICAL, DENSE, _config(**kw), SEQUENCES)
+    m(_batch()[0])
+    return m
+
+
+def _softmax(v):
+    e = np.exp(v - v.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _sigmoid(v):
+    return 1.0 / (1.0 + np.exp(-v))
+
+
+def _bce(y, p):
+    y = np.asarray(y, np.float64).reshape(-1)
+    p = np.clip(np.asarray(p, np.float64).reshape(-1), 1e-7, 1 - 1e-7)
+    return -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+def _learner(normalize=False, assignment="soft", k=3, p=2, n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    layer = ScenarioLearner(k, p, assignment=assignment, temperature=0.1, momentum=0.2, normalize_input=normalize)
+    layer.build((None, n))
+    omega = rng.normal(size=(n, p)).astype(np.float32)
+    protos = rng.normal(size=(k, p)).astype(np.float32)
+    layer.omega.assign(omega)
+    layer.prototypes.assign(protos)
+    return layer, omega, protos
+
+
+# ---- Eq. 3 / Eq. 4 / Eq. 7: scenario assignment ------------------------------------------------------------
+@pytest.mark.parametrize("normalize", [False, True])
+def test_soft_assignment_is_eq3_softmax_of_negative_squared_distance(normalize):
+    layer, omega, protos = _learner(normalize=normalize)
+    x = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
+    a, q, proj = (t.numpy() for t in layer(tf.constant(x), training=True))
+    xs = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-6) if normalize else x
+    f = xs.astype(np.float64) @ omega
+    d = ((f[:, None, :] - protos[None, :, :]) ** 2).sum(-1)           # [B, K] loop-free but explicit
+    np.testing.assert_allclose(proj, f, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(q, _softmax(-d), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(a, q)                                 # soft: a = Q_s, no noise
+
+
+def test_hard_assignment_is_one_hot_arg_max_at_inference_and_gumbel_softmax_in_training():
+    layer, omega, protos = _learner(assignment="hard")
+    x = np.random.default_rng(2).normal(size=(6, 4)).astype(np.float32)
+    d = (((x.astype(np.float64) @ omega)[:, None, :] - protos[None]) ** 2).sum(-1)
+    a, q, _ = layer(tf.constant(x), training=False)
+    np.testing.assert_array_equal(a.numpy(), np.eye(3)[np.argmin(d, 1)])  # Eq. 4, deterministic
+    # Eq. 7: relaxed one-hot rows; the arg max of softmax((log pi + g) / tau) is a draw from pi (Gumbel-max).
+    one = np.repeat(x[:1], 20000, axis=0)
+    a_train, q_train, _ = layer(tf.constant(one), training=True)
+    a_train = a_train.numpy()
+    np.testing.assert_allclose(a_train.sum(1), 1.0, rtol=1e-5)
+    assert np.mean(a_train.max(1) > 0.9) > 0.8                          # tau = 0.1: nearly discrete
+    pi = _softmax(-d[0])
+    freq = np.bincount(a_train.argmax(1), minlength=3) / len(one)
+    np.testing.assert_allclose(freq, pi, atol=0.015)
+    np.testing.assert_allclose(q_train.numpy()[0], pi, rtol=1e-4)
+
+
+def test_gumbel_softmax_matches_eq7_for_given_noise(monkeypatch):
+    layer, omega, protos = _learner(assignment="hard")
+    x = np.random.default_rng(3).normal(size=(4, 4)).astype(np.float32)
+    u = np.random.default_rng(4).uniform(0.05, 0.95, size=(4, 3)).astype(np.float32)
+    monkeypatch.setattr(tf.random, "uniform", lambda shape, minval=0.0, maxval=1.0: tf.constant(u))
+    a, _, _ = layer(tf.constant(x), training=True)
+    d = (((x.astype(np.float64) @ omega)[:, None, :] - protos[None]) ** 2).sum(-1)
+    log_pi = np.log(_softmax(-d))
+    g = -np.log(-np.log(u.astype(np.float64)))
+    np.testing.assert_allclose(a.numpy(), _softmax((log_pi + g) / 0.1), rtol=1e-4, atol=1e-6)
+
+
+# ---- Eq. 9, Eq. 12, Eq. 14 ------------------------------------------------------------------------------
+def test_eq9_repeat_and_explore_are_gated_by_the_history_indicator():
+    rng = np.random.default_rng(5)
+    p_r, s_r, s_e = rng.random((4, 3)), rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    ind = np.array([[1.0], [0.0], [1.0], [0.0]])
+    z = RepeatIntention.combine(tf.constant(ind), *(tf.constant(v) for v in (p_r, s_r, s_e))).numpy()
+    expected = np.empty((4, 3))
+    for i in range(4):
+        for k in range(3):
+            expected[i, k] = p_r[i, k] * s_r[i, k] if ind[i, 0] == 1 else (1 - p_r[i, k]) * s_e[i, k]
+    np.testing.assert_allclose(z, expected, rtol=1e-12)
+
+
+def test_eq12_kl_to_uniform_prior_by_hand():
+    a = np.array([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]], np.float32)
+    # row 0: 0; row 1: 1 * (0 + log 4); row 2: 2 * 0.5 * (log 0.5 + log 4) = log 2
+    expected = (0.0 + np.log(4.0) + np.log(2.0)) / 3
+    assert float(ScenarioLearner.kl_to_uniform(tf.constant(a))) == pytest.approx(expected, rel=1e-6)
+
+
+def test_eq14_prototype_moving_average_against_numpy():
+    layer, _, protos = _learner(k=3, p=2)
+    rng = np.random.default_rng(6)
+    proj = rng.normal(size=(7, 2)).astype(np.float32)
+    a = _softmax(rng.normal(size=(7, 3))).astype(np.float32)
+    a[:, 2] = 0.0                                                       # scenario 2 gets no mass: keeps c_2
+    new = layer.update_prototypes(tf.constant(proj), tf.constant(a)).numpy()
+    expected = protos.astype(np.float64).copy()
+    for k in range(2):
+        mean = sum(a[i, k] * proj[i] for i in range(7)) / sum(a[i, k] for i in range(7))
+        expected[k] = 0.8 * protos[k] + 0.2 * mean
+    np.testing.assert_allclose(new, expected, rtol=1e-5)
+    np.testing.assert_allclose(layer.prototypes.numpy(), expected, rtol=1e-5)
+    assert not layer.prototypes.trainable
+
+
+# ---- the model ------------------------------------------------------------------------------------------
+def test_outputs_follow_section_3_2_3_and_intention_sees_no_item_features():
+    m = _model()
+    feats, _ = _batch()
+    out = {k: v.numpy() for k, v in m.forward(feats, training=False).items()}
+    served = m(feats, training=False)
+    assert set(served) == {"ctr", "scenario", "repeat_intention"}
+    assert served["ctr"].shape == (48, 1) and served["scenario"].shape == (48, 4)
+    ind = feats[FLAG].numpy()
+    z = ind * out["p_r"] * out["s_r"] + (1 - ind) * (1 - out["p_r"]) * out["s_e"]       # Eq. 9
+    np.testing.assert_allclose(out["z"], z, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(served["ctr"].numpy(), _sigmoid((out["a"] * z).sum(1, keepdims=True)), rtol=1e-5)
+    np.testing.assert_allclose(served["repeat_intention"].numpy(), (out["a"] * out["p_r"]).sum(1, keepdims=True),
+                               rtol=1e-5)
+    np.testing.assert_allclose(served["scenario"].numpy().sum(1), 1.0, rtol=1e-5)
+    # p_r uses user, history and context only: changing the target item leaves it unchanged
+    other = dict(feats, item_id=tf.reverse(feats["item_id"], [0]), item_z=feats["item_z"] + 3.0)
+    other[FLAG] = 1.0 - feats[FLAG]
+    np.testing.assert_allclose(m.forward(other)["p_r"].numpy(), out["p_r"], rtol=1e-6)
+    moved = dict(feats, user_z=feats["user_z"] + 3.0)
+    assert np.abs(m.forward(moved)["p_r"].numpy() - out["p_r"]).max() > 1e-4
+
+
+def test_loss_is_eq13_lt_plus_kl_plus_beta_la():
+    m = _model(beta=0.7)
+    feats, labels = _batch()
+    out = {k: v.numpy() for k, v in m.forward(feats, training=False).items()}
+    a = out["a"].astype(np.float64)
+    kl = np.mean(np.sum(a * (np.log(a) + np.log(4)), axis=1))
+    r = labels[F.REPEAT_RATIO_LABEL].numpy().reshape(-1)
+    l_a = np.mean((r - (out["p_r"] * a).sum(1)) ** 2)                   # Eq. 10 as a squared error
+    expected = _bce(labels["click"], out["ctr"]) + kl + 0.7 * l_a
+    assert float(m.compute_loss(feats, labels)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_ablation_without_scenarios_and_repeat_is_a_plain_mlp_with_ctr_only():
+    m = MUSENET(CATEGORICAL, DENSE, _config(use_scenarios=False, use_repeat=False, intention_inputs=()), SEQUENCES)
+    feats, labels = _batch()
+    out = m(feats)
+    assert set(out) == {"ctr"} and m.scenarios is None
+    inner = m.forward(feats)
+    np.testing.assert_allclose(out["ctr"].numpy(), _sigmoid(inner["z"].numpy()), rtol=1e-5)
+    assert float(m.compute_loss(feats, labels)) == pytest.approx(_bce(labels["click"], out["ctr"]), rel=1e-5)
+
+
+def test_train_step_moves_prototypes_by_eq14_then_steps_theta_with_them_fixed():
+    m = _model()
+    m.compile(optimizer=keras.optimizers.SGD(0.1))
+    feats, labels = _batch()
+    layer = m.scenarios
+    # Step 1 with Theta before the step: f_omega(x) and soft a from the old omega and prototypes.
+    x = m.embedding(feats).numpy()
+    xs = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-6)
+    f = xs @ layer.omega.numpy()
+    c = layer.prototypes.numpy().astype(np.float64)
+    a = _softmax(-((f[:, None, :] - c[None]) ** 2).sum(-1))
+    expected = 0.8 * c + 0.2 * (a.T @ f) / a.sum(0)[:, None]
+    omega_before = layer.omega.numpy().copy()
+    m.train_on_batch(feats, labels)
+    np.testing.assert_allclose(layer.prototypes.numpy(), expected, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(layer.omega.numpy(), omega_before)           # Step 2: a gradient step on omega
+    assert all(v is not layer.prototypes for v in m.trainable_variables)
+    before = layer.prototypes.numpy().copy()
+    m(feats, training=True)
+    m.compute_loss(feats, labels, training=True)                        # only train_step moves them
+    np.testing.assert_array_equal(layer.prototypes.numpy(), before)
+
+
+@pytest.mark.parametrize("kw", [{}, {"assignment": "hard"}, {"use_scenarios": False, "use_repeat": False}])
+def test_gradients_reach_every_trainable_variable(kw):
+    m = _model(**kw)
+    feats, labels = _batch()
+    with tf.GradientTape(persistent=True) as tape:
+        loss = m.compute_loss(feats, labels, training=True)
+    grads = tape.gradient(loss, m.trainable_variables)
+    dead = [v.name for v, g in zip(m.trainable_variables, grads)
+            if g is None or float(tf.reduce_max(tf.abs(tf.convert_to_tensor(g)))) == 0.0]
+    assert not dead, dead
+    if m.scenarios is not None:
+        assert tape.gradient(loss, m.scenarios.prototypes) is None
+
+
+def _fitted(**kw):
+    m = _model(**kw)
+    m.compile(optimizer=keras.optimizers.Adam(1e-2))
+    feats, labels = _batch(n=96)
+    m.fit(tf.data.Dataset.from_tensor_slices((feats, labels)).batch(32), epochs=2, verbose=0)
+    return m
+
+
+@pytest.mark.parametrize("kw", [{}, {"assignment": "hard"}])
+def test_config_round_trip_gives_identical_predictions(kw):
+    m = _fitted(**kw)
+    feats, _ = _batch(seed=3)
+    clone = MUSENET.from_config(m.get_config())
+    clone(feats)
+    clone.set_weights(m.get_weights())
+    assert clone.config == m.config
+    for k, v in m(feats).items():
+        np.testing.assert_array_equal(v.numpy(), clone(feats)[k].numpy())
+
+
+def test_save_and_reload_gives_identical_predictions_and_prototypes(tmp_path):
+    m = _fitted()
+    feats, _ = _batch(seed=4)
+    expected = {k: v.numpy() for k, v in m(feats, training=False).items()}
+    path = str(tmp_path / "musenet")
+    m.save(path, save_format="tf")
+    reloaded = keras.models.load_model(path)
+    got = reloaded(feats, training=False)
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        np.testing.assert_array_equal(v, got[k].numpy())
+    protos = [w for w in reloaded.weights if "prototypes" in w.name]
+    np.testing.assert_array_equal(protos[0].numpy(), m.scenarios.prototypes.numpy())
+
+
+@pytest.mark.parametrize("layer", [
+    ScenarioLearner(4, 3, assignment="hard", temperature=0.5, momentum=0.3, normalize_input=False),
+    ParallelMLP(3, [5, 4], output_units=2, dropout=0.1, l2=1e-4),
+])
+def test_layer_config_round_trip(layer):
+    x = tf.random.normal([6, 7])
+    y = layer(x, training=False)
+    clone = type(layer).from_config(layer.get_config())
+    clone(x, training=False)
+    clone.set_weights(layer.get_weights())
+    assert clone.get_config() == layer.get_config()
+    for a, b in zip(tf.nest.flatten(y), tf.nest.flatten(clone(x, training=False))):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_parallel_mlp_heads_are_independent_mlps():
+    layer = ParallelMLP(2, [3], output_units=1)
+    x = np.random.default_rng(7).normal(size=(5, 4)).astype(np.float32)
+    y = layer(tf.constant(x)).numpy()
+    w1, b1, w2, b2 = (w.numpy() for w in layer.weights)
+    for k in range(2):
+        ref = np.maximum(x @ w1[k] + b1[k], 0) @ w2[k] + b2[k]
+        np.testing.assert_allclose(y[:, k], ref, rtol=1e-5, atol=1e-6)
+
+
+# ---- contract binding, registry, config ------------------------------------------------------------------
+def test_bind_to_contract_takes_user_history_and_context_never_the_item():
+    inputs = F.BUILTIN.model_feature_names()
+    cfg = MUSENET.bind_to_contract(MUSENETConfig(), F.BUILTIN, inputs)
+    fields = set(cfg.intention_inputs)
+    assert {"user_id_id", "device_id", "page_id", F.HOUR_ID, "uf_history_seq", "uf_repeat_ratio_z"} <= fields
+    assert not [f for f in fields if "item" in f]
+    assert F.flag(F.UF_IN_HISTORY) in inputs and F.REPEAT_RATIO_LABEL in F.BUILTIN.pseudo_labels
+    from dataclasses import replace
+    bare = replace(F.BUILTIN, flags=())
+    with pytest.raises(ValueError, match="uf_item_in_history"):
+        MUSENET.bind_to_contract(MUSENETConfig(), bare, inputs)
+
+
+def test_unknown_intention_input_is_named():
+    with pytest.raises(ValueError, match="nosuch"):
+        MUSENET(CATEGORICAL, DENSE, _config(intention_inputs=("nosuch",)), SEQUENCES)
+
+
+def test_registry_presets_and_config_validation():
+    assert registry.model_class("musenet") is MUSENET and registry.model_class("musenet_base") is MUSENET
+    assert tuple(registry.required_labels("musenet")) == ("click", F.REPEAT_RATIO_LABEL)
+    d = registry.resolve_config("musenet")
+    assert (d.num_scenarios, d.beta, d.temperature, d.prototype_momentum, d.assignment) == (4, 0.5, 0.1, 0.2, "soft")
+    b = registry.resolve_config("musenet_base")
+    assert not b.use_scenarios and not b.use_repeat
+    assert PRESETS["hard"].assignment == "hard" and set(PRESETS) == set(PRESETS_BASE)
+    for kwargs, field in [({"assignment": "medium"}, "assignment"), ({"num_scenarios": 0}, "num_scenarios"),
+                          ({"temperature": 0.0}, "temperature"), ({"prototype_momentum": 1.5}, "prototype_momentum"),
+                          ({"beta": -1.0}, "beta")]:
+        with pytest.raises(ValueError, match=field):
+            MUSENETConfig(**kwargs)
