@@ -13,7 +13,7 @@ Behaviour graph (ESM² paper, Fig. 3c): impression -> click -> D(O)Action -> pur
 so that true_ctr = y1, true_ctavr = y1*y2, true_cvr = y2*y3 + (1-y2)*y4, true_ctcvr = y1*true_cvr.
 
 Planted structures (each hidden from the columns the models see, but inferable from them):
-* post-click DAction (ESM²): an item category's DAction propensity moves purchase only through DAction
+* post-click DAction (ESM²): an item's category and brand DAction propensities move purchase only through DAction
   (purchase after a DAction is ~12x likelier), so DAction labels, ~8x as many as purchases, carry signal
   that a purchase-only model must learn from far fewer positives;
 * lifecycle stages (STAN): a user's stage advances with the number of impressions they have had so far,
@@ -161,9 +161,10 @@ class _World:
         self.seg_price_ctr = np.array([-0.5, -1.0, 0.6, 0.1])
         self.seg_price_buy = np.array([-0.4, -0.8, 0.5, 0.0])
         self.seg_bias = np.array([0.0, 0.2, -0.3, -0.5])
-        # DAction propensity per category: it reaches purchase *only* through DAction (l_buy has no category
-        # term), so many DAction labels teach it long before the few purchases do (the ESM² gain).
+        # DAction propensity per category and brand: it reaches purchase *only* through DAction (l_buy has no
+        # category or brand term), so many DAction labels teach it long before the few purchases do (ESM²).
         self.cat_da = rng.normal(0, 1.0, C)
+        self.brand_da = rng.normal(0, 1.0, cfg.brands)
         self.calibrate(cfg, np.random.default_rng([cfg.seed, 7]))
 
 
@@ -177,7 +178,8 @@ class _World:
               + self.stage_ctr[stage] + self.seg_price_ctr[seg] * lp + self.seg_bias[seg] + self.quality[item])
         affinity2 = (self.taste[u] * self.item_vec2[item]).sum(1) / np.sqrt(self.taste.shape[1])
         power = self.power[u] - 2.0
-        l2 = 0.9 * affinity2 + 0.35 * power + self.stage_da[stage] - 0.3 * lp + self.cat_da[cat]
+        l2 = (0.4 * affinity2 + 0.35 * power + self.stage_da[stage] - 0.3 * lp + self.cat_da[cat]
+              + self.brand_da[self.brand[item]])
         l_buy = 0.3 * power + self.stage_buy[stage] + self.seg_price_buy[seg] * lp + 0.5 * self.quality[item]
         return l1, l2, l_buy, affinity
 
