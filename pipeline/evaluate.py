@@ -8,6 +8,7 @@ For every task the model predicts, on the eval split:
 * precision / recall / F1 of the top ``top_fraction`` of impressions (ESM² Tables 4-5);
 * calibration: expected calibration error and the reliability curve;
 * AUC per business segment and the worst segment (when the dataset declares a segment column);
+* AUC on the impressions of users with few earlier events (``few_events_auc``, when per-user features exist);
 * the ROC curve (for plots).
 
 CVR is judged twice: on clicked impressions (``cvr``, the conventional view) and over the entire space
@@ -44,6 +45,7 @@ ORACLE_COLUMNS = ("true_ctr", "true_ctavr", "true_cvr", "true_ctcvr")
 # should recover (normalised mutual information of the argmax assignment).
 LATENT_OUTPUTS = {"scenario": "true_scenario", "group": "true_group"}
 USER_KEY = "__user__"
+PRIOR_EVENTS_KEY = F.UF_COUNT_RAW
 SEGMENT_KEY = "__segment__"
 
 
@@ -54,6 +56,7 @@ class EvalConfig:
     top_fraction: float = 0.1
     calibration_bins: int = 10
     roc_points: int = 101
+    few_events: int = 5          # "users with few events": fewer earlier events than this (a report slice)
 
     def __post_init__(self):
         if self.ndcg_k < 1:
@@ -95,7 +98,7 @@ def collect(model, contract: FeatureContract, tft_output, pattern: str, batch_si
     (``USER_KEY``, OOV buckets as -1) and the segment name (``SEGMENT_KEY``).
     """
     spec = tft_output.transformed_feature_spec()
-    oracle = [c for c in ORACLE_COLUMNS + tuple(LATENT_OUTPUTS.values()) if c in spec]
+    oracle = [c for c in ORACLE_COLUMNS + tuple(LATENT_OUTPUTS.values()) + (PRIOR_EVENTS_KEY,) if c in spec]
     label_keys = [k for k in (F.CLICK, F.DACTION, F.PURCHASE) if k in spec]
     user, segment, user_oov_from, segment_names = _group_columns(contract, tft_output)
     feature_keys = list(contract.model_feature_names())
@@ -148,7 +151,7 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray, points: int = 101) -> Dict
 
 
 def score_metrics(y: np.ndarray, s: np.ndarray, users: Optional[np.ndarray], segments: Optional[np.ndarray],
-                  cfg: EvalConfig) -> Dict:
+                  cfg: EvalConfig, prior_events: Optional[np.ndarray] = None) -> Dict:
     """Every metric of one (labels, scores) pair; NaN where a metric is undefined (one class only)."""
     y = np.asarray(y, np.float64)
     s = np.asarray(s, np.float64)
@@ -173,6 +176,10 @@ def score_metrics(y: np.ndarray, s: np.ndarray, users: Optional[np.ndarray], seg
         row["segment_auc"] = {str(k): v for k, v in seg.per_segment.items()}
         row["segment_rows"] = {str(k): v for k, v in seg.n_rows.items()}
         row["worst_segment"] = [str(seg.worst[0]), seg.worst[1]] if seg.worst else None
+    if prior_events is not None:
+        few = prior_events < cfg.few_events
+        row["few_events_rows"] = int(few.sum())
+        row["few_events_auc"] = M.auc(y[few], s[few]) if few.any() else float("nan")
     row["roc"] = roc_curve(y, s, cfg.roc_points)
     return row
 
@@ -188,6 +195,7 @@ def evaluate(preds: Dict[str, np.ndarray], labels: Dict[str, np.ndarray],
     clicked = labels[F.CLICK] > 0 if F.CLICK in labels else np.ones(n, bool)
     users = labels.get(USER_KEY)
     segments = labels.get(SEGMENT_KEY)
+    prior_events = labels.get(PRIOR_EVENTS_KEY)
     for task, (output, label, oracle, on_clicked) in TASKS.items():
         if output not in preds or label not in labels or preds[output].ndim != 1:
             continue
@@ -195,9 +203,10 @@ def evaluate(preds: Dict[str, np.ndarray], labels: Dict[str, np.ndarray],
         y = labels[label][mask]
         pick = (lambda a: None if a is None else a[mask])
         row = {"n": int(mask.sum()), "positives": int(y.sum())}
-        row.update(score_metrics(y, preds[output][mask], pick(users), pick(segments), cfg))
+        row.update(score_metrics(y, preds[output][mask], pick(users), pick(segments), cfg, pick(prior_events)))
         if oracle in labels:
-            row["oracle"] = score_metrics(y, labels[oracle][mask], pick(users), pick(segments), cfg)
+            row["oracle"] = score_metrics(y, labels[oracle][mask], pick(users), pick(segments), cfg,
+                                          pick(prior_events))
             row["oracle_auc"] = row["oracle"]["auc"]
         report[task] = row
     for output, truth in LATENT_OUTPUTS.items():

@@ -23,7 +23,7 @@ from pipeline.metrics import rela_impr
 
 # Scalar metrics aggregated over seeds, in report order (those absent from a task are skipped).
 METRICS = ("auc", "gauc", "gauc_uniform", "ndcg@10", "logloss", "ece", "precision@10%", "recall@10%", "f1@10%",
-           "worst_segment_auc")
+           "worst_segment_auc", "few_events_auc")
 TASK_ORDER = ("ctr", "ctavr", "cvr", "cvr_entire", "ctcvr")
 RELA_IMPR_METRICS = ("auc", "gauc")
 
@@ -107,7 +107,8 @@ def markdown(result: Dict, agg: Dict, plots: Sequence[str]) -> str:
            ""]
     titles = {"auc": "AUC", "gauc": "GAUC (per user, weighted by impressions)", "logloss": "LogLoss",
               "ece": "Expected calibration error", "ndcg@10": "NDCG@10 per user",
-              "f1@10%": "F1 of the top 10% (ESM² Tables 4-5)", "worst_segment_auc": "Worst-segment AUC"}
+              "f1@10%": "F1 of the top 10% (ESM² Tables 4-5)", "worst_segment_auc": "Worst-segment AUC",
+              "few_events_auc": "AUC on users with few earlier events (< 5)"}
     for metric, title in titles.items():
         if any(metric in per_metric for per_task in agg["summary"].values() for per_metric in per_task.values()):
             out += [f"## {title}", ""] + metric_table(agg, metric, tasks) + [""]

@@ -39,6 +39,8 @@ UF_COUNT = "uf_count"
 UF_IN_HISTORY = "uf_item_in_history"
 UF_REPEAT_RATIO = "uf_repeat_ratio"
 UF_HISTORY = "uf_history"
+# The raw prior-event count, passed through for evaluation slices (users with few events); never a model input.
+UF_COUNT_RAW = "uf_count_raw"
 # MUSENET's auxiliary label r_i (Eq. 10): the raw ``uf_repeat_ratio`` (not its z-score), float32 [B, 1].
 REPEAT_RATIO_LABEL = "pl_repeat_ratio"
 

@@ -139,6 +139,8 @@ def build_preprocessing_fn(contract: FeatureContract):
         for name in contract.oracle:
             if name in inputs:
                 outputs[name] = tf.reshape(inputs[name], [-1, 1])
+        if contract.user_features:   # evaluation slices by the user's prior event count
+            outputs[F.UF_COUNT_RAW] = _dense(_as_sparse(inputs[F.UF_COUNT]), 0.0)
         return outputs
 
     return preprocessing_fn

@@ -117,3 +117,16 @@ def test_latent_assignments_are_scored_by_nmi():
         skm.normalized_mutual_info_score(truth, preds["scenario"].argmax(1)), abs=1e-12)
     assert report["scenario"]["nmi"] < 0.05
     assert "NMI" in ev.format_report(report)
+
+
+def test_few_event_users_slice():
+    preds, labels = _data(seed=5)
+    n = len(labels["click"])
+    labels[ev.PRIOR_EVENTS_KEY] = np.random.default_rng(1).integers(0, 30, n).astype(np.float32)
+    report = ev.evaluate(preds, labels, ev.EvalConfig(few_events=5))
+    few = labels[ev.PRIOR_EVENTS_KEY] < 5
+    assert report["ctr"]["few_events_rows"] == few.sum()
+    assert report["ctr"]["few_events_auc"] == pytest.approx(
+        skm.roc_auc_score(labels["click"][few], preds["ctr"][few]), abs=1e-12)
+    assert report["ctr"]["oracle"]["few_events_auc"] == pytest.approx(
+        skm.roc_auc_score(labels["click"][few], labels["true_ctr"][few]), abs=1e-12)
