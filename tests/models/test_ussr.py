@@ -1,0 +1,342 @@
+"""USSR (and its AutoInt baseline): the equations against independent numpy, serialization, gradients and §3.4
+expansion (existing segments bit-identical)."""
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models.autoint import AutoInt, AutoIntConfig
+from models.keras import keras
+from models.layers.autoint import AutoIntEncoder
+from models.layers.bipartite import BipartiteInteraction
+from models.layers.mixture import categorical_kl, gaussian_kl, reparameterize
+from models.ussr import CTR_UNIVERSAL, USSR, USSRConfig
+
+CATEGORICAL = {"a_id": 7, "segment_id": 4, "hour_id": 24}
+DENSE = ("x_z",)
+SEQUENCES = {"h_seq": 5}
+
+
+def _batch(n=64, seed=0, segments=None):
+    rng = np.random.default_rng(seed)
+    feats = {k: tf.constant(rng.integers(0, c, (n, 1)), tf.int64) for k, c in CATEGORICAL.items()}
+    if segments is not None:
+        feats["segment_id"] = tf.constant(rng.choice(segments, (n, 1)), tf.int64)
+    feats["x_z"] = tf.constant(rng.normal(size=(n, 1)), tf.float32)
+    feats["h_seq"] = tf.constant(rng.integers(0, 6, (n, 3)), tf.int64)
+    labels = {"click": tf.constant(rng.random((n, 1)) < 0.3, tf.int64)}
+    return feats, labels
+
+
+def _model(**overrides):
+    kw = dict(segment_feature="segment_id", hidden_units=(8,), embedding_dim=4, dropout=0.0, num_clusters=3,
+              latent_dim=3, cluster_units=(6,), interaction_units=5, segment_dim=2, attention_units=3)
+    kw.update(overrides)
+    model = USSR(CATEGORICAL, DENSE, USSRConfig(**kw), SEQUENCES)
+    model(_batch()[0])
+    return model
+
+
+# ---- equation-level checks against numpy ------------------------------------------------------------------
+
+def test_gaussian_kl_is_the_closed_form_and_agrees_with_monte_carlo():
+    rng = np.random.default_rng(0)
+    mu_q, mu_p = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    var_q, var_p = rng.uniform(0.2, 3.0, (5, 4)), rng.uniform(0.2, 3.0, (5, 4))
+    got = gaussian_kl(*(tf.constant(a, tf.float64) for a in (mu_q, np.log(var_q), mu_p, np.log(var_p)))).numpy()
+    # Textbook form: log(s_p / s_q) + (s_q^2 + (m_q - m_p)^2) / (2 s_p^2) - 1/2, summed over dimensions.
+    expected = np.sum(np.log(np.sqrt(var_p) / np.sqrt(var_q)) + (var_q + (mu_q - mu_p) ** 2) / (2 * var_p) - 0.5,
+                      axis=-1)
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    # E_q[log q(z) - log p(z)] by sampling, for the first row.
+    z = mu_q[0] + np.sqrt(var_q[0]) * rng.normal(size=(400_000, 4))
+    log_n = lambda x, m, v: -0.5 * (np.log(2 * np.pi * v) + (x - m) ** 2 / v)  # noqa: E731
+    mc = np.mean(np.sum(log_n(z, mu_q[0], var_q[0]) - log_n(z, mu_p[0], var_p[0]), axis=1))
+    assert got[0] == pytest.approx(mc, abs=0.03)
+    assert np.all(got >= 0)
+    # Identical distributions: zero; broadcasting [B, K, Z] against the priors [K, Z] works.
+    same = gaussian_kl(tf.constant(mu_q[None]), tf.constant(np.log(var_q)[None]), tf.constant(mu_q),
+                       tf.constant(np.log(var_q)))
+    np.testing.assert_allclose(same.numpy(), 0.0, atol=1e-12)
+
+
+def test_categorical_kl_matches_numpy():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 4)) * 2
+    p = rng.dirichlet(np.ones(4))
+    q = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    expected = np.sum(q * np.log(q / p), axis=1)
+    got = categorical_kl(tf.constant(logits), tf.constant(np.log(p))).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    uniform = categorical_kl(tf.zeros([2, 4], tf.float64), tf.constant(np.log(np.full(4, 0.25)))).numpy()
+    np.testing.assert_allclose(uniform, 0.0, atol=1e-12)
+
+
+def test_reparameterize_samples_only_in_training():
+    mu = tf.fill([20_000, 2], 1.5)
+    logvar = tf.constant(np.log([[0.25, 4.0]] * 20_000), tf.float32)
+    assert reparameterize(mu, logvar, training=False) is mu
+    z = reparameterize(mu, logvar, training=True).numpy()
+    np.testing.assert_allclose(z.mean(0), [1.5, 1.5], atol=0.05)
+    np.testing.assert_allclose(z.std(0), [0.5, 2.0], rtol=0.03)
+
+
+def _relu_mlp(x, weights):
+    """Dense+ReLU layers from (kernel, bias) pairs; a trailing odd-out pair is a linear output."""
+    for kernel, bias in weights:
+        x = np.maximum(x @ kernel + bias, 0.0)
+    return x
+
+
+def _pairs(weights):
+    return list(zip(weights[0::2], weights[1::2]))
+
+
+def test_bipartite_interaction_is_eqs_4_to_6():
+    rng = np.random.default_rng(2)
+    B, K, M, Z, Du, H = 3, 4, 5, 3, 2, 6
+    z, u = rng.normal(size=(B, K, Z)).astype(np.float32), rng.normal(size=(M, Du)).astype(np.float32)
+    layer = BipartiteInteraction(H)
+    got = layer.interaction(tf.constant(z), tf.constant(u))
+    f_e, f_v = _pairs(layer.edge_encoder.get_weights()), _pairs(layer.vertex_encoder.get_weights())
+    f_s, f_d = _pairs(layer.edge_scorer.get_weights()), _pairs(layer.edge_decoder.get_weights())
+    zu = np.zeros((B, K, M, Z + Du), np.float32)
+    for k in range(K):
+        for m in range(M):
+            zu[:, k, m] = np.concatenate([z[:, k], np.broadcast_to(u[m], (B, Du))], axis=1)
+    h1 = _relu_mlp(zu, f_e)                                                   # Eq. 4
+    h2_k, h2_m = _relu_mlp(h1.sum(2), f_v), _relu_mlp(h1.sum(1), f_v)          # Eq. 5
+    logits = np.zeros((B, K, M))
+    for k in range(K):
+        for m in range(M):
+            pair = np.concatenate([h2_k[:, k], h2_m[:, m]], axis=1)
+            hidden = _relu_mlp(pair, f_s[:-1])
+            logits[:, k, m] = (hidden @ f_s[-1][0] + f_s[-1][1])[:, 0]
+    e = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)            # softmax over clusters k
+    h_hat = np.einsum("bkm,bkmh->bmh", e, _relu_mlp(zu, f_d))                  # Eq. 6
+    np.testing.assert_allclose(got["h1"].numpy(), h1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["h2_k"].numpy(), h2_k, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["h2_m"].numpy(), h2_m, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["e"].numpy(), e, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["h_hat"].numpy(), h_hat, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["e"].numpy().sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_autoint_layer_is_multi_head_self_attention_with_residual():
+    rng = np.random.default_rng(3)
+    B, F, D, heads, d = 2, 5, 4, 2, 3
+    x = rng.normal(size=(B, F, D)).astype(np.float32)
+    layer = AutoIntEncoder(num_layers=1, num_heads=heads, head_units=d)
+    got = layer(tf.constant(x)).numpy()
+    wq, wk, wv, wr = (w.get_weights()[0] for w in (layer._q[0], layer._k[0], layer._v[0], layer._res[0]))
+    out = np.zeros((B, F, heads * d))
+    for h in range(heads):
+        cols = slice(h * d, (h + 1) * d)
+        q, k, v = x @ wq[:, cols], x @ wk[:, cols], x @ wv[:, cols]
+        scores = np.einsum("bmd,bkd->bmk", q, k)
+        alpha = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)
+        out[:, :, cols] = np.einsum("bmk,bkd->bmd", alpha, v)
+    expected = np.maximum(out + x @ wr, 0.0).reshape(B, -1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _bce(y, logits):
+    y = np.asarray(y, np.float64)
+    return np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits)))
+
+
+def test_loss_is_segment_log_loss_minus_eq3_elbo():
+    model = _model(beta=1.0, w_ib=1.0)
+    feats, labels = _batch(seed=4)
+    out = {k: v.numpy() for k, v in model.forward(feats, training=False).items()}
+    y = labels["click"].numpy().reshape(-1).astype(np.float64)
+    mu_p, logvar_p = (t.numpy().astype(np.float64) for t in model.priors())
+    q = np.exp(out["q_logits"]) / np.exp(out["q_logits"]).sum(1, keepdims=True)
+    K = q.shape[1]
+    loglik = -_bce(y[:, None], out["universal_logits"].astype(np.float64))
+    var_q, var_p = np.exp(out["logvar"].astype(np.float64)), np.exp(logvar_p)
+    kl_z = np.sum(0.5 * np.log(var_p / var_q) + (var_q + (out["mu"] - mu_p) ** 2) / (2 * var_p) - 0.5, axis=-1)
+    kl_c = np.sum(q * np.log(q * K), axis=1)
+    elbo = np.sum(q * (loglik - kl_z), axis=1) - kl_c                               # Eq. 3
+    # The segment-specific prediction: the decoder of each row's own segment.
+    seg = feats["segment_id"].numpy().reshape(-1)
+    logit = out["segment_logits"][np.arange(len(seg)), seg]
+    np.testing.assert_array_equal(out["logit"].reshape(-1), logit)
+    p = np.clip(1 / (1 + np.exp(-logit.astype(np.float64))), 1e-7, 1 - 1e-7)
+    ce = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+    got = float(model.compute_loss(feats, labels, training=False))
+    assert got == pytest.approx(ce - elbo.mean(), rel=1e-4)
+    # The serving outputs: ctr = sigmoid(own segment's logit), ctr_universal = sum_k q_k p(y | mu_k).
+    served = model(feats, training=False)
+    np.testing.assert_allclose(served["ctr"].numpy().reshape(-1), 1 / (1 + np.exp(-logit)), rtol=1e-5)
+    np.testing.assert_allclose(served[CTR_UNIVERSAL].numpy().reshape(-1),
+                               np.sum(q / (1 + np.exp(-out["universal_logits"])), axis=1), rtol=1e-5)
+
+
+def test_beta_scales_both_kl_terms():
+    model = _model(beta=0.25, w_ib=2.0, w_ctr=0.0)
+    feats, labels = _batch(seed=5)
+    out = model.forward(feats, training=False)
+    t = {k: v.numpy() for k, v in model.bottleneck_terms(out, labels).items()}
+    expected = 2.0 * -np.mean(np.sum(t["q"] * (t["loglik"] - 0.25 * t["kl_z"]), 1) - 0.25 * t["kl_c"])
+    assert float(model.compute_loss(feats, labels, training=False)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_serving_is_noise_free_and_training_samples():
+    model = _model()
+    feats, _ = _batch()
+    a, b = model(feats, training=False), model(feats, training=False)
+    np.testing.assert_array_equal(a["ctr"].numpy(), b["ctr"].numpy())
+    out = model.forward(feats, training=True)
+    assert not np.allclose(out["z"].numpy(), out["mu"].numpy())
+    np.testing.assert_array_equal(model.forward(feats, training=False)["z"].numpy(),
+                                  model.forward(feats, training=False)["mu"].numpy())
+
+
+def test_gradients_reach_every_trainable_variable():
+    model = _model()
+    feats, labels = _batch(256, seed=6)
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss(feats, labels, training=True)
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert len(model.trainable_variables) > 30
+    for var, grad in zip(model.trainable_variables, grads):
+        assert grad is not None, var.name
+        assert float(tf.reduce_sum(tf.abs(tf.convert_to_tensor(grad)))) > 0, var.name
+
+
+def test_autoint_baseline_gradients_and_output():
+    model = AutoInt(CATEGORICAL, DENSE, AutoIntConfig(hidden_units=(8,), embedding_dim=4, attention_units=3),
+                    SEQUENCES)
+    feats, labels = _batch(128)
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss(feats, labels, training=True)
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert set(model(feats)) == {"ctr"}
+    for var, grad in zip(model.trainable_variables, grads):
+        assert grad is not None and float(tf.reduce_sum(tf.abs(tf.convert_to_tensor(grad)))) > 0, var.name
+
+
+# ---- serialization ------------------------------------------------------------------------------------------
+
+def test_config_round_trip_rebuilds_the_same_model():
+    model = _model()
+    clone = USSR.from_config(model.get_config())
+    assert clone.config == model.config
+    feats, _ = _batch()
+    clone(feats)
+    clone.set_weights(model.get_weights())
+    for name in ("ctr", CTR_UNIVERSAL):
+        np.testing.assert_array_equal(clone(feats)[name].numpy(), model(feats)[name].numpy())
+    expanded = model.expand([("vip", 2)], add_cluster_from=0)
+    again = USSR.from_config(expanded.get_config())
+    assert again.config.added_segments == ("vip",) and again.config.added_clusters == 1
+    with pytest.raises(ValueError, match="segment_feature"):
+        USSR(CATEGORICAL, DENSE, USSRConfig())
+    with pytest.raises(ValueError, match="added_segment_ids"):
+        USSRConfig(segment_feature="segment_id", added_segments=("a",), added_segment_ids=())
+
+
+def test_savedmodel_reload_gives_identical_predictions(tmp_path):
+    model = _model()
+    feats, labels = _batch()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.fit(tf.data.Dataset.from_tensor_slices((feats, labels)).batch(32), epochs=1, verbose=0)
+    path = str(tmp_path / "ussr")
+    model.save(path, save_format="tf")
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, USSR)
+    for name in ("ctr", CTR_UNIVERSAL):
+        np.testing.assert_array_equal(loaded(feats, training=False)[name].numpy(),
+                                      model(feats, training=False)[name].numpy())
+    restored = tf.saved_model.load(path)  # the plain TF view of the same SavedModel
+    np.testing.assert_allclose(restored(feats, training=False)["ctr"].numpy(), model(feats)["ctr"].numpy(),
+                               rtol=1e-6)
+
+
+def test_bind_to_contract_takes_the_schema_segment():
+    from transforms.features import BUILTIN
+
+    inputs = ("segment_id", "user_id_id")
+    bound = USSR.bind_to_contract(USSRConfig(), BUILTIN, inputs)
+    assert bound.segment_feature == "segment_id"
+    import dataclasses
+    with pytest.raises(ValueError, match="segment"):
+        USSR.bind_to_contract(USSRConfig(), dataclasses.replace(BUILTIN, segment=None), inputs)
+
+
+# ---- §3.4 expansion ---------------------------------------------------------------------------------------------
+
+def _frozen(model):
+    return [w for layer in model.layers if not layer.trainable for w in layer.weights]
+
+
+def _fit(model, feats, labels, epochs=3, lr=1e-2):
+    model.compile(optimizer=keras.optimizers.Adam(lr))
+    model.fit(tf.data.Dataset.from_tensor_slices((feats, labels)).batch(64), epochs=epochs, verbose=0)
+
+
+def test_added_segment_trains_only_new_parameters_and_old_segments_stay_bit_identical():
+    model = _model()
+    old_feats, _ = _batch(512, seed=7, segments=[0, 1, 2])                   # id 3: unseen so far
+    _fit(model, old_feats, {"click": tf.cast(old_feats["a_id"] < 3, tf.int64)}, epochs=5)
+    expanded = model.expand([("vip", 3)])
+    assert {v.name for v in expanded.trainable_variables} == {
+        v.name for layer in (expanded.added_segment_embeddings[0], expanded.decoders[4])
+        for v in layer.trainable_variables}
+    frozen_before = [v.numpy().copy() for v in _frozen(expanded)]
+    assert len(frozen_before) > 30
+    new_feats, _ = _batch(256, seed=8, segments=[3])
+    x = new_feats["a_id"].numpy().reshape(-1)
+    new_labels = {"click": tf.constant((x >= 3).reshape(-1, 1), tf.int64)}  # the opposite relation
+    from pipeline.metrics import log_loss
+    loss_before = log_loss(x >= 3, expanded(new_feats, training=False)["ctr"].numpy().reshape(-1))
+    _fit(expanded, new_feats, new_labels, epochs=5)
+    for v, before in zip(_frozen(expanded), frozen_before):
+        np.testing.assert_array_equal(v.numpy(), before, err_msg=v.name)
+    test_feats, _ = _batch(300, seed=9)
+    seg = test_feats["segment_id"].numpy().reshape(-1)
+    old = model(test_feats, training=False)
+    new = expanded(test_feats, training=False)
+    keep = seg != 3
+    assert keep.sum() > 150 and (~keep).sum() > 30
+    for name in ("ctr", CTR_UNIVERSAL):
+        np.testing.assert_array_equal(new[name].numpy()[keep], old[name].numpy()[keep])
+    # The taken-over id now goes through the new segment's decoder, which learned its segment.
+    assert not np.allclose(new["ctr"].numpy()[~keep], old["ctr"].numpy()[~keep])
+    loss_after = log_loss(x >= 3, expanded(new_feats, training=False)["ctr"].numpy().reshape(-1))
+    assert loss_after < 0.6 * loss_before
+    with pytest.raises(ValueError, match="added before"):
+        expanded.expand([("vip", 2)])
+
+
+def test_added_cluster_starts_from_eq8_argmax_cluster_and_trains_with_eq7():
+    model = _model()
+    feats, labels = _batch(256, seed=10)
+    usage = model.cluster_usage([(feats, labels)])
+    np.testing.assert_allclose(usage.sum(), 256, rtol=1e-5)               # q(c|x) sums to 1 per row
+    l_star = int(np.argmax(usage))
+    expanded = model.expand(add_cluster_from=l_star)
+    assert expanded.num_clusters == 4 and expanded.objective == "new_cluster"
+    out = expanded.forward(feats, training=False)
+    # (a one-column matmul may round differently from a wide one: equal up to float32 rounding)
+    np.testing.assert_allclose(out["mu"][:, -1].numpy(), out["mu"][:, l_star].numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(out["q_logits"][:, -1].numpy(), out["q_logits"][:, l_star].numpy(), rtol=1e-5,
+                               atol=1e-7)
+    mu_p, _ = expanded.priors()
+    np.testing.assert_array_equal(mu_p[-1].numpy(), mu_p[l_star].numpy())
+    # Eq. 7 per example, against its pieces.
+    terms = expanded.bottleneck_terms(out, labels)
+    log_q = tf.nn.log_softmax(out["q_logits"]).numpy()[:, -1]
+    expected = log_q + terms["loglik"].numpy()[:, -1] - expanded.config.beta * terms["kl_z"].numpy()[:, -1]
+    np.testing.assert_allclose(expanded.expansion_objective(out, labels, expanded.config.beta).numpy(), expected,
+                               rtol=1e-5)
+    trainable = {v.name for v in expanded.trainable_variables}
+    assert len(trainable) == 6  # the new logit unit, head and prior
+    frozen = [v.numpy().copy() for v in _frozen(expanded)]
+    assert len(frozen) > 30
+    _fit(expanded, feats, labels, epochs=2)
+    for v, before in zip(_frozen(expanded), frozen):
+        np.testing.assert_array_equal(v.numpy(), before, err_msg=v.name)
+    assert not np.array_equal(expanded.added_priors[0].mu.numpy(), mu_p[-1:].numpy())
