@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, Mapping, Sequence
 
-from models import esm2, esmm, gprec, mmoe, musenet, ple, stan
+from models import autoint, esm2, esmm, gprec, mmoe, musenet, ple, stan, ussr
 
 MODELS = {
     "esm2": (esm2.ESM2, esm2.PRESETS),
@@ -17,6 +17,8 @@ MODELS = {
     "gprec_dcn": (gprec.GPRec, gprec.PRESETS_DCN),
     "musenet": (musenet.MUSENET, musenet.PRESETS),
     "musenet_base": (musenet.MUSENET, musenet.PRESETS_BASE),
+    "ussr": (ussr.USSR, ussr.PRESETS),
+    "autoint": (autoint.AutoInt, autoint.PRESETS),
 }
 
 
