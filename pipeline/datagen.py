@@ -42,6 +42,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+# Bumped whenever the label process or the columns change, so cached data of an older generator is not reused.
+GENERATOR_VERSION = 2
 DAY = 86_400
 START_TS = 1_700_000_000  # 2023-11-14 22:13:20 UTC
 DEVICES = np.array(["android", "ios", "pc", "pad"])
@@ -95,7 +97,8 @@ class GeneratorConfig:
         return self.items if self.items is not None else max(100, self.rows // 40)
 
     def fingerprint(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        """Identifies the data: the config plus ``GENERATOR_VERSION`` (so a changed label process is regenerated)."""
+        blob = json.dumps(dict(asdict(self), generator_version=GENERATOR_VERSION), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -146,3 +146,10 @@ def test_config_validation():
         GeneratorConfig(rows=0)
     with pytest.raises(ValueError, match="missing_rate"):
         GeneratorConfig(missing_rate=0.7)
+
+
+def test_fingerprint_changes_with_the_generator_version(monkeypatch):
+    before = GeneratorConfig(rows=1000).fingerprint()
+    assert GeneratorConfig(rows=1000).fingerprint() == before
+    monkeypatch.setattr(datagen, "GENERATOR_VERSION", datagen.GENERATOR_VERSION + 1)
+    assert GeneratorConfig(rows=1000).fingerprint() != before
