@@ -24,7 +24,8 @@ def _batch(n=48, seed=0):
 
 
 def _config(**kw):
-    base = dict(num_groups=G, embedding_dim=D, hidden_units=(8,), prediction_units=(6, 4), classifier_units=(7,),
+    base = dict(strategy="input", group_reduce="concat", classifier_per_group=False,
+                num_groups=G, embedding_dim=D, hidden_units=(8,), prediction_units=(6, 4), classifier_units=(7,),
                 personal_units=(5,), dp_units=(6,), num_cross_layers=2, dropout=0.0,
                 lambda_group=0.7, lambda_contrast=0.3, lambda_orthogonal=0.2,
                 user_fields=("user_id_id", "user_age_id", "user_power_id"), personal_fields=("user_id_id",))
@@ -304,11 +305,14 @@ def test_cross_layers_are_tf_keras():
 def test_registry_and_presets():
     assert {"gprec", "gprec_dcn"} <= set(registry.available())
     assert registry.required_labels("gprec") == ("click",)
-    assert {"default", "input", "dp", "ensemble", "paper"} <= set(registry.presets("gprec"))
+    assert {"default", "input", "dp", "ensemble", "concat"} <= set(registry.presets("gprec"))
     assert all(c.backbone == "dcn" for c in PRESETS_DCN.values())
-    paper = PRESETS["paper"]
-    assert (paper.num_groups, paper.tau, paper.lambda_group, paper.lambda_contrast, paper.lambda_orthogonal) == (
+    assert {c.strategy for c in PRESETS.values()} == {"input", "dp", "ensemble"}
+    c = PRESETS["default"]  # the paper's settings (§IV-A.4)
+    assert (c.num_groups, c.tau, c.lambda_group, c.lambda_contrast, c.lambda_orthogonal) == (
         60, 0.5, 1.0, 0.001, 0.0001)
+    assert (c.embedding_dim, c.prediction_units, c.classifier_units, c.classifier_per_group) == (
+        16, (64, 32, 16), (64, 32), True)
     assert registry.resolve_config("gprec", "dp", {"num_groups": 8}).strategy == "dp"
 
 
@@ -340,3 +344,36 @@ def test_bind_to_contract_takes_user_columns_and_the_user_id():
     assert kept.personal_fields == ("user_age_id",)
     with pytest.raises(ValueError, match="user id"):
         GPRec.bind_to_contract(GPRecConfig(), dataclasses.replace(BUILTIN, user_id=None), inputs)
+
+
+# ---- the pipeline: train on the e2e run's transformed data, export, score raw examples ---------------------------
+def test_gprec_trains_on_pipeline_data_and_exports_ctr(e2e_run, tmp_path):
+    """What ``python -m pipeline.run --model gprec`` does after preprocessing, on the session's e2e data."""
+    import os
+
+    import pyarrow.parquet as pq
+    import tensorflow_transform as tft
+
+    from pipeline.preprocess import TRANSFORM_DIR, transformed_pattern
+    from pipeline.train import TrainConfig, train_model
+    from serving.examples import serialize_rows
+    from serving.export import export_saved_model
+    from serving.score import score_saved_model
+    from transforms.features import BUILTIN
+
+    pp_dir = os.path.join(e2e_run["work_dir"], "preprocessed")
+    tft_dir = os.path.join(pp_dir, TRANSFORM_DIR)
+    cfg = registry.resolve_config("gprec", "default", {"num_groups": 8, "batch_size": 512})
+    model, history = train_model("gprec", cfg, BUILTIN, tft.TFTransformOutput(tft_dir),
+                                 transformed_pattern(pp_dir, "train"), transformed_pattern(pp_dir, "eval"),
+                                 TrainConfig(epochs=1))
+    assert model.config.personal_fields == ("user_id_id",) and "user_age_id" in model.config.user_fields
+    assert np.isfinite(history["loss"]).all() and "val_ctr_auc" in history
+    rows = pq.read_table(os.path.join(e2e_run["summary"]["input"]["dir"], "part-00000.parquet")).slice(0, 16)
+    examples = serialize_rows(rows.to_pylist(), BUILTIN)
+    export = export_saved_model(model, tft_dir, BUILTIN, str(tmp_path), "gprec", warmup_examples=examples)
+    scores = score_saved_model(export, examples)
+    assert set(scores) == {"ctr"} and scores["ctr"].shape == (16,)
+    transformed = tf.saved_model.load(export).signatures["transform_features"](examples=tf.constant(examples))
+    want = model(dict(transformed), training=False)["ctr"].numpy().ravel()
+    np.testing.assert_allclose(scores["ctr"], want, rtol=1e-5, atol=1e-6)
