@@ -54,7 +54,10 @@ class MUSENETConfig(ModelConfig):
     # Transformed inputs (embedded fields or dense names) of the intention layer: user, history and context,
     # never the target item. Filled from the contract by ``bind_to_contract``.
     intention_inputs: Tuple[str, ...] = ()
-    # Transformed inputs the scenario learner sees; () = the whole sample x (the paper).
+    # What the scenario learner clusters: "all" = the whole sample x (the paper), "context" = only the context
+    # o_u (neither user nor item side: device, page, hour, ...), filled into ``scenario_inputs`` by
+    # ``bind_to_contract``; explicit ``scenario_inputs`` (transformed names) override both.
+    scenario_side: str = "all"
     scenario_inputs: Tuple[str, ...] = ()
     in_history: str = flag(UF_IN_HISTORY)  # the 0/1 float input I[t in B_u]
 
@@ -64,6 +67,8 @@ class MUSENETConfig(ModelConfig):
         super().__post_init__()
         object.__setattr__(self, "intention_inputs", tuple(self.intention_inputs))
         object.__setattr__(self, "scenario_inputs", tuple(self.scenario_inputs))
+        if self.scenario_side not in ("all", "context"):
+            raise ValueError(f"MUSENETConfig.scenario_side must be 'all' or 'context', got {self.scenario_side!r}")
         if self.assignment not in ASSIGNMENTS:
             raise ValueError(f"MUSENETConfig.assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
         if not self.temperature > 0:
@@ -78,6 +83,8 @@ class MUSENETConfig(ModelConfig):
 PRESETS: Dict[str, MUSENETConfig] = {
     "default": MUSENETConfig(),
     "hard": MUSENETConfig(assignment="hard"),
+    # The scenario learner clusters the context o_u only (device, page, hour on the built-in data).
+    "context": MUSENETConfig(scenario_side="context"),
     # §4.1 Implementations: Adam 1e-3, K = 4, beta = 0.5.
     "paper": MUSENETConfig(learning_rate=1e-3, num_scenarios=4, beta=0.5),
 }
@@ -103,18 +110,28 @@ class MUSENET(MultiTaskModel):
         if config.use_repeat and UF_IN_HISTORY not in contract.flags:
             raise ValueError(f"MUSENET needs the per-user features (uf_item_in_history); dataset "
                              f"{contract.name!r} has none (user_features in the schema)")
-        if config.intention_inputs or not config.use_repeat:
-            return config
         columns = [f.name for f in contract.categorical + contract.numeric + contract.sequences]
+
+        def inputs_of(cols):
+            names = list(contract.embedded_fields(cols))
+            names += [zscore(c) for c in cols if any(f.name == c for f in contract.numeric)]
+            if contract.timestamp:
+                names.append(HOUR_ID)
+            return tuple(n for n in dict.fromkeys(names) if n in inputs)
+
         request_side = [c for c in columns if not _is_item_side(c, contract.item_id)]
-        fields = list(contract.embedded_fields(request_side))
-        fields += [zscore(c) for c in request_side if any(f.name == c for f in contract.numeric)]
-        if contract.timestamp:
-            fields.append(HOUR_ID)
-        fields = tuple(f for f in dict.fromkeys(fields) if f in inputs)
-        if not fields:
-            raise ValueError(f"MUSENET needs user/history/context features; dataset {contract.name!r} has none")
-        return dataclasses.replace(config, intention_inputs=fields)
+        if config.use_repeat and not config.intention_inputs:
+            fields = inputs_of(request_side)
+            if not fields:
+                raise ValueError(f"MUSENET needs user/history/context features; dataset {contract.name!r} has none")
+            config = dataclasses.replace(config, intention_inputs=fields)
+        if config.use_scenarios and config.scenario_side == "context" and not config.scenario_inputs:
+            context = inputs_of([c for c in request_side if c not in contract.user_columns])
+            if not context:
+                raise ValueError(f"MUSENET scenario_side='context' needs context features; dataset "
+                                 f"{contract.name!r} has none")
+            config = dataclasses.replace(config, scenario_inputs=context)
+        return config
 
     def __init__(self, categorical: Mapping[str, int], dense: Sequence[str] = (),
                  config: MUSENETConfig | Dict | None = None, sequences: Mapping[str, int] | None = None, **kwargs):
@@ -179,6 +196,8 @@ class MUSENET(MultiTaskModel):
         if self.scenarios is not None:
             xs = x if self._scenario is None else self._select(fields, dense, self._scenario)
             if update_prototypes:
+                if not self.scenarios.built:
+                    self.scenarios.build(xs.shape)
                 projected = tf.stop_gradient(self.scenarios.project(xs))
                 a_fixed, _ = self.scenarios.assign(projected, training=True)
                 self.scenarios.update_prototypes(projected, a_fixed)                         # Eq. 14
