@@ -62,16 +62,49 @@ def _structure(model):
     return emb, towers
 
 
-class _Side:
-    """One side (request or candidate) of the first layer: its categorical fields share one concatenated
-    table (ids shifted by per-field offsets, so one gather serves them all); sequences keep their tables."""
+DEFAULT_PREPROJECT_MAX_BYTES = 256 * 2 ** 20
+"""Default cap on the total size of the pre-projected tables (float32), see ``ESM2ScoringGraph``."""
 
-    def __init__(self, categorical: Sequence[str], sequences: Sequence[str]):
-        self.categorical, self.sequences = list(categorical), list(sequences)
+
+class _Side:
+    """One side (request or candidate) of the first layer.
+
+    ``projected``: categorical fields whose first-layer contribution is pre-computed per id (one merged
+    table of rows E_f[id] W1_f, ids shifted by per-field offsets; a gather-and-sum, no matmul);
+    ``categorical``: the other categorical fields (one merged embedding table, then a matmul);
+    ``sequences``: masked-mean sequence fields (their own tables, then the matmul).
+    """
+
+    def __init__(self, projected: Sequence[str], categorical: Sequence[str], sequences: Sequence[str]):
+        self.projected, self.categorical, self.sequences = list(projected), list(categorical), list(sequences)
 
     @property
-    def fields(self) -> List[str]:
+    def ids(self) -> List[str]:
+        """The side's [B, 1] id inputs: projected fields, then the embedded ones."""
+        return self.projected + self.categorical
+
+    @property
+    def embedded(self) -> List[str]:
+        """Fields whose embedding enters the matmul, in W1 row order of this side."""
         return self.categorical + self.sequences
+
+
+def plan_preprojection(candidate: Mapping[str, int], request: Mapping[str, int], width: int,
+                       max_bytes: int) -> List[str]:
+    """Categorical fields to pre-project: {name: vocabulary size} per side, ``width`` = 4 * H1.
+
+    Candidate-side fields first (they are computed per row; request-side ones once per request), each
+    side's smallest vocabularies first; a field is taken while the tables' total float32 size stays within
+    ``max_bytes`` (a field that does not fit is skipped, smaller ones after it may still fit).
+    """
+    chosen, total = [], 0
+    for side in (candidate, request):
+        for name, vocab in sorted(side.items(), key=lambda kv: (kv[1], kv[0])):
+            size = int(vocab) * int(width) * 4
+            if total + size <= max_bytes:
+                chosen.append(name)
+                total += size
+    return chosen
 
 
 class ESM2ScoringGraph(tf.Module):
@@ -81,9 +114,22 @@ class ESM2ScoringGraph(tf.Module):
     mean, as ``SharedEmbedding``), dense float32 [B, 1].
     ``request_fields``: categorical / sequence inputs that are usually equal across a request's rows (user
     and context fields). Any subset gives identical results; the choice only sets what is shared.
+
+    Layout (what is fast on CPU, where [B, 4 * H1] temporaries cost more memory traffic than the matmuls):
+    the first layer is computed per tower ([B, H1] each, no slicing of a wide tensor). When the batch holds
+    one distinct request tuple (one user scored against N candidates), its request-level part plus the bias
+    enter as the bias of one fused MatMul+BiasAdd+Relu per tower; otherwise the per-request rows are
+    gathered back to the rows and added (a ``tf.cond``, both branches core ops).
+
+    ``preproject_max_bytes``: pre-projected embeddings. The first layer is linear in the concatenated field
+    embeddings, so field f contributes E_f[id] W1_f (W1_f = its rows of the towers' first kernels). For
+    categorical fields with small vocabularies the tables T_f = E_f W1_f ([vocab_f, H1] per tower) are
+    computed once here (float64, stored as float32) and those fields' first layer becomes a
+    ``SparseSegmentSum`` (gather and sum, no matmul). Fields are chosen by ``plan_preprojection`` within
+    this total size; 0 (the default: measured slower on CPU, see ``serving.bench_latency``) turns it off.
     """
 
-    def __init__(self, model, request_fields: Sequence[str]):
+    def __init__(self, model, request_fields: Sequence[str], preproject_max_bytes: int = 0):
         super().__init__(name="esm2_scoring_graph")
         emb, towers = _structure(model)
         d = self._dim = int(emb.embedding_dim)
@@ -91,34 +137,63 @@ class ESM2ScoringGraph(tf.Module):
         categorical, sequences = list(emb.categorical), list(getattr(emb, "sequences", {}))
         fields = categorical + sequences  # W1 row blocks, in SharedEmbedding's order
         self._dense_names = list(emb.dense)
+        width = self._width = int(towers[0]._dense[0].units)  # noqa: SLF001
         wanted = set(request_fields)
-        self._req = _Side([n for n in categorical if n in wanted], [n for n in sequences if n in wanted])
-        self._cand = _Side([n for n in categorical if n not in wanted], [n for n in sequences if n not in wanted])
         layers = dict(emb._tables, **getattr(emb, "_seq_tables", {}))  # noqa: SLF001
         weights = {n: layers[n].embeddings.numpy() for n in fields}
-
-        def merged(names: Sequence[str], side: str):
-            sizes = [weights[n].shape[0] for n in names]
-            offsets = np.cumsum([0] + sizes[:-1]).astype(np.int64)
-            table = np.concatenate([weights[n] for n in names], 0) if names else np.zeros((1, d), np.float32)
-            return tf.Variable(table, trainable=False, name=f"{side}_table"), tf.constant(offsets[None, :])
-
-        self.request_table, self._req_offsets = merged(self._req.categorical, "request")
-        self.candidate_table, self._cand_offsets = merged(self._cand.categorical, "candidate")
-        self.sequence_tables = {n: tf.Variable(weights[n], trainable=False, name=f"seq_{n}") for n in sequences}
-
         # Rows of W1 by input block: field j occupies rows [j*D, (j+1)*D), dense inputs follow.
         w1 = np.concatenate([t._dense[0].kernel.numpy() for t in towers], axis=1)  # noqa: SLF001
         b1 = np.concatenate([t._dense[0].bias.numpy() for t in towers], axis=0)  # noqa: SLF001
         rows = {n: w1[j * d:(j + 1) * d] for j, n in enumerate(fields)}
         dense_rows = w1[len(fields) * d:]
-        self.w1_request = tf.Variable(np.concatenate([rows[n] for n in self._req.fields] or
-                                                     [np.zeros((0, w1.shape[1]), np.float32)], 0),
-                                      trainable=False, name="w1_request")
-        self.w1_candidate = tf.Variable(np.concatenate([rows[n] for n in self._cand.fields] + [dense_rows], 0),
-                                        trainable=False, name="w1_candidate")
+
+        vocab = {n: weights[n].shape[0] for n in categorical}
+        projected = set(plan_preprojection({n: vocab[n] for n in categorical if n not in wanted},
+                                           {n: vocab[n] for n in categorical if n in wanted},
+                                           w1.shape[1], int(preproject_max_bytes)))
+        self.projected_fields = sorted(projected)
+
+        def side(is_request: bool) -> _Side:
+            cat = [n for n in categorical if (n in wanted) == is_request]
+            return _Side([n for n in cat if n in projected], [n for n in cat if n not in projected],
+                         [n for n in sequences if (n in wanted) == is_request])
+
+        self._req, self._cand = side(True), side(False)
+
+        def merged(names: Sequence[str], tables: Mapping[str, np.ndarray], name: str):
+            """(variable, offsets [1, F]) of the tables of ``names`` stacked; (None, None) for none."""
+            if not names:
+                return None, None
+            sizes = [tables[n].shape[0] for n in names]
+            offsets = np.cumsum([0] + sizes[:-1]).astype(np.int64)
+            table = np.concatenate([tables[n] for n in names], 0).astype(np.float32)
+            return tf.Variable(table, trainable=False, name=name), tf.constant(offsets[None, :])
+
+        def per_tower(matrix: np.ndarray | None, name: str) -> List[tf.Variable]:
+            """Column blocks of a [K, 4 * H1] matrix, one variable per tower ([] for None)."""
+            if matrix is None:
+                return []
+            return [tf.Variable(np.ascontiguousarray(matrix[:, t * width:(t + 1) * width], np.float32),
+                                trainable=False, name=f"{name}_{t}") for t in range(len(towers))]
+
+        projections = {n: (weights[n].astype(np.float64) @ rows[n].astype(np.float64)) for n in projected}
+        self.request_projected, self._req_proj_offsets = merged(self._req.projected, projections, "request_projected")
+        cand_proj = np.concatenate([projections[n] for n in self._cand.projected], 0) if self._cand.projected else None
+        self.candidate_projected = per_tower(cand_proj, "candidate_projected")
+        sizes = [vocab[n] for n in self._cand.projected]
+        self._cand_proj_offsets = tf.constant(np.cumsum([0] + sizes[:-1]).astype(np.int64)[None, :])
+        self.request_table, self._req_offsets = merged(self._req.categorical, weights, "request_table")
+        self.candidate_table, self._cand_offsets = merged(self._cand.categorical, weights, "candidate_table")
+        self.sequence_tables = {n: tf.Variable(weights[n], trainable=False, name=f"seq_{n}") for n in sequences}
+
+        def w1_rows(names: Sequence[str], extra: Sequence[np.ndarray]) -> np.ndarray | None:
+            blocks = [rows[n] for n in names] + [x for x in extra if x.shape[0]]
+            return np.concatenate(blocks, 0) if blocks else None
+
+        w1_req = w1_rows(self._req.embedded, [])
+        self.w1_request = None if w1_req is None else tf.Variable(w1_req, trainable=False, name="w1_request")
+        self.w1_candidate = per_tower(w1_rows(self._cand.embedded, [dense_rows]), "w1_candidate")
         self.b1 = tf.Variable(b1, trainable=False, name="b1")
-        self._width = int(towers[0]._dense[0].units)  # noqa: SLF001
         self.tower_layers: List[List[tf.Variable]] = []
         for t, tower in enumerate(towers):
             layers = list(tower._dense[1:]) + [tower._out]  # noqa: SLF001
@@ -131,50 +206,99 @@ class ESM2ScoringGraph(tf.Module):
         total = tf.reduce_sum(tf.gather(self.sequence_tables[name], ids) * mask, axis=1)
         return total / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
 
-    def _side_input(self, side: _Side, table, offsets, cat_ids: tf.Tensor, seqs: Sequence[tf.Tensor]) -> List:
-        """Embeddings of one side: cat_ids [B', F] (one gather), then each sequence [B', L] -> [B', D]."""
-        parts = []
+    def _embedded(self, side: _Side, table, offsets, cat_ids, seqs: Sequence[tf.Tensor], dense=None):
+        """The side's matmul input [B', C * D + S * D (+ N)], or None: cat_ids [B', C] of
+        ``side.categorical``, seqs [B', L] per sequence field, dense [B', N] (candidate side)."""
+        inputs = []
         if side.categorical:
-            parts.append(tf.reshape(tf.gather(table, cat_ids + offsets), [-1, len(side.categorical) * self._dim]))
-        parts.extend(self._sequence(n, x) for n, x in zip(side.sequences, seqs))
-        return parts
+            inputs.append(tf.reshape(tf.gather(table, cat_ids + offsets), [-1, len(side.categorical) * self._dim]))
+        inputs.extend(self._sequence(n, x) for n, x in zip(side.sequences, seqs))
+        if dense is not None:
+            inputs.append(dense)
+        if not inputs:
+            return None
+        return tf.concat(inputs, axis=1) if len(inputs) > 1 else inputs[0]
+
+    @staticmethod
+    def _segments(ids: tf.Tensor):
+        """(flat ids [B' * F], segment ids [B' * F], B') of ids [B', F]: row i sums its F entries."""
+        shape = tf.shape(ids, out_type=tf.int32)
+        segments = tf.reshape(tf.broadcast_to(tf.range(shape[0])[:, None], shape), [-1])
+        return tf.reshape(ids, [-1]), segments, shape[0]
 
     @staticmethod
     def _ids(features, names) -> tf.Tensor:
         return tf.concat([tf.reshape(tf.cast(features[n], tf.int64), [-1, 1]) for n in names], axis=1)
 
-    def first_layer(self, features: Mapping[str, tf.Tensor]) -> tf.Tensor:
-        """Pre-activation of every tower's first layer, side by side: [B, 4 * H1]."""
-        dense = tf.concat([tf.reshape(tf.cast(features[n], tf.float32), [-1, 1]) for n in self._dense_names], 1)
-        if self._tanh:
-            dense = tf.tanh(dense)
-        cand_ids = self._ids(features, self._cand.categorical) if self._cand.categorical else None
-        cand_seqs = [tf.cast(features[n], tf.int64) for n in self._cand.sequences]
-        x_cand = tf.concat(self._side_input(self._cand, self.candidate_table, self._cand_offsets, cand_ids,
-                                            cand_seqs) + [dense], axis=1)
-        h = tf.matmul(x_cand, self.w1_candidate)
-        if self._req.fields:
-            # One key row per impression: the request-level ids side by side, sequences widening it.
-            n_cat = len(self._req.categorical)
-            blocks = ([self._ids(features, self._req.categorical)] if n_cat else []) + \
-                [tf.cast(features[n], tf.int64) for n in self._req.sequences]
-            keys = tf.concat(blocks, axis=1) if len(blocks) > 1 else blocks[0]
-            uniq, idx = tf.raw_ops.UniqueV2(x=keys, axis=tf.constant([0], tf.int64), out_idx=tf.int32)  # [U, K]
-            seqs, start = [], n_cat
-            for block in blocks[1 if n_cat else 0:]:
-                width = tf.shape(block)[1]
-                seqs.append(uniq[:, start:start + width])
-                start = start + width
-            x_req = self._side_input(self._req, self.request_table, self._req_offsets, uniq[:, :n_cat], seqs)
-            per_request = tf.matmul(tf.concat(x_req, axis=1) if len(x_req) > 1 else x_req[0], self.w1_request)
-            h = h + tf.gather(per_request, idx)                                                   # [B, 4 * H1]
-        return tf.nn.bias_add(h, self.b1)
+    def _per_request(self, features: Mapping[str, tf.Tensor]):
+        """(per_request [U, 4 * H1] = request-level part + b1, idx [B] row -> its request), U = distinct
+        request-level id tuples in the batch; None when there are no request-level fields."""
+        r = self._req
+        if not (r.ids or r.sequences):
+            return None
+        # One key row per impression: the request-level ids side by side, sequences widening it.
+        n_proj, n_cat = len(r.projected), len(r.ids)
+        blocks = ([self._ids(features, r.ids)] if n_cat else []) + [tf.cast(features[n], tf.int64) for n in r.sequences]
+        keys = tf.concat(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+        uniq, idx = tf.raw_ops.UniqueV2(x=keys, axis=tf.constant([0], tf.int64), out_idx=tf.int32)  # [U, K]
+        seqs, start = [], n_cat
+        for block in blocks[1 if n_cat else 0:]:
+            width = tf.shape(block)[1]
+            seqs.append(uniq[:, start:start + width])
+            start = start + width
+        h = self.b1[None, :]
+        if n_proj:
+            flat, segments, n = self._segments(uniq[:, :n_proj] + self._req_proj_offsets)
+            h = h + tf.sparse.segment_sum(self.request_projected, flat, segments, num_segments=n)
+        x = self._embedded(r, self.request_table, self._req_offsets, uniq[:, n_proj:n_cat], seqs)
+        if x is not None:
+            h = h + tf.matmul(x, self.w1_request)
+        return tf.broadcast_to(h, [tf.shape(uniq)[0], tf.shape(h)[1]]), idx
+
+    def first_layer(self, features: Mapping[str, tf.Tensor]) -> List[tf.Tensor]:
+        """Every tower's first hidden layer (after the ReLU): a list of [B, H1]."""
+        dense = None
+        if self._dense_names:
+            dense = tf.concat([tf.reshape(tf.cast(features[n], tf.float32), [-1, 1]) for n in self._dense_names], 1)
+            if self._tanh:
+                dense = tf.tanh(dense)
+        c = self._cand
+        x = self._embedded(c, self.candidate_table, self._cand_offsets,
+                           self._ids(features, c.categorical) if c.categorical else None,
+                           [tf.cast(features[n], tf.int64) for n in c.sequences], dense)
+        proj = self._segments(self._ids(features, c.projected) + self._cand_proj_offsets) if c.projected else None
+        some = next(iter(features.values()))
+        batch = tf.shape(some)[0]
+        w = self._width
+
+        def tower(t: int, bias, shared):
+            """Tower t's first layer: bias [H1] (broadcast over rows) and / or shared [B, H1] added."""
+            z = tf.matmul(x, self.w1_candidate[t]) if x is not None else tf.zeros([batch, w])
+            if bias is not None:
+                z = tf.nn.bias_add(z, bias)
+            if proj is not None:
+                z = z + tf.sparse.segment_sum(self.candidate_projected[t], proj[0], proj[1], num_segments=proj[2])
+            if shared is not None:
+                z = z + shared
+            return tf.nn.relu(z)
+
+        towers = range(len(self.tower_layers))
+        request = self._per_request(features)
+        if request is None:
+            return [tower(t, self.b1[t * w:(t + 1) * w], None) for t in towers]
+        per_request, idx = request
+
+        def one_request():  # the request-level part is the same in every row: a bias
+            return [tower(t, per_request[0, t * w:(t + 1) * w], None) for t in towers]
+
+        def many_requests():
+            return [tower(t, None, tf.gather(per_request[:, t * w:(t + 1) * w], idx)) for t in towers]
+
+        return tf.cond(tf.shape(per_request)[0] == 1, one_request, many_requests)
 
     def __call__(self, features: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
-        h1 = tf.nn.relu(self.first_layer(features))
         probs = []
-        for t, weights in enumerate(self.tower_layers):
-            z = h1[:, t * self._width:(t + 1) * self._width]
+        for z, weights in zip(self.first_layer(features), self.tower_layers):
             for i in range(0, len(weights), 2):
                 z = tf.nn.bias_add(tf.matmul(z, weights[i]), weights[i + 1])
                 if i + 2 < len(weights):
