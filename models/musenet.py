@@ -85,6 +85,7 @@ PRESETS: Dict[str, MUSENETConfig] = {
     "hard": MUSENETConfig(assignment="hard"),
     # The scenario learner clusters the context o_u only (device, page, hour on the built-in data).
     "context": MUSENETConfig(scenario_side="context"),
+    "hard_context": MUSENETConfig(assignment="hard", scenario_side="context"),
     # §4.1 Implementations: Adam 1e-3, K = 4, beta = 0.5.
     "paper": MUSENETConfig(learning_rate=1e-3, num_scenarios=4, beta=0.5),
 }

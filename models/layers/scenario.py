@@ -28,7 +28,8 @@ class ScenarioLearner(keras.layers.Layer):
     * ``assign``:   a [B, K]: soft -> Q_s. hard -> Gumbel-softmax softmax((log pi + g) / tau), g ~ Gumbel(0, 1),
       while training (Eq. 7), and the one-hot arg max of Q_s otherwise (Eq. 4: no noise at inference).
     * ``update_prototypes``: c_k <- (1 - alpha) c_k + alpha * sum_i a_ki f_omega(x_i) / sum_i a_ki (Eq. 14, the
-      batch minimiser of L_C, Eq. 8). The prototypes Lambda [K, P] are a non-trainable weight: only this
+      batch minimiser of L_C, Eq. 8; the paper prints x_i, but c_k lives in the projected space of Eq. 3, so the
+      projected sample is averaged). The prototypes Lambda [K, P] are a non-trainable weight: only this
       moving average changes them, never a gradient (Step 1 of the alternating optimisation of Eq. 13).
     * ``kl_to_uniform``: (1/B) sum_i sum_k a_ki (log a_ki + log K) (Eq. 12, P(C) = 1/K).
 
@@ -152,9 +153,10 @@ class ParallelMLP(keras.layers.Layer):
         self.kernels, self.biases = [], []
         for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:])):
             name = "logit" if i == len(widths) - 2 else f"dense_{i}"
+            limit = math.sqrt(6.0 / (w_in + w_out))  # Glorot-uniform of one head's [w_in, w_out] kernel
             self.kernels.append(self.add_weight(
                 name=f"{name}_kernel", shape=(self.heads, w_in, w_out), regularizer=reg,
-                initializer=keras.initializers.VarianceScaling(1.0, "fan_avg", "uniform")))  # Glorot per head
+                initializer=keras.initializers.RandomUniform(-limit, limit)))
             self.biases.append(self.add_weight(name=f"{name}_bias", shape=(self.heads, w_out), initializer="zeros"))
         super().build(input_shape)
 

@@ -286,6 +286,11 @@ def test_parallel_mlp_heads_are_independent_mlps():
     for k in range(2):
         ref = np.maximum(x @ w1[k] + b1[k], 0) @ w2[k] + b2[k]
         np.testing.assert_allclose(y[:, k], ref, rtol=1e-5, atol=1e-6)
+    big = ParallelMLP(4, [64], output_units=1)
+    big.build((None, 200))
+    limit = np.sqrt(6.0 / (200 + 64))                                   # Glorot-uniform of one head
+    kernel = big.weights[0].numpy()
+    assert np.abs(kernel).max() <= limit and kernel.std() == pytest.approx(limit / np.sqrt(3), rel=0.05)
 
 
 # ---- contract binding, registry, config ------------------------------------------------------------------
