@@ -363,7 +363,7 @@ def test_gprec_trains_on_pipeline_data_and_exports_ctr(e2e_run, tmp_path):
 
     pp_dir = os.path.join(e2e_run["work_dir"], "preprocessed")
     tft_dir = os.path.join(pp_dir, TRANSFORM_DIR)
-    cfg = registry.resolve_config("gprec", "default", {"num_groups": 8, "batch_size": 512})
+    cfg = registry.resolve_config("gprec", "shared_classifier", {"num_groups": 4, "batch_size": 1024})
     model, history = train_model("gprec", cfg, BUILTIN, tft.TFTransformOutput(tft_dir),
                                  transformed_pattern(pp_dir, "train"), transformed_pattern(pp_dir, "eval"),
                                  TrainConfig(epochs=1))
