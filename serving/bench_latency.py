@@ -14,7 +14,13 @@ In-process columns, same transformed inputs and outputs, each a SavedModel loade
 * ``rankline``: the graph ``serving.export`` serves for ESM² (``serving.scoring_graph``), checked equal to
   the Keras model before timing.
 
-Calls of the variants are interleaved, so background load hits them alike. ``--target`` adds the TF
+Calls of the variants are interleaved (rotating order), so background load hits them alike; they share one
+process and so the same inter-/intra-op thread pools. Besides wall-clock p50/p99 the table gives each
+variant's median CPU time per call (all threads of the process, ``time.process_time``): on a loaded machine
+wall-clock percentiles mostly measure the scheduler, CPU time still measures the work.
+``--preproject-mb`` adds a column for the graph with pre-projected embeddings under that cap (off in
+exports by default: slower on CPU, where gathering [N, 4 * H1] rows costs more memory traffic than the
+small matmul it replaces). ``--target`` adds the TF
 Serving column: raw rows from ``--input`` (Parquet) sent as tf.Examples to ``--model-name`` over gRPC,
 client and protocol included; it is skipped, saying why, when nothing answers at the target.
 """
@@ -99,30 +105,38 @@ class _GraphExport:
         return module
 
 
-def export_variants(model, contract, out_dir: str) -> Dict[str, Callable]:
-    """{'naive': fn, 'rankline': fn}: loaded ``serving_default`` signatures taking the transformed inputs."""
+def export_variants(model, contract, out_dir: str, preproject_mb: float | None = None) -> Dict[str, Callable]:
+    """{'naive': fn, 'rankline': fn[, 'preproj': fn]}: loaded ``serving_default`` signatures taking the
+    transformed inputs (``preproj``: the graph with pre-projected embeddings within ``preproject_mb``)."""
     import tensorflow as tf
 
     from serving.export import request_level_fields
     from serving.scoring_graph import ESM2ScoringGraph, probe_features, verify
 
-    naive_dir, fast_dir = os.path.join(out_dir, "naive"), os.path.join(out_dir, "rankline")
+    naive_dir = os.path.join(out_dir, "naive")
     tf.saved_model.save(model, naive_dir)
-    graph = ESM2ScoringGraph(model, request_level_fields(contract))
-    verify(graph, model, probe_features(model))
+    fns = {"naive": tf.saved_model.load(naive_dir).signatures["serving_default"]}
     emb = model.embedding
     specs = {n: tf.TensorSpec([None, 1], tf.int64, name=n) for n in emb.categorical}
     specs.update({n: tf.TensorSpec([None, None], tf.int64, name=n) for n in getattr(emb, "sequences", {})})
     specs.update({n: tf.TensorSpec([None, 1], tf.float32, name=n) for n in emb.dense})
-    module = _GraphExport(graph, specs)
-    tf.saved_model.save(module, fast_dir, signatures={"serving_default": module.serve.get_concrete_function()})
-    return {"naive": tf.saved_model.load(naive_dir).signatures["serving_default"],
-            "rankline": tf.saved_model.load(fast_dir).signatures["serving_default"]}
+    caps = {"rankline": 0}
+    if preproject_mb is not None:
+        caps["preproj"] = int(preproject_mb * 2 ** 20)
+    for name, cap in caps.items():
+        graph = ESM2ScoringGraph(model, request_level_fields(contract), preproject_max_bytes=cap)
+        verify(graph, model, probe_features(model))
+        module = _GraphExport(graph, specs)
+        path = os.path.join(out_dir, name)
+        tf.saved_model.save(module, path, signatures={"serving_default": module.serve.get_concrete_function()})
+        fns[name] = tf.saved_model.load(path).signatures["serving_default"]
+    return fns
 
 
 def bench_in_process(fns: Dict[str, Callable], model, contract, sizes: Sequence[int], reps: int,
-                     warmup: int = 20) -> Dict[str, Dict[int, tuple]]:
-    """{variant: {n: (p50 ms, p99 ms)}}; each rep calls every variant once, in rotating order."""
+                     warmup: int = 20, cpu: Dict[str, Dict[int, float]] | None = None) -> Dict[str, Dict[int, tuple]]:
+    """{variant: {n: (p50 ms, p99 ms)}}; each rep calls every variant once, in rotating order.
+    ``cpu``: filled with {variant: {n: median CPU ms per call}} when given."""
     import tensorflow as tf
 
     from serving.export import request_level_fields
@@ -140,17 +154,21 @@ def bench_in_process(fns: Dict[str, Callable], model, contract, sizes: Sequence[
             for fn in fns.values():
                 fn(**feats)
         samples: Dict[str, List[float]] = {name: [] for name in fns}
+        cpu_s: Dict[str, List[float]] = {name: [] for name in fns}
         names = list(fns)
         count = reps if n < 1000 else max(50, reps // 3)
         for i in range(count):
             for name in names[i % len(names):] + names[:i % len(names)]:
-                start = time.perf_counter()
+                cpu_start, start = time.process_time(), time.perf_counter()
                 out = fns[name](**feats)
                 for v in out.values():
                     v.numpy()
                 samples[name].append(time.perf_counter() - start)
+                cpu_s[name].append(time.process_time() - cpu_start)
         for name in fns:
             results[name][n] = _percentiles(samples[name])
+            if cpu is not None:
+                cpu.setdefault(name, {})[n] = float(np.median(cpu_s[name]) * 1e3)
     return results
 
 
@@ -194,11 +212,19 @@ def bench_grpc(target: str, model_name: str, input_path: str, sizes: Sequence[in
         client.close()
 
 
-def format_table(results: Dict[str, Dict[int, tuple]], sizes: Sequence[int]) -> str:
+def format_table(results: Dict[str, Dict[int, tuple]], sizes: Sequence[int],
+                 cpu: Dict[str, Dict[int, float]] | None = None) -> str:
+    """p50 / p99 per variant; with naive and rankline their ratios (rankline / naive); with ``cpu`` the
+    median CPU ms per call of each in-process variant and rankline's CPU ratio."""
     names = list(results)
+    cpu = cpu or {}
+    both = "naive" in results and "rankline" in results
     head = f"{'candidates':>10} " + " ".join(f"{n + ' p50':>14} {n + ' p99':>14}" for n in names)
-    if "naive" in results and "rankline" in results:
-        head += f" {'p99 ratio':>10}"
+    if both:
+        head += f" {'p50 ratio':>10} {'p99 ratio':>10}"
+    head += "".join(f" {n + ' cpu':>13}" for n in cpu)
+    if both and "naive" in cpu and "rankline" in cpu:
+        head += f" {'cpu ratio':>10}"
     lines = [head]
     for n in sizes:
         cells = []
@@ -206,8 +232,12 @@ def format_table(results: Dict[str, Dict[int, tuple]], sizes: Sequence[int]) -> 
             p50, p99 = results[name].get(n, (float("nan"), float("nan")))
             cells.append(f"{p50:>14.3f} {p99:>14.3f}")
         line = f"{n:>10} " + " ".join(cells)
-        if "naive" in results and "rankline" in results:
-            line += f" {results['rankline'][n][1] / results['naive'][n][1]:>10.2f}"
+        if both:
+            line += (f" {results['rankline'][n][0] / results['naive'][n][0]:>10.2f}"
+                     f" {results['rankline'][n][1] / results['naive'][n][1]:>10.2f}")
+        line += "".join(f" {cpu[name].get(n, float('nan')):>13.3f}" for name in cpu)
+        if both and "naive" in cpu and "rankline" in cpu:
+            line += f" {cpu['rankline'][n] / cpu['naive'][n]:>10.2f}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -217,6 +247,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="paper", help="ESM² preset (paper = towers 512-256-128-32)")
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="candidates per request")
     p.add_argument("--reps", type=int, default=300, help="timed calls per size and variant (1000: a third)")
+    p.add_argument("--preproject-mb", type=float, default=None,
+                   help="add the graph with pre-projected embeddings within this many MiB (column preproj)")
     p.add_argument("--tft-dir", default=None, help="transform output for real vocabulary sizes (optional)")
     p.add_argument("--target", default=None, help="TF Serving gRPC host:port to add (optional)")
     p.add_argument("--model-name", default="esm2", help="--target: served model name")
@@ -231,8 +263,9 @@ def main(argv=None) -> int:
     model, contract = build_model(args.preset, args.tft_dir)
     units = "-".join(str(u) for u in model.config.hidden_units)
     with tempfile.TemporaryDirectory(prefix="rankline-bench-") as tmp:
-        fns = export_variants(model, contract, tmp)
-        results = bench_in_process(fns, model, contract, args.sizes, args.reps)
+        fns = export_variants(model, contract, tmp, args.preproject_mb)
+        cpu: Dict[str, Dict[int, float]] = {}
+        results = bench_in_process(fns, model, contract, args.sizes, args.reps, cpu=cpu)
     print(f"ESM² towers {units}, {len(model.embedding.categorical)} categorical + "
           f"{len(getattr(model.embedding, 'sequences', {}))} sequence + {len(model.embedding.dense)} dense inputs; TensorFlow {tf.__version__}, {os.cpu_count()} CPU(s); latency in ms, one user x N "
           f"candidates, in-process (SavedModel signature calls)")
@@ -242,7 +275,10 @@ def main(argv=None) -> int:
             print(f"gRPC ({args.target}): {grpc_results}")
         else:
             results["tf-serving"] = grpc_results
-    print(format_table(results, args.sizes))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPU(s)"
+          + (" -- loaded machine: wall-clock percentiles are noisy, see the cpu columns" if load > os.cpu_count() else ""))
+    print(format_table(results, args.sizes, cpu))
     return 0
 
 

@@ -6,13 +6,17 @@ concatenated field embeddings, so it splits exactly into a request-level part an
 
     x W1 + b1 = x_req W1_req + x_cand W1_cand + b1        (W1 = the four towers' kernels side by side)
 
-``x_req W1_req`` is computed once per distinct request-level id tuple in the batch (``UniqueV2`` over the
-rows of the [B, R] id matrix) and gathered back to the rows; the candidate part and the deeper layers run
-per row. All four towers share one first-layer matmul. Nothing is approximated: results equal the Keras
+``x_req W1_req + b1`` is computed once per distinct request-level id tuple in the batch (``UniqueV2`` over
+the rows of the [B, R] id matrix); the candidate part and the deeper layers run per row, tower by tower.
+When the batch is one request (the usual ranking call) the request part is the bias of each tower's fused
+MatMul+BiasAdd+Relu; otherwise it is gathered back to the rows and added. Optionally, small-vocabulary
+fields are pre-projected (``preproject_max_bytes``). Nothing is approximated: results equal the Keras
 model's up to float32 summation order (checked at export, see ``serving.export``).
 
-Ops used are core TensorFlow (UniqueV2, GatherV2, MatMul, BiasAdd, Relu, Sigmoid, ...), so stock TF
-Serving runs the graph; weights are ordinary variables saved in ``variables/``.
+Ops used are core TensorFlow (UniqueV2, GatherV2, MatMul, BiasAdd, Relu, Sigmoid, If, ...), so stock TF
+Serving runs the graph. Embedding tables and first-layer weights are ordinary variables saved in
+``variables/``; the deeper tower layers (a few MB at paper size) are constants in ``saved_model.pb``, which
+lets oneDNN keep their reordered layout between calls.
 """
 from __future__ import annotations
 
@@ -194,11 +198,12 @@ class ESM2ScoringGraph(tf.Module):
         self.w1_request = None if w1_req is None else tf.Variable(w1_req, trainable=False, name="w1_request")
         self.w1_candidate = per_tower(w1_rows(self._cand.embedded, [dense_rows]), "w1_candidate")
         self.b1 = tf.Variable(b1, trainable=False, name="b1")
-        self.tower_layers: List[List[tf.Variable]] = []
-        for t, tower in enumerate(towers):
-            layers = list(tower._dense[1:]) + [tower._out]  # noqa: SLF001
-            self.tower_layers.append([tf.Variable(v.numpy(), trainable=False, name=f"tower{t}_{i}")
-                                      for i, layer in enumerate(layers) for v in (layer.kernel, layer.bias)])
+        # The deeper layers' kernels and biases enter the graph as constants (numpy, embedded when traced):
+        # oneDNN then reorders a kernel into its blocked layout once instead of on every call.
+        self._tower_weights = tuple(
+            tuple(np.array(v.numpy(), np.float32) for layer in list(tower._dense[1:]) + [tower._out]  # noqa: SLF001
+                  for v in (layer.kernel, layer.bias))
+            for tower in towers)
 
     def _sequence(self, name: str, ids: tf.Tensor) -> tf.Tensor:
         """[B', D]: masked mean of the embeddings of ids [B', L] (0 = padding), as SharedEmbedding."""
@@ -282,7 +287,7 @@ class ESM2ScoringGraph(tf.Module):
                 z = z + shared
             return tf.nn.relu(z)
 
-        towers = range(len(self.tower_layers))
+        towers = range(len(self._tower_weights))
         request = self._per_request(features)
         if request is None:
             return [tower(t, self.b1[t * w:(t + 1) * w], None) for t in towers]
@@ -298,9 +303,9 @@ class ESM2ScoringGraph(tf.Module):
 
     def __call__(self, features: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         probs = []
-        for z, weights in zip(self.first_layer(features), self.tower_layers):
+        for z, weights in zip(self.first_layer(features), self._tower_weights):
             for i in range(0, len(weights), 2):
-                z = tf.nn.bias_add(tf.matmul(z, weights[i]), weights[i + 1])
+                z = tf.nn.bias_add(tf.matmul(z, tf.constant(weights[i])), tf.constant(weights[i + 1]))
                 if i + 2 < len(weights):
                     z = tf.nn.relu(z)
             probs.append(tf.sigmoid(z))  # [B, 1]
