@@ -162,15 +162,16 @@ def _fsync_tree(root: str) -> None:
         _fsync_path(dirpath)
 
 
-def build_scorer(model, contract: FeatureContract, optimize: bool = True):
+def build_scorer(model, contract: FeatureContract, optimize: bool = True, preproject_max_bytes: int = 0):
     """The optimised ESM² scoring graph, verified against ``model``; None (serve the Keras model) when the
-    model is not a plain ESM² or ``optimize`` is off."""
+    model is not a plain ESM² or ``optimize`` is off. ``preproject_max_bytes``: total size cap of the
+    pre-projected embedding tables (``serving.scoring_graph``; 0 = off, the default: slower on CPU)."""
     if not optimize:
         return None
     from serving.scoring_graph import ESM2ScoringGraph, UnsupportedModel, probe_features, verify
 
     try:
-        graph = ESM2ScoringGraph(model, request_level_fields(contract))
+        graph = ESM2ScoringGraph(model, request_level_fields(contract), preproject_max_bytes=preproject_max_bytes)
         worst = verify(graph, model, probe_features(model))
     except UnsupportedModel as exc:
         logger.info("export: serving the Keras model as is (%s)", exc)
@@ -181,12 +182,13 @@ def build_scorer(model, contract: FeatureContract, optimize: bool = True):
 
 def export_saved_model(model, tft_output_dir: str, contract: FeatureContract, export_base: str, model_name: str,
                        version: int | None = None, *, warmup_examples: Sequence[bytes] | None = None,
-                       optimize: bool = True, check: bool = True) -> str:
+                       optimize: bool = True, check: bool = True, preproject_max_bytes: int = 0) -> str:
     """Writes a new version of ``model_name`` and returns its directory.
 
     ``warmup_examples``: serialized raw ``tf.Example``s (e.g. eval rows) for the TF Serving warmup file;
     they are scored once in-process first, so a bad example fails the export, not the server.
-    ``optimize``: serve the verified ESM² scoring graph where possible. ``check``: reject the version
+    ``optimize``: serve the verified ESM² scoring graph where possible (``preproject_max_bytes``: its
+    pre-projected embeddings' size cap, 0 = off; see ``build_scorer``). ``check``: reject the version
     (nothing published) if stock TF Serving could not run it (``serving.graph_check``).
     """
     import tensorflow_transform as tft
@@ -204,7 +206,7 @@ def export_saved_model(model, tft_output_dir: str, contract: FeatureContract, ex
     module = ServingModule(
         model, tft.TFTransformOutput(tft_output_dir),
         raw_feature_spec(contract, include_labels=False, include_oracle=False),
-        contract.model_feature_names(), model.output_names_, scorer=build_scorer(model, contract, optimize),
+        contract.model_feature_names(), model.output_names_, scorer=build_scorer(model, contract, optimize, preproject_max_bytes),
         sequences=getattr(contract, "sequences", ()))
     records = None
     if warmup_examples is not None:

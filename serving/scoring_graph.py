@@ -205,6 +205,11 @@ class ESM2ScoringGraph(tf.Module):
                   for v in (layer.kernel, layer.bias))
             for tower in towers)
 
+    @property
+    def request_inputs(self) -> List[str]:
+        """The inputs treated as request-level (shared once per distinct tuple in a batch)."""
+        return self._req.ids + self._req.sequences
+
     def _sequence(self, name: str, ids: tf.Tensor) -> tf.Tensor:
         """[B', D]: masked mean of the embeddings of ids [B', L] (0 = padding), as SharedEmbedding."""
         mask = tf.cast(ids > 0, tf.float32)[..., None]
@@ -336,13 +341,21 @@ def probe_features(model, batch: int = 64, seed: int = 0, seq_len: int = 6) -> D
 
 
 def verify(graph: ESM2ScoringGraph, model, features: Mapping[str, tf.Tensor], atol: float = 1e-5) -> float:
-    """Max |graph - model| over outputs on ``features``; raises UnsupportedModel above ``atol``."""
-    want = model(dict(features), training=False)
-    got = graph(features)
+    """Max |graph - model| over outputs; raises UnsupportedModel above ``atol``.
+
+    Checked on ``features`` as given and on a copy whose request-level inputs are row 0's in every row (one
+    request: the graph's other branch), so both paths of the graph are compared with the model."""
+    one_request = dict(features)
+    for name in graph.request_inputs:
+        first = features[name][:1]
+        one_request[name] = tf.repeat(first, tf.shape(features[name])[0], axis=0)
     worst = 0.0
-    for name in got:
-        diff = float(np.max(np.abs(np.reshape(got[name].numpy(), [-1]) - np.reshape(want[name].numpy(), [-1]))))
-        worst = max(worst, diff)
-        if not diff <= atol:
-            raise UnsupportedModel(f"scoring graph output {name!r} differs from the Keras model by {diff:g}")
+    for feats in (features, one_request):
+        want = model(dict(feats), training=False)
+        got = graph(feats)
+        for name in got:
+            diff = float(np.max(np.abs(np.reshape(got[name].numpy(), [-1]) - np.reshape(want[name].numpy(), [-1]))))
+            worst = max(worst, diff)
+            if not diff <= atol:
+                raise UnsupportedModel(f"scoring graph output {name!r} differs from the Keras model by {diff:g}")
     return worst

@@ -127,6 +127,20 @@ def test_verify_rejects_a_wrong_graph(model, monkeypatch):
         verify(graph, model, features(16, 2, seed=2))
 
 
+def test_verify_checks_the_one_request_branch_too(model):
+    from serving.scoring_graph import probe_features
+
+    class OneRequestSkewed(ESM2ScoringGraph):
+        def _per_request(self, features):
+            per_request, idx = super()._per_request(features)
+            return tf.cond(tf.shape(per_request)[0] == 1, lambda: per_request + 0.1, lambda: per_request), idx
+
+    probe = probe_features(model)  # several requests per batch: the gather branch
+    assert verify(ESM2ScoringGraph(model, REQUEST), model, probe) < 1e-5
+    with pytest.raises(UnsupportedModel, match="differs from the Keras model"):
+        verify(OneRequestSkewed(model, REQUEST), model, probe)
+
+
 @pytest.mark.parametrize("cap", ["off", "all"])
 def test_saved_model_is_servable_and_exact(model, cap, tmp_path):
     graph = ESM2ScoringGraph(model, REQUEST, preproject_max_bytes=CAPS[cap])
