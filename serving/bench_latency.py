@@ -276,8 +276,8 @@ def main(argv=None) -> int:
         else:
             results["tf-serving"] = grpc_results
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPU(s)"
-          + (" -- loaded machine: wall-clock percentiles are noisy, see the cpu columns" if load > os.cpu_count() else ""))
+    busy = " -- loaded machine: wall-clock percentiles are noisy, see the cpu columns" if load > os.cpu_count() else ""
+    print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPU(s){busy}")
     print(format_table(results, args.sizes, cpu))
     return 0
 

@@ -206,7 +206,8 @@ def export_saved_model(model, tft_output_dir: str, contract: FeatureContract, ex
     module = ServingModule(
         model, tft.TFTransformOutput(tft_output_dir),
         raw_feature_spec(contract, include_labels=False, include_oracle=False),
-        contract.model_feature_names(), model.output_names_, scorer=build_scorer(model, contract, optimize, preproject_max_bytes),
+        contract.model_feature_names(), model.output_names_,
+        scorer=build_scorer(model, contract, optimize, preproject_max_bytes),
         sequences=getattr(contract, "sequences", ()))
     records = None
     if warmup_examples is not None:
