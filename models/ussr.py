@@ -58,6 +58,8 @@ class USSRConfig(AutoIntConfig):
     decoders), ``beta`` (KL weight; 1 = Eq. 3), ``w_ib`` (weight of the bottleneck objective).
     ``segment_feature``: the transformed segment input (filled by ``bind_to_contract``); its cardinality is M.
     ``added_segments`` / ``added_segment_ids`` / ``added_clusters``: what §3.4 expansion added (see ``expand``).
+    ``shared_decoder``: one decoder f^_v on every h^_m instead of one f^_{v,m} per segment (§3.3: "one vortex
+    decoder or M decoders"; the paper recommends M, the default). An added segment then trains only u_{M+1}.
     """
 
     num_clusters: int = 4
@@ -71,6 +73,7 @@ class USSRConfig(AutoIntConfig):
     added_segments: Tuple[str, ...] = ()
     added_segment_ids: Tuple[int, ...] = ()
     added_clusters: int = 0
+    shared_decoder: bool = False  # one vertex decoder f^_v for all segments (§3.3 allows one or M)
 
     TUPLE_FIELDS: ClassVar[Tuple[str, ...]] = ("hidden_units", "cluster_units")
     POSITIVE_INT_FIELDS: ClassVar[Tuple[str, ...]] = AutoIntConfig.POSITIVE_INT_FIELDS + (
@@ -158,7 +161,8 @@ class USSR(AutoIntFields, MultiTaskModel):
         self.added_segment_embeddings = [SegmentEmbedding(1, c.segment_dim, name=f"segments_added_{i}")
                                          for i in range(len(c.added_segments))]
         self.bipartite = BipartiteInteraction(c.interaction_units, name="bipartite")
-        self.decoders = [self.tower(f"decoder_{m}") for m in range(self.num_segments)]  # f^_{v,m}
+        self.decoders = ([self.tower("decoder")] if c.shared_decoder                     # f^_v
+                         else [self.tower(f"decoder_{m}") for m in range(self.num_segments)])  # f^_{v,m}
         self._tasks.append(BinaryTask(CTR, CLICK, c.w_ctr))
         self.objective = "full"
 
@@ -222,8 +226,11 @@ class USSR(AutoIntFields, MultiTaskModel):
         z = reparameterize(mu, logvar, training)
         universal_logits = tf.squeeze(self.universal_decoder(z, training=training), axis=-1)
         h_hat = self.segment_representations(z)
-        segment_logits = tf.concat([dec(h_hat[:, m, :], training=training) for m, dec in enumerate(self.decoders)],
-                                   axis=1)
+        if self.config.shared_decoder:
+            segment_logits = tf.squeeze(self.decoders[0](h_hat, training=training), axis=-1)
+        else:
+            segment_logits = tf.concat([dec(h_hat[:, m, :], training=training) for m, dec in enumerate(self.decoders)],
+                                       axis=1)
         index = self.segment_index(features)
         logit = tf.gather(segment_logits, index[:, None], batch_dims=1)
         return {"h": h, "q_logits": q_logits, "mu": mu, "logvar": logvar, "z": z,

@@ -194,8 +194,9 @@ def test_serving_is_noise_free_and_training_samples():
                                   model.forward(feats, training=False)["mu"].numpy())
 
 
-def test_gradients_reach_every_trainable_variable():
-    model = _model()
+@pytest.mark.parametrize("shared_decoder", [False, True])
+def test_gradients_reach_every_trainable_variable(shared_decoder):
+    model = _model(shared_decoder=shared_decoder)
     feats, labels = _batch(256, seed=6)
     with tf.GradientTape() as tape:
         loss = model.compute_loss(feats, labels, training=True)
@@ -340,3 +341,14 @@ def test_added_cluster_starts_from_eq8_argmax_cluster_and_trains_with_eq7():
     for v, before in zip(_frozen(expanded), frozen):
         np.testing.assert_array_equal(v.numpy(), before, err_msg=v.name)
     assert not np.array_equal(expanded.added_priors[0].mu.numpy(), mu_p[-1:].numpy())
+
+
+def test_shared_decoder_expansion_trains_only_the_new_segment_embedding():
+    model = _model(shared_decoder=True)
+    expanded = model.expand([("vip", 3)])
+    assert len(expanded.decoders) == 1
+    assert [v.name for v in expanded.trainable_variables] == [
+        v.name for v in expanded.added_segment_embeddings[0].trainable_variables]
+    feats, _ = _batch(200, seed=11)
+    keep = feats["segment_id"].numpy().reshape(-1) != 3
+    np.testing.assert_array_equal(expanded(feats)["ctr"].numpy()[keep], model(feats)["ctr"].numpy()[keep])
