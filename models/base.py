@@ -73,7 +73,10 @@ class MultiTaskModel(keras.Model):
         features, labels = data
         with tf.GradientTape() as tape:
             loss = self.compute_loss(features, labels, training=True)
-        grads = tape.gradient(loss, self.trainable_variables)
+            # Each replica's loss is a mean over its share of the global batch and the optimizer sums the
+            # replicas' gradients: scale by 1/replicas so the step is the global batch mean's (as Keras does).
+            scaled = loss / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
+        grads = tape.gradient(scaled, self.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         self._total_loss.update_state(loss)
         return {m.name: m.result() for m in self.metrics}

@@ -46,6 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"model to train: auto (the richest the labels allow), {', '.join(registry.available())}")
     p.add_argument("--preset", default="default", help="model config preset (e.g. default, paper)")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--strategy", choices=("default", "mirrored", "multiworker"), default="default",
+                   help="tf.distribute strategy: default (one device), mirrored (all GPUs, else all logical CPUs), "
+                        "multiworker (MultiWorkerMirroredStrategy, cluster from TF_CONFIG)")
+    p.add_argument("--early-stopping-patience", type=int, default=2,
+                   help="stop after this many epochs without a better main-task eval AUC (0 = never)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="best weights + mid-epoch backups (default WORK_DIR/checkpoints); a killed run started "
+                        "again with the same arguments resumes from the last backup")
+    p.add_argument("--backup-every-steps", type=int, default=200, help="steps between training-state backups")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from a backup in the checkpoint dir when there is one (--no-resume: start over)")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+                   help="TensorBoard logs in WORK_DIR/tensorboard")
+    p.add_argument("--deterministic", action="store_true",
+                   help="ordered input pipeline and deterministic ops: the same seed gives the same model")
+    p.add_argument("--steps-per-execution", type=int, default=1, help="training steps per Keras call")
+    p.add_argument("--in-memory", action="store_true",
+                   help="parse the training TFRecords once into memory instead of streaming them every epoch")
     p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
     p.add_argument("--learning-rate", type=float, default=None, help="override the preset's learning rate")
     p.add_argument("--eval-fraction", type=float, default=None, help="override the schema's split.eval_fraction")
@@ -136,16 +154,25 @@ def run(argv: Sequence[str] | None = None) -> Dict:
         raise UsageError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
 
     from pipeline.preprocess import PreprocessConfig
-    from pipeline.train import TrainConfig
+    from pipeline.train import TrainConfig, make_strategy
     work_dir = os.path.abspath(args.work_dir)
     export_base = os.path.abspath(args.export_dir or os.path.join(work_dir, "export"))
     pp_dir = os.path.join(work_dir, "preprocessed")
     try:
-        train_cfg = TrainConfig(epochs=args.epochs, seed=args.seed)
+        train_cfg = TrainConfig(
+            epochs=args.epochs, seed=args.seed, strategy=args.strategy,
+            early_stopping_patience=args.early_stopping_patience,
+            checkpoint_dir=os.path.abspath(args.checkpoint_dir or os.path.join(work_dir, "checkpoints")),
+            backup_every_steps=args.backup_every_steps, resume=args.resume,
+            tensorboard_dir=os.path.join(work_dir, "tensorboard") if args.tensorboard else None,
+            deterministic=args.deterministic, steps_per_execution=args.steps_per_execution,
+            in_memory=args.in_memory)
         pp_cfg = PreprocessConfig(output_dir=pp_dir, max_reject_fraction=args.max_reject_fraction)
         registry.resolve_config("esm2" if args.model == "auto" else args.model, args.preset, {})
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    # Before any other TensorFlow work: MultiWorkerMirroredStrategy must configure collectives at startup.
+    strategy = make_strategy(train_cfg.strategy)
     os.makedirs(work_dir, exist_ok=True)
     timings: Dict[str, float] = {}
     started = time.time()
@@ -177,8 +204,13 @@ def run(argv: Sequence[str] | None = None) -> Dict:
 
     resolved = {"args": vars(args), "beam_args": beam_args, "model": model_name,
                 "model_config": model_config.to_dict(), "train": asdict(train_cfg), "preprocess": asdict(pp_cfg),
-                "split": asdict(schema.split), "input": input_info}
-    with open(os.path.join(work_dir, "config.json"), "w") as fh:
+                "split": asdict(schema.split), "input": input_info,
+                "dataset": {"name": contract.name, "schema": schema.source, "labels": list(contract.labels.transformed),
+                            "features": list(contract.model_feature_names())},
+                "strategy": {"name": train_cfg.strategy, "class": type(strategy).__name__,
+                             "replicas": strategy.num_replicas_in_sync}}
+    config_path = os.path.join(work_dir, "config.json")
+    with open(config_path, "w") as fh:
         json.dump(resolved, fh, indent=2, default=str)
 
     with stage("preprocess (Beam + tensorflow-transform)", timings):
@@ -187,9 +219,14 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     tft_output = tft.TFTransformOutput(tft_dir)
 
     with stage(f"train {model_name}", timings):
+        train_info: Dict = {}
         model, history = train_model(model_name, model_config, contract, tft_output,
                                      transformed_pattern(pp_dir, "train"), transformed_pattern(pp_dir, "eval"),
-                                     train_cfg)
+                                     train_cfg, strategy=strategy,
+                                     info=train_info)
+    resolved["training"] = train_info  # steps per epoch, where a resumed run started, early stop
+    with open(config_path, "w") as fh:
+        json.dump(resolved, fh, indent=2, default=str)
     with stage("evaluate", timings):
         preds, labels = ev.collect(model, contract, tft_output, transformed_pattern(pp_dir, "eval"))
         report = ev.evaluate(preds, labels)
@@ -203,7 +240,7 @@ def run(argv: Sequence[str] | None = None) -> Dict:
         scores = score_saved_model(export_path, serialize_rows(rows, contract)) if rows else {}
 
     summary = {"model": model_name, "input": input_info, "preprocess": pp_summary, "eval": report,
-               "export": export_path, "history": history, "timings_s": timings,
+               "export": export_path, "history": history, "training": train_info, "timings_s": timings,
                "total_s": round(time.time() - started, 2),
                "scored": {k: np.round(np.asarray(v, np.float64), 6).tolist() for k, v in scores.items()}}
     with open(os.path.join(work_dir, "summary.json"), "w") as fh:

@@ -1,29 +1,97 @@
-"""Training wiring: transform output -> model inputs -> Keras fit."""
+"""Training wiring: transform output -> model inputs -> Keras fit.
+
+The loop (``fit_model``) is Keras ``fit`` over the gzip TFRecords with
+
+* a progress bar (one line per epoch when stdout is not a terminal), TensorBoard logs;
+* the best weights by the main task's eval AUC (``val_<first task>_auc``, e.g. ``val_ctr_auc``) kept in
+  ``checkpoint_dir/best`` and early stopping on the same metric (the best weights are restored at the end);
+* ``BackupAndRestore`` every ``backup_every_steps`` steps in ``checkpoint_dir/backup``: a run killed mid-epoch
+  and started again continues from the last backup. The training input is one endless stream of epochs
+  (``steps_per_epoch`` batches each) and a resumed run skips the batches the interrupted run finished, so
+  the two runs together take exactly the steps (and, with ``deterministic``, the batches) of one
+  uninterrupted run;
+* a distribution strategy: ``default``, ``mirrored`` (all GPUs, else all logical CPU devices) or
+  ``multiworker`` (``MultiWorkerMirroredStrategy`` from ``TF_CONFIG``; create it with ``make_strategy``
+  at program start, before other TensorFlow work).
+"""
 from __future__ import annotations
 
 import logging
+import math
+import os
 import sys
-from dataclasses import dataclass
-from typing import Dict, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import tensorflow as tf
 
 from models import registry
 from models.keras import keras
-from pipeline.data import make_dataset
+from pipeline.data import count_records, make_dataset, make_in_memory_dataset
 from transforms import features as F
 from transforms.features import FeatureContract
 
 logger = logging.getLogger(__name__)
 
+STRATEGIES = ("default", "mirrored", "multiworker")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """How to train (the model's own settings, batch size and learning rate included, are its config)."""
+
     epochs: int = 3
     seed: int = 0
     shuffle: bool = True
+    strategy: str = "default"
+    early_stopping_patience: int = 2      # epochs without a better main-task eval AUC; 0 = off
+    checkpoint_dir: Optional[str] = None  # best weights + mid-epoch backups; None = neither
+    backup_every_steps: int = 200         # BackupAndRestore save_freq, in steps
+    resume: bool = True                   # continue from checkpoint_dir/backup when one is there
+    tensorboard_dir: Optional[str] = None
+    deterministic: bool = False           # ordered tf.data + op determinism: same seed -> same run
+    steps_per_execution: int = 1
+    jit_compile: bool = False             # XLA-compile the train/eval steps
+    in_memory: bool = False               # parse the training TFRecords once into memory (data that fits)
 
     def __post_init__(self):
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.early_stopping_patience < 0:
+            raise ValueError(f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
+        if self.backup_every_steps < 1:
+            raise ValueError(f"backup_every_steps must be >= 1, got {self.backup_every_steps}")
+        if self.steps_per_execution < 1:
+            raise ValueError(f"steps_per_execution must be >= 1, got {self.steps_per_execution}")
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """The ``tf.distribute`` strategy called ``name`` (see ``STRATEGIES``)."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = ([d.name for d in tf.config.list_logical_devices("GPU")]
+                   or [d.name for d in tf.config.list_logical_devices("CPU")])
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()  # cluster from TF_CONFIG (one worker without it)
+    raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Where the training and eval batches come from."""
+
+    train_pattern: str
+    eval_pattern: str
+    feature_spec: Dict
+    feature_keys: Tuple[str, ...]
+    label_keys: Tuple[str, ...]
+    batch_size: int
+    train_examples: Optional[int] = None  # counted from the files when None
+    extra: Dict = field(default_factory=dict)
 
 
 def model_inputs(contract: FeatureContract, tft_output) -> Tuple[Dict[str, int], Tuple[str, ...], Dict[str, int]]:
@@ -54,8 +122,12 @@ def check_transform_output(contract: FeatureContract, tft_output, label_keys, mo
 
 
 def train_model(model_name: str, model_config, contract: FeatureContract, tft_output, train_pattern: str,
-                eval_pattern: str, cfg: TrainConfig):
-    keras.utils.set_random_seed(cfg.seed)
+                eval_pattern: str, cfg: TrainConfig, strategy: tf.distribute.Strategy | None = None,
+                train_examples: int | None = None, info: Dict | None = None):
+    """Builds ``model_name`` for the transformed data and trains it; returns (model, history).
+
+    ``info``, when given, receives ``fit_model``'s facts about the run (steps, resume point, replicas).
+    """
     label_keys = tuple(registry.required_labels(model_name))
     check_transform_output(contract, tft_output, label_keys, model_name)
     categorical, dense, sequences = model_inputs(contract, tft_output)
@@ -64,13 +136,131 @@ def train_model(model_name: str, model_config, contract: FeatureContract, tft_ou
             model_config, contract, tuple(categorical) + tuple(sequences) + tuple(dense))
     except ValueError as exc:
         raise ModelDataMismatch(f"model {model_name!r}: {exc}") from exc
-    model = registry.build(model_name, categorical, dense, model_config, sequences)
-    spec = tft_output.transformed_feature_spec()
-    feature_keys = contract.model_feature_names()
-    train_ds = make_dataset(train_pattern, spec, feature_keys, label_keys, model_config.batch_size,
-                            shuffle=cfg.shuffle, seed=cfg.seed)
-    eval_ds = make_dataset(eval_pattern, spec, feature_keys, label_keys, model_config.batch_size)
-    model.compile(optimizer=keras.optimizers.Adam(model_config.learning_rate))
-    verbose = 1 if sys.stdout.isatty() else 2
-    history = model.fit(train_ds, validation_data=eval_ds, epochs=cfg.epochs, verbose=verbose)
-    return model, {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    data = TrainData(train_pattern, eval_pattern, tft_output.transformed_feature_spec(),
+                     tuple(contract.model_feature_names()), label_keys, model_config.batch_size, train_examples)
+    model, history, facts = fit_model(lambda: registry.build(model_name, categorical, dense, model_config, sequences),
+                                      data, cfg, model_config.learning_rate, strategy)
+    if info is not None:
+        info.update(facts)
+    return model, history
+
+
+def main_metric(model) -> str:
+    """The early-stopping / best-checkpoint metric: eval AUC of the model's first (main) task."""
+    return f"val_{model.tasks[0].output}_auc"
+
+
+def backup_position(backup_dir: str, steps_per_epoch: int) -> Tuple[int, int]:
+    """(epoch, step) a run resumed from ``backup_dir`` starts at (Keras' own rule); (0, 0) without a backup."""
+    latest = tf.train.latest_checkpoint(os.path.join(backup_dir, "chief"))
+    if not latest:
+        return 0, 0
+    reader = tf.train.load_checkpoint(latest)
+    epoch = int(reader.get_tensor("ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+    batch = int(reader.get_tensor("ckpt_saved_batch/.ATTRIBUTES/VARIABLE_VALUE"))
+    if batch < 0:
+        return (epoch + 1, 0) if epoch >= 0 else (0, 0)
+    return (epoch + 1, 0) if batch == steps_per_epoch - 1 else (epoch, batch + 1)
+
+
+class StepBackup(keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` every ``save_freq`` steps that records the *last* step a backup covers.
+
+    Keras records the step at ``on_train_batch_begin``, which is only right for ``steps_per_execution=1``:
+    with several steps per call a resumed run would redo all but the first of them.
+    """
+
+    def on_train_batch_begin(self, batch, logs=None):
+        pass
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._training_state._ckpt_saved_batch.assign(batch)
+        super().on_train_batch_end(batch, logs)
+
+
+def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfig, learning_rate: float,
+              strategy: tf.distribute.Strategy | None = None, callbacks: Sequence = (), verbose=None):
+    """Builds (inside the strategy's scope), compiles and fits a ``MultiTaskModel``.
+
+    Returns (model, history dict, info) where info has ``steps_per_epoch``, ``initial_epoch``/``initial_step``
+    (where a resumed run started) and ``steps_run`` (steps this call ran).
+    """
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    strategy = strategy or make_strategy(cfg.strategy)
+    n = data.train_examples if data.train_examples is not None else count_records(data.train_pattern)
+    if n < 1:
+        raise ValueError(f"no training examples in {data.train_pattern}")
+    steps_per_epoch = math.ceil(n / data.batch_size)
+    sample, _ = next(iter(make_dataset(data.train_pattern, data.feature_spec, data.feature_keys, data.label_keys,
+                                       batch_size=2).take(1)))
+    with strategy.scope():
+        model = build()
+        model(sample)  # built before fit: BackupAndRestore restores into existing variables
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), steps_per_execution=cfg.steps_per_execution,
+                      jit_compile=cfg.jit_compile)
+    monitor = main_metric(model)
+
+    cbs = []
+    start_epoch, start_step = 0, 0
+    if cfg.checkpoint_dir:
+        backup_dir = os.path.join(cfg.checkpoint_dir, "backup")
+        if not cfg.resume and tf.io.gfile.exists(backup_dir):
+            tf.io.gfile.rmtree(backup_dir)
+        start_epoch, start_step = backup_position(backup_dir, steps_per_epoch)
+        if start_epoch or start_step:
+            logger.info("resuming from %s at epoch %d step %d", backup_dir, start_epoch + 1, start_step)
+        cbs.append(StepBackup(backup_dir, save_freq=cfg.backup_every_steps))
+        cbs.append(keras.callbacks.ModelCheckpoint(os.path.join(cfg.checkpoint_dir, "best", "weights"),
+                                                   monitor=monitor, mode="max", save_best_only=True,
+                                                   save_weights_only=True))
+    if cfg.early_stopping_patience:
+        cbs.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=cfg.early_stopping_patience,
+                                                 restore_best_weights=True))
+    if cfg.tensorboard_dir:
+        cbs.append(keras.callbacks.TensorBoard(cfg.tensorboard_dir, write_graph=False, profile_batch=0))
+    counter = _StepCounter()
+    cbs += [counter] + list(callbacks)  # the caller's last: they see this step's backup already written
+
+    # One endless stream of epochs; a resumed run skips what the interrupted one finished.
+    skip = start_epoch * steps_per_epoch + start_step
+    if cfg.in_memory:
+        train_ds = make_in_memory_dataset(data.train_pattern, data.feature_spec, data.feature_keys, data.label_keys,
+                                          data.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epochs=None,
+                                          skip_batches=skip)
+    else:
+        train_ds = make_dataset(data.train_pattern, data.feature_spec, data.feature_keys, data.label_keys,
+                                data.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epochs=None, skip_batches=skip,
+                                deterministic=cfg.deterministic)
+    eval_ds = make_dataset(data.eval_pattern, data.feature_spec, data.feature_keys, data.label_keys,
+                           data.batch_size, deterministic=cfg.deterministic)
+    # A known size: Keras then re-iterates the eval set every epoch, also with steps_per_execution > 1.
+    eval_ds = eval_ds.apply(tf.data.experimental.assert_cardinality(
+        math.ceil(count_records(data.eval_pattern) / data.batch_size)))
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
+    history = model.fit(train_ds, validation_data=eval_ds, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+                        callbacks=cbs, verbose=verbose)
+    info = {"steps_per_epoch": int(steps_per_epoch), "train_examples": int(n), "initial_epoch": start_epoch,
+            "initial_step": start_step, "steps_run": counter.steps, "monitor": monitor,
+            "replicas": strategy.num_replicas_in_sync, "strategy": type(strategy).__name__}
+    stopped = next((cb.stopped_epoch for cb in cbs if isinstance(cb, keras.callbacks.EarlyStopping)), 0)
+    if stopped:
+        info["early_stopped_after_epoch"] = int(stopped) + 1
+    return model, {k: [float(v) for v in vs] for k, vs in history.history.items()}, info
+
+
+class _StepCounter(keras.callbacks.Callback):
+    """Counts the training steps this process ran (``steps_per_execution`` aware)."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = 0
+        self._begin = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._begin = batch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps += int(batch) - int(self._begin) + 1

@@ -71,28 +71,42 @@ class BetaStageState(keras.layers.Layer):
     batch get consecutive counts, exactly as a sequential pass would.
     ``sample(users)`` draws gamma_u^k ~ Beta(alpha_u^k, beta_u^k) per row (Gamma-ratio sampling).
     Only training touches this layer; it is never part of ``call`` (nor of serving).
+
+    Under a ``tf.distribute`` strategy (MirroredStrategy, MultiWorkerMirroredStrategy) every replica
+    all-gathers the global batch's users and y~ and applies the same update, in global row order, so the
+    state is what a single-device pass over the global batch gives; the variables are mirrored with
+    ``ONLY_FIRST_REPLICA`` aggregation (all copies receive replica 0's identical update; checkpoints hold one).
     """
 
     def __init__(self, num_users: int, num_tasks: int, **kwargs):
         super().__init__(**kwargs)
         self.num_users = int(num_users)
         self.num_tasks = int(num_tasks)
+        state = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         self.alpha = self.add_weight(name="alpha", shape=(self.num_users, self.num_tasks), initializer="ones",
-                                     trainable=False)
+                                     **state)
         self.beta = self.add_weight(name="beta", shape=(self.num_users, self.num_tasks), initializer="ones",
-                                    trainable=False)
-        self.count = self.add_weight(name="count", shape=(self.num_users,), initializer="zeros", trainable=False)
+                                    **state)
+        self.count = self.add_weight(name="count", shape=(self.num_users,), initializer="zeros", **state)
+
+    @staticmethod
+    def _global_batch(x: tf.Tensor) -> tf.Tensor:
+        """``x`` of every replica, concatenated in replica order (``x`` itself without a strategy)."""
+        ctx = tf.distribute.get_replica_context()
+        if ctx is None or ctx.num_replicas_in_sync == 1:
+            return x
+        return ctx.all_gather(x, axis=0)
 
     def update(self, users: tf.Tensor, y_tilde: tf.Tensor) -> None:
-        users = tf.reshape(tf.cast(users, tf.int64), [-1])
-        y = tf.stop_gradient(tf.cast(y_tilde, tf.float32))
+        users = self._global_batch(tf.reshape(tf.cast(users, tf.int64), [-1]))
+        y = self._global_batch(tf.stop_gradient(tf.cast(y_tilde, tf.float32)))
         same = tf.cast(tf.equal(users[:, None], users[None, :]), tf.float32)
         earlier_in_batch = tf.reduce_sum(tf.linalg.band_part(same, -1, 0), axis=1)  # includes the row itself
         c = tf.gather(self.count, users) + earlier_in_batch  # c_u after this row's increment
-        idx = users[:, None]
-        self.alpha.scatter_nd_add(idx, y * c[:, None])
-        self.beta.scatter_nd_add(idx, (1.0 - y) * c[:, None])
-        self.count.scatter_nd_add(idx, tf.ones_like(c))
+        # scatter_add of IndexedSlices (duplicates summed): the one scatter form mirrored variables support.
+        self.alpha.scatter_add(tf.IndexedSlices(y * c[:, None], users))
+        self.beta.scatter_add(tf.IndexedSlices((1.0 - y) * c[:, None], users))
+        self.count.scatter_add(tf.IndexedSlices(tf.ones_like(c), users))
 
     def sample(self, users: tf.Tensor, seed=None) -> tf.Tensor:
         users = tf.reshape(tf.cast(users, tf.int64), [-1])
