@@ -7,7 +7,8 @@ For every task the model predicts, on the eval split:
   and NDCG@k per user;
 * precision / recall / F1 of the top ``top_fraction`` of impressions (ESM² Tables 4-5);
 * calibration: expected calibration error and the reliability curve;
-* AUC per business segment and the worst segment (when the dataset declares a segment column);
+* AUC per business segment and the worst segment among those holding at least ``min_segment_class_rows``
+  positives and negatives (when the dataset declares a segment column);
 * AUC on the impressions of users with few earlier events (``few_events_auc``, when per-user features exist);
 * the ROC curve (for plots).
 
@@ -56,6 +57,7 @@ class EvalConfig:
     top_fraction: float = 0.1
     calibration_bins: int = 10
     roc_points: int = 101
+    min_segment_class_rows: int = 30   # a segment enters "worst segment" with this many positives and negatives
     few_events: int = 5          # "users with few events": fewer earlier events than this (a report slice)
 
     def __post_init__(self):
@@ -175,7 +177,13 @@ def score_metrics(y: np.ndarray, s: np.ndarray, users: Optional[np.ndarray], seg
         seg = M.segment_auc(y, s, segments)
         row["segment_auc"] = {str(k): v for k, v in seg.per_segment.items()}
         row["segment_rows"] = {str(k): v for k, v in seg.n_rows.items()}
-        row["worst_segment"] = [str(seg.worst[0]), seg.worst[1]] if seg.worst else None
+        # The worst segment among those with enough of both classes for a stable AUC (a segment with two
+        # positives has an AUC of 0 or 1 by chance); smaller segments still appear in ``segment_auc``.
+        pos, rows = seg.n_positives, seg.n_rows
+        eligible = {k: a for k, a in seg.per_segment.items()
+                    if min(pos[k], rows[k] - pos[k]) >= cfg.min_segment_class_rows and not np.isnan(a)}
+        worst = min(eligible, key=lambda k: (eligible[k], str(k))) if eligible else None
+        row["worst_segment"] = [str(worst), eligible[worst]] if worst is not None else None
     if prior_events is not None:
         few = prior_events < cfg.few_events
         row["few_events_rows"] = int(few.sum())

@@ -130,3 +130,19 @@ def test_few_event_users_slice():
         skm.roc_auc_score(labels["click"][few], preds["ctr"][few]), abs=1e-12)
     assert report["ctr"]["oracle"]["few_events_auc"] == pytest.approx(
         skm.roc_auc_score(labels["click"][few], labels["true_ctr"][few]), abs=1e-12)
+
+
+def test_worst_segment_ignores_segments_too_small_for_a_stable_auc():
+    preds, labels = _data(seed=6)
+    n = len(labels["click"])
+    seg = np.array(["big"] * n, dtype=object)
+    tiny = np.flatnonzero(labels["click"] == 1)[:3]
+    seg[tiny] = "tiny"                                   # three positives only
+    seg[np.flatnonzero(labels["click"] == 0)[:40]] = "tiny"
+    labels[ev.SEGMENT_KEY] = seg
+    report = ev.evaluate(preds, labels, ev.EvalConfig(min_segment_class_rows=30))
+    assert "tiny" in report["ctr"]["segment_auc"]
+    assert report["ctr"]["worst_segment"][0] == "big"
+    report = ev.evaluate(preds, labels, ev.EvalConfig(min_segment_class_rows=3))
+    expected = min(report["ctr"]["segment_auc"].items(), key=lambda kv: kv[1])
+    assert report["ctr"]["worst_segment"] == [expected[0], pytest.approx(expected[1])]
