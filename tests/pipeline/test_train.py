@@ -141,3 +141,12 @@ def test_in_memory_input_gives_the_streamed_rows_reshuffled_per_epoch(data_dir):
     assert two_epochs[:600] != two_epochs[600:]  # reshuffled
     assert rows(make_in_memory_dataset(*args, shuffle=True, seed=3, epochs=None, skip_batches=13), 2) == \
         two_epochs[13 * 64 - 40:15 * 64 - 40]  # epoch 2 batches 4-5 (epoch 1 ended with a 24-row batch)
+
+
+def test_fit_with_in_memory_input_runs_every_step(data_dir):
+    from pipeline.train import fit_model
+
+    cfg = TrainConfig(epochs=2, early_stopping_patience=0, in_memory=True)
+    model, history, info = fit_model(train_worker.esm2, train_worker.train_data(data_dir, 64), cfg, 1e-2, verbose=0)
+    assert info["steps_run"] == 20 and int(model.optimizer.iterations.numpy()) == 20
+    assert len(history["val_ctr_auc"]) == 2
