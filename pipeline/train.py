@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import tensorflow as tf
@@ -91,7 +91,6 @@ class TrainData:
     label_keys: Tuple[str, ...]
     batch_size: int
     train_examples: Optional[int] = None  # counted from the files when None
-    extra: Dict = field(default_factory=dict)
 
 
 def model_inputs(contract: FeatureContract, tft_output) -> Tuple[Dict[str, int], Tuple[str, ...], Dict[str, int]]:
