@@ -160,17 +160,3 @@ def test_saved_model_is_servable_and_exact(model, cap, tmp_path):
         got = fn(**feats)
         for name in want:
             np.testing.assert_allclose(got[name].numpy(), want[name].numpy(), rtol=1e-5, atol=2e-6)
-
-
-def test_fused_towers_model_is_not_rewritten():
-    from models import registry
-
-    from models.esm2 import ESM2Config
-
-    if "fused_towers" not in ESM2Config.__dataclass_fields__:
-        pytest.skip("ESM2Config has no fused_towers option")
-    config = registry.resolve_config("esm2", "default", {"fused_towers": True})
-    m = registry.build("esm2", CATEGORICAL, DENSE, config, sequences=SEQUENCES)
-    m(features(4, users=1, seed=0), training=False)
-    with pytest.raises(UnsupportedModel):
-        ESM2ScoringGraph(m, REQUEST)
