@@ -69,10 +69,14 @@ class MultiTaskModel(keras.Model):
             loss += tf.add_n(self.losses)
         return loss
 
+    def training_loss(self, features, labels) -> tf.Tensor:
+        """The loss of one training step; models with training-only updates (MUSENET's Eq. 14) override it."""
+        return self.compute_loss(features, labels, training=True)
+
     def train_step(self, data):
         features, labels = data
         with tf.GradientTape() as tape:
-            loss = self.compute_loss(features, labels, training=True)
+            loss = self.training_loss(features, labels)
             # Each replica's loss is a mean over its share of the global batch and the optimizer sums the
             # replicas' gradients: scale by 1/replicas so the step is the global batch mean's (as Keras does).
             scaled = loss / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)

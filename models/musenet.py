@@ -244,13 +244,7 @@ class MUSENET(MultiTaskModel):
             loss += tf.add_n(self.losses)
         return loss
 
-    def train_step(self, data):
-        """Alternating optimisation (Eq. 13): Eq. 14 on the prototypes, then a gradient step on Theta."""
-        features, labels = data
-        with tf.GradientTape() as tape:
-            loss = self.compute_loss(features, labels, training=True, update_prototypes=True)
-            scaled = loss / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
-        grads = tape.gradient(scaled, self.trainable_variables)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
-        self._total_loss.update_state(loss)
-        return {m.name: m.result() for m in self.metrics}
+    def training_loss(self, features, labels) -> tf.Tensor:
+        """Alternating optimisation (Eq. 13): Eq. 14 moves the prototypes inside this forward pass, then the
+        base ``train_step`` takes the gradient step on Theta with them held fixed."""
+        return self.compute_loss(features, labels, training=True, update_prototypes=True)
