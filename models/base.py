@@ -98,6 +98,10 @@ class MultiTaskModel(keras.Model):
             out.extend(task.metrics)
         return out
 
+    def diagnostics(self) -> Dict[str, float]:
+        """Scalar figures about the trained model itself, not its predictions (benchmark reports list them)."""
+        return {}
+
     def predict_dict(self, features: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         return self(features, training=False)
 

@@ -30,6 +30,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Mapping, Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 from models.base import MultiTaskModel
@@ -267,3 +268,7 @@ class GPRec(MultiTaskModel):
     def group_pair_cosine(self):
         """[G] numpy: cos(p_i, n_i) of each group's positive and negative embedding (paper Fig. 4)."""
         return self.groups.pair_cosine().numpy()
+
+    def diagnostics(self):
+        """``pair_cosine``: the mean over groups of cos(p_i, n_i) (low = the dual embeddings contrast)."""
+        return {"pair_cosine": float(np.mean(self.group_pair_cosine()))}

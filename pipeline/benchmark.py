@@ -3,12 +3,14 @@
     python -m pipeline.benchmark --models esm2,esmm --seeds 3                 # built-in data, 200k rows
     python -m pipeline.benchmark --models esm2,esmm --uninformative-daction  # the control experiment
     python -m pipeline.benchmark --schema transforms/schemas/ali-ccp-sample.yaml --models esmm,dnn
+    python -m pipeline.benchmark --models gprec,gprec:ensemble,gprec_dcn,dnn --rows 100000   # name[:preset]
 
 The data is preprocessed once; every (model, seed) trains on the same TFRecords and is evaluated on the
 same eval split. Output, in the work directory: ``report.md`` (AUC, GAUC, LogLoss, calibration, NDCG,
 top-10% F1 and worst-segment AUC as mean ± std over seeds, the oracle beside them on planted-truth data,
 RelaImpr against ``--baseline``), ``report.json`` and PNG plots (ROC and reliability per task, AUC per
-segment, training curves). The AUC table is also printed.
+segment, training curves). The AUC table is also printed. Models that report figures about themselves
+(``diagnostics()``, e.g. GPRec's mean cos(p_i, n_i)) get a table of those too.
 """
 from __future__ import annotations
 
@@ -16,11 +18,17 @@ import logging
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 logger = logging.getLogger("rankline.benchmark")
+
+
+def parse_spec(spec: str, default_preset: str = "default") -> Tuple[str, str]:
+    """``name[:preset]`` -> (registry name, preset); without ``:preset`` the run's ``--preset``."""
+    name, _, preset = spec.partition(":")
+    return name, preset or default_preset
 
 
 def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, epochs: int, preset: str = "default",
@@ -32,7 +40,7 @@ def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, ep
     from models import registry
     from pipeline import evaluate as ev
     from pipeline.preprocess import TRANSFORM_DIR, PreprocessConfig, run_preprocess, transformed_pattern
-    from pipeline.report import write_report
+    from pipeline.report import DIAGNOSTICS, write_report
     from pipeline.train import TrainConfig, train_model
     from transforms.preprocessing import build_preprocessing_fn
 
@@ -45,19 +53,23 @@ def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, ep
     histories: Dict[str, List[Dict]] = {}
     eval_rows = 0
     total = len(models) * len(seeds)
-    for model_name in models:
-        cfg = registry.resolve_config(model_name, preset, {"batch_size": batch_size})
+    for spec in models:
+        model_name, model_preset = parse_spec(spec, preset)
+        cfg = registry.resolve_config(model_name, model_preset, {"batch_size": batch_size})
         for seed in seeds:
             started = time.time()
-            logger.info("[%d/%d] training %s, seed %d", len(sum(runs.values(), [])) + 1, total, model_name, seed)
+            logger.info("[%d/%d] training %s, seed %d", len(sum(runs.values(), [])) + 1, total, spec, seed)
             model, history = train_model(model_name, cfg, schema.contract, tft_output,
                                          transformed_pattern(pp_dir, "train"), transformed_pattern(pp_dir, "eval"),
                                          TrainConfig(epochs=epochs, seed=seed))
             report = ev.evaluate_model(model, schema.contract, tft_output, transformed_pattern(pp_dir, "eval"))
-            runs.setdefault(model_name, []).append(report)
-            histories.setdefault(model_name, []).append(history)
             eval_rows = max([eval_rows] + [r["n"] for r in report.values()])
-            logger.info("%s seed %d: %s (%.0fs)", model_name, seed,
+            diagnostics = model.diagnostics()
+            if diagnostics:
+                report[DIAGNOSTICS] = diagnostics
+            runs.setdefault(spec, []).append(report)
+            histories.setdefault(spec, []).append(history)
+            logger.info("%s seed %d: %s (%.0fs)", spec, seed,
                         {t: round(r["auc"], 4) for t, r in report.items() if "auc" in r}, time.time() - started)
     result = {"dataset": schema.contract.name, "models": models, "seeds": seeds, "epochs": epochs, "preset": preset,
               "baseline": baseline or models[0], "eval_rows": eval_rows}
@@ -77,7 +89,7 @@ def main(argv=None) -> int:
     from pipeline.run import UsageError, _Parser, resolve_schema, split_beam_args
 
     p = _Parser(prog="python -m pipeline.benchmark", description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--models", default="esm2,esmm")
+    p.add_argument("--models", default="esm2,esmm", help="name[:preset], comma separated")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     p.add_argument("--schema", default=None)
     p.add_argument("--data", default=None)
@@ -101,11 +113,16 @@ def main(argv=None) -> int:
         from models import registry
 
         models = [m.strip() for m in args.models.split(",") if m.strip()]
-        unknown = [m for m in models if m not in registry.available()]
         if args.baseline and args.baseline not in models:
             raise UsageError(f"--baseline {args.baseline!r} is not among --models {models}")
-        if unknown:
-            raise UsageError(f"unknown model(s) {unknown}; available: {', '.join(registry.available())}")
+        for spec in models:
+            name, preset = parse_spec(spec, args.preset)
+            if name not in registry.available():
+                raise UsageError(f"unknown model {name!r}; available: {', '.join(registry.available())}")
+            try:
+                registry.resolve_config(name, preset)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         work_dir = os.path.abspath(args.work_dir)
         os.makedirs(work_dir, exist_ok=True)
         schema, _ = resolve_schema(args, work_dir, {})

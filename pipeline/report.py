@@ -26,10 +26,15 @@ METRICS = ("auc", "gauc", "gauc_uniform", "ndcg@10", "logloss", "ece", "precisio
            "worst_segment_auc", "few_events_auc")
 TASK_ORDER = ("ctr", "ctavr", "cvr", "cvr_entire", "ctcvr")
 RELA_IMPR_METRICS = ("auc", "gauc")
+# Key of a run's ``model.diagnostics()`` figures (about the trained model itself) beside the tasks.
+DIAGNOSTICS = "diagnostics"
 
 
-def scalars(task_report: Dict) -> Dict[str, float]:
-    """The scalar metrics of one task's evaluation (curves and per-segment tables dropped)."""
+def scalars(task_report: Dict, task: Optional[str] = None) -> Dict[str, float]:
+    """The scalar metrics of one task's evaluation (curves and per-segment tables dropped); for the
+    ``DIAGNOSTICS`` entry, all of its figures."""
+    if task == DIAGNOSTICS:
+        return {k: float(v) for k, v in task_report.items()}
     out = {m: float(task_report[m]) for m in METRICS if m in task_report and task_report[m] is not None}
     worst = task_report.get("worst_segment")
     if worst:
@@ -58,8 +63,10 @@ def aggregate(runs: Dict[str, List[Dict]], baseline: Optional[str]) -> Dict:
         tasks = [t for t in TASK_ORDER if any(t in r for r in reports)]
         tasks += sorted({t for r in reports for t in r if t not in TASK_ORDER})
         for task in tasks:
-            per_seed = [scalars(r[task]) for r in reports if task in r]
-            names = [m for m in list(METRICS) + ["nmi"] if any(m in s for s in per_seed)]
+            per_seed = [scalars(r[task], task) for r in reports if task in r]
+            known = list(METRICS) + ["nmi"]
+            names = [m for m in known if any(m in s for s in per_seed)]
+            names += sorted({m for s in per_seed for m in s} - set(known))
             summary.setdefault(model, {})[task] = {
                 m: _mean_std([s.get(m, float("nan")) for s in per_seed]) for m in names}
             for r in reports:
@@ -127,6 +134,14 @@ def markdown(result: Dict, agg: Dict, plots: Sequence[str]) -> str:
                 "|---|" + "---|" * len(latent)]
         for model, per_task in agg["summary"].items():
             out.append(f"| {model} | " + " | ".join(_cell(per_task.get(t, {}).get("nmi")) for t in latent) + " |")
+        out.append("")
+    diagnosed = {m: per_task[DIAGNOSTICS] for m, per_task in agg["summary"].items() if DIAGNOSTICS in per_task}
+    if diagnosed:
+        names = sorted({n for figures in diagnosed.values() for n in figures})
+        out += ["## Model diagnostics (`diagnostics()`, about the trained model itself)", "",
+                "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for model, figures in diagnosed.items():
+            out.append(f"| {model} | " + " | ".join(_cell(figures.get(n)) for n in names) + " |")
         out.append("")
     if plots:
         out += ["## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots] + [""]
@@ -231,7 +246,7 @@ def write_report(result: Dict, runs: Dict[str, List[Dict]], histories: Dict[str,
     os.makedirs(out_dir, exist_ok=True)
     agg = aggregate(runs, result.get("baseline"))
     written = plot_all(runs, histories, agg, out_dir) if plots else []
-    per_seed = {m: [{t: scalars(r[t]) for t in r} for r in reports] for m, reports in runs.items()}
+    per_seed = {m: [{t: scalars(r[t], t) for t in r} for r in reports] for m, reports in runs.items()}
     payload = dict(result, **agg, per_seed=per_seed, history=histories, plots=written)
     with open(os.path.join(out_dir, "report.json"), "w") as fh:
         json.dump(payload, fh, indent=2)

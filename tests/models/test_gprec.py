@@ -377,3 +377,10 @@ def test_gprec_trains_on_pipeline_data_and_exports_ctr(e2e_run, tmp_path):
     transformed = tf.saved_model.load(export).signatures["transform_features"](examples=tf.constant(examples))
     want = model(dict(transformed), training=False)["ctr"].numpy().ravel()
     np.testing.assert_allclose(scores["ctr"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_diagnostics_report_the_mean_pair_cosine_of_the_group_embeddings():
+    m = _model()
+    p, n = (np.asarray(a, np.float64) for a in m.groups.get_weights())
+    cos = (p * n).sum(1) / np.linalg.norm(p, axis=1) / np.linalg.norm(n, axis=1)
+    assert m.diagnostics() == {"pair_cosine": pytest.approx(cos.mean(), rel=1e-5)}

@@ -37,6 +37,21 @@ def test_aggregate_means_stds_and_rela_impr():
     assert agg["oracle"]["ctr"]["auc"] == pytest.approx(runs["base"][0]["ctr"]["oracle_auc"])
 
 
+def test_model_diagnostics_are_aggregated_and_tabled(tmp_path):
+    runs = {"gprec": [dict(_eval_report(s, 0.8), diagnostics={"pair_cosine": c}) for s, c in enumerate((0.1, 0.3))],
+            "dnn": [_eval_report(s, 0.5) for s in range(2)]}
+    agg = rp.aggregate(runs, baseline="dnn")
+    stat = agg["summary"]["gprec"][rp.DIAGNOSTICS]["pair_cosine"]
+    assert stat["mean"] == pytest.approx(0.2) and stat["std"] == pytest.approx(0.1)
+    assert rp.DIAGNOSTICS not in agg["summary"]["dnn"]
+    rp.write_report({"dataset": "toy", "models": ["gprec", "dnn"], "seeds": [0, 1], "epochs": 1, "baseline": "dnn"},
+                    runs, {}, str(tmp_path), plots=False)
+    md = (tmp_path / "report.md").read_text()
+    assert "| gprec | 0.2000 ± 0.1000 |" in md and "Model diagnostics" in md
+    payload = json.loads((tmp_path / "report.json").read_text())
+    assert payload["per_seed"]["gprec"][1][rp.DIAGNOSTICS] == {"pair_cosine": 0.3}
+
+
 def test_write_report_produces_markdown_json_and_real_pngs(tmp_path):
     runs = {"a": [_eval_report(s, 0.5) for s in range(2)], "b": [_eval_report(s, 0.8) for s in range(2)]}
     histories = {m: [{"loss": [0.5, 0.4], "val_loss": [0.55, 0.5]}] * 2 for m in runs}
@@ -85,3 +100,14 @@ def test_benchmark_rejects_a_baseline_outside_the_models(capsys):
 
     assert benchmark.main(["--models", "esm2", "--baseline", "dnn"]) == 2
     assert "--baseline" in capsys.readouterr().err
+
+
+def test_benchmark_model_specs_take_an_optional_preset(capsys):
+    from pipeline import benchmark
+
+    assert benchmark.parse_spec("gprec:ensemble") == ("gprec", "ensemble")
+    assert benchmark.parse_spec("esm2", "paper") == ("esm2", "paper")
+    assert benchmark.main(["--models", "esm2:nosuchpreset"]) == 2
+    assert "nosuchpreset" in capsys.readouterr().err
+    assert benchmark.main(["--models", "nosuchmodel"]) == 2
+    assert "unknown model 'nosuchmodel'" in capsys.readouterr().err
