@@ -29,6 +29,7 @@ def _batch(n=64, seed=0):
 
 def _model(kind, **overrides):
     """kind: "mmoe" or "ple<L>" (L extraction levels)."""
+    keras.utils.set_random_seed(0)  # small ReLU experts: some random inits leave a gate with no gradient
     if kind == "mmoe":
         cfg = MMoEConfig(hidden_units=(6,), num_experts=3, expert_units=(8, 5), dropout=0.0, embedding_dim=4,
                          **overrides)
