@@ -48,8 +48,13 @@ class PreprocessConfig:
     output_dir: str
     max_reject_fraction: Optional[float] = None
     batch_rows: int = 10_000
+    # gzip level of the output TFRecords: 1 writes ~5x faster than zlib's default 6 for ~40% larger files
+    # (decompression speed is about the same), and compression was the largest per-row cost of the stage.
+    compression_level: int = 1
 
     def __post_init__(self):
+        if not 0 <= self.compression_level <= 9:
+            raise ValueError(f"compression_level must be in 0..9, got {self.compression_level}")
         if self.max_reject_fraction is not None and not 0.0 <= self.max_reject_fraction <= 1.0:
             raise ValueError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
         if self.batch_rows < 1:
@@ -131,10 +136,66 @@ def _cutoffs(time_range, eval_fraction: float, test_fraction: float):
             if test_fraction > 0 else float("inf"))
 
 
-def _encode_examples(batch_and_passthrough):
-    from tfx_bsl.coders import example_coder
+class _WriteBatchFile(beam.DoFn):
+    """(transformed RecordBatch, passthrough) -> one gzip TFRecord file of ``tf.Example``s in ``temp_dir``.
 
-    return example_coder.RecordBatchToExamples(batch_and_passthrough[0])
+    A whole batch is encoded (tfx_bsl, C++) and written (TF's record writer, C++) per element, instead of
+    one Beam element per row: the per-element cost of a Beam sink dominated the stage otherwise. The file
+    gets a unique temporary name; only the names this DoFn emits (i.e. from committed bundles) are published.
+    """
+
+    def __init__(self, temp_dir: str, compression_level: int):
+        self._temp_dir = temp_dir
+        self._level = compression_level
+
+    def process(self, batch_and_passthrough):
+        import uuid
+
+        import tensorflow as tf
+        from tfx_bsl.coders import example_coder
+
+        batch = batch_and_passthrough[0]
+        if batch.num_rows == 0:
+            return
+        tf.io.gfile.makedirs(self._temp_dir)
+        path = os.path.join(self._temp_dir, f"{uuid.uuid4().hex}.tfrecord.gz")
+        with tf.io.TFRecordWriter(path, tf.io.TFRecordOptions(compression_type="GZIP", compression_level=self._level)) as writer:
+            for record in example_coder.RecordBatchToExamples(batch):
+                writer.write(record)
+        yield path
+
+
+def _publish_shards(temp_paths: List[str], out_dir: str) -> List[str]:
+    """Renames committed temporary files to ``out_dir/part-NNNNN-of-MMMMM.tfrecord.gz``; drops the rest."""
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(out_dir)
+    total = len(temp_paths)
+    final = []
+    for i, path in enumerate(sorted(temp_paths)):
+        dest = os.path.join(out_dir, f"part-{i:05d}-of-{total:05d}.tfrecord.gz")
+        tf.io.gfile.rename(path, dest, overwrite=True)
+        final.append(dest)
+    if temp_paths:   # files of failed (retried) bundles are left only here
+        tf.io.gfile.rmtree(os.path.dirname(temp_paths[0]))
+    return final
+
+
+class WriteExampleShards(beam.PTransform):
+    """Transformed RecordBatches -> ``out_dir/part-*.tfrecord.gz``: write to a temp dir, then publish."""
+
+    def __init__(self, out_dir: str, compression_level: int = 1):
+        super().__init__()
+        self._out_dir = out_dir
+        self._level = compression_level
+
+    def expand(self, batches):
+        import uuid
+
+        temp_dir = os.path.join(os.path.dirname(self._out_dir.rstrip("/")), f".tmp-{uuid.uuid4().hex}")
+        return (batches | "WriteFiles" >> beam.ParDo(_WriteBatchFile(temp_dir, self._level))
+                | "Collect" >> beam.combiners.ToList()
+                | "Publish" >> beam.Map(_publish_shards, self._out_dir))
 
 
 def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_fn,
@@ -186,12 +247,11 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
             outs[s], _ = (((tft_in[s], tac), transform_fn)
                           | f"Transform[{s}]" >> tft_beam.TransformDataset(output_record_batches=True))
         for s, pcoll in outs.items():
-            _ = (pcoll | f"Encode[{s}]" >> beam.FlatMap(_encode_examples)
-                 | f"Write[{s}]" >> beam.io.WriteToTFRecord(
-                     os.path.join(cfg.output_dir, DATA_DIR, s, "part"), file_name_suffix=".tfrecord.gz",
-                     compression_type=beam.io.filesystem.CompressionTypes.GZIP))
+            _ = pcoll | f"Write[{s}]" >> WriteExampleShards(os.path.join(cfg.output_dir, DATA_DIR, s),
+                                                              cfg.compression_level)
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(
             os.path.join(cfg.output_dir, TRANSFORM_DIR))
+    logger.info("preprocess %s: pipeline built in %.1fs; running", schema.name, time.time() - started)
     result = p.run()
     result.wait_until_finish()
     summary = _summary(schema, cfg, _counters(result), files, time.time() - started)
