@@ -98,8 +98,9 @@ def tensor_adapter_config(contract: FeatureContract):
 class _SplitBatches(beam.DoFn):
     """Canonical batch -> (split, batch without ``__split``), by time cutoffs or by the reader's decision."""
 
-    def __init__(self, timestamp: Optional[str]):
+    def __init__(self, timestamp: Optional[str], count: bool = True):
         self._timestamp = timestamp
+        self._count = count
 
     def process(self, batch: pa.RecordBatch, cutoffs=None):
         hint = batch.column(batch.schema.get_field_index(sources.SPLIT_COL))
@@ -109,7 +110,8 @@ class _SplitBatches(beam.DoFn):
             parts = {s: batch.filter(pc.equal(hint, s)) for s in SPLITS}
         for split, part in parts.items():
             if part.num_rows:
-                beam.metrics.Metrics.counter(sources.NAMESPACE, f"rows_{split}").inc(part.num_rows)
+                if self._count:
+                    beam.metrics.Metrics.counter(sources.NAMESPACE, f"rows_{split}").inc(part.num_rows)
                 yield split, part
 
 
@@ -134,6 +136,13 @@ def _cutoffs(time_range, eval_fraction: float, test_fraction: float):
     span = hi - lo
     return (lo + span * (1.0 - eval_fraction - test_fraction), lo + span * (1.0 - test_fraction) + 1e-9
             if test_fraction > 0 else float("inf"))
+
+
+def _time_cutoffs(rows, contract: FeatureContract, split, label: str):
+    """Rows -> singleton PCollection of the (eval, test) timestamp cutoffs of the time split."""
+    time_range = (rows | f"BatchTimeRange{label}" >> beam.Map(sources.batch_time_range, contract.timestamp)
+                  | f"TimeRange{label}" >> beam.CombineGlobally(_TimeRange()))
+    return time_range | f"Cutoffs{label}" >> beam.Map(_cutoffs, split.eval_fraction, split.test_fraction)
 
 
 class _WriteBatchFile(beam.DoFn):
@@ -213,37 +222,48 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
     tac = tensor_adapter_config(contract)
     split = schema.split
     p = make_pipeline(beam_args)
+
+    def read(label: str, report: bool):
+        return (p | f"{label}/ListFiles" >> beam.Create(files)
+                | f"{label}/SpreadFiles" >> beam.Reshuffle()
+                | f"{label}/ReadFiles" >> beam.ParDo(sources.ReadFile(schema, cfg.batch_rows, report=report))
+                .with_outputs(sources.REJECTED, main="rows"))
+
     with tft_beam.Context(temp_dir=os.path.join(cfg.output_dir, "tmp")):
-        read = (p | "ListFiles" >> beam.Create(files)
-                | "SpreadFiles" >> beam.Reshuffle()
-                | "ReadFiles" >> beam.ParDo(sources.ReadFile(schema, cfg.batch_rows)).with_outputs(
-                    sources.REJECTED, main="rows"))
-        _ = (read[sources.REJECTED] | "RejectedToJson" >> beam.Map(json.dumps, sort_keys=True)
+        first = read("Read", report=True)
+        _ = (first[sources.REJECTED] | "RejectedToJson" >> beam.Map(json.dumps, sort_keys=True)
              | "WriteRejected" >> beam.io.WriteToText(os.path.join(cfg.output_dir, REJECTED_DIR, "part"),
                                                       file_name_suffix=".jsonl"))
-        rows = read.rows
         if contract.user_features:
+            # Per-user features need a shuffle by user; every later pass reads its (materialised) output.
             from pipeline.user_features import add_user_features
 
-            rows = add_user_features(rows, contract)
-        if split.kind == "time":
-            time_range = (rows | "BatchTimeRange" >> beam.Map(sources.batch_time_range, contract.timestamp)
-                          | "TimeRange" >> beam.CombineGlobally(_TimeRange()))
-            cutoffs = time_range | "Cutoffs" >> beam.Map(_cutoffs, split.eval_fraction, split.test_fraction)
-            # A side input must not be computed in the stage it feeds: materialise the rows first.
-            keyed = (rows | "Materialise" >> beam.Reshuffle()
-                     | "SplitByTime" >> beam.ParDo(_SplitBatches(contract.timestamp),
-                                                   cutoffs=beam.pvalue.AsSingleton(cutoffs)))
+            rows = add_user_features(first.rows, contract)
+            if split.kind == "time":
+                cutoffs = _time_cutoffs(rows, contract, split, "")
+                # A side input must not be computed in the stage it feeds: materialise the rows first.
+                rows = rows | "Materialise" >> beam.Reshuffle()
+            keyed = rows | "Split" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=(
+                beam.pvalue.AsSingleton(cutoffs) if split.kind == "time" else None))
+            analysis_keyed = keyed
         else:
-            keyed = rows | "SplitByReader" >> beam.ParDo(_SplitBatches(contract.timestamp))
+            # No shuffle: the analysis pass and the transform pass each stream their own read of the files
+            # (and the time range a third), so no pass holds the dataset and memory stays flat in its size.
+            cutoffs = (_time_cutoffs(read("ReadForTimeRange", report=False).rows, contract, split, "")
+                       if split.kind == "time" else None)
+            side = beam.pvalue.AsSingleton(cutoffs) if cutoffs is not None else None
+            keyed = first.rows | "Split" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=side)
+            analysis_keyed = (read("ReadForAnalysis", report=False).rows
+                              | "SplitForAnalysis" >> beam.ParDo(_SplitBatches(contract.timestamp, count=False),
+                                                                 cutoffs=side))
         parts = keyed | "Partition" >> beam.Partition(lambda kv, n: SPLITS.index(kv[0]), len(SPLITS))
         tft_in = {s: parts[i] | f"ToTFT[{s}]" >> beam.Map(lambda kv: to_tft_batch(kv[1], columns))
                   for i, s in enumerate(SPLITS)}
-        (train_out, _), transform_fn = (
-            (tft_in[TRAIN], tac) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
-                preprocessing_fn, output_record_batches=True))
-        outs = {TRAIN: train_out}
-        for s in (EVAL, TEST):
+        analysis_in = (analysis_keyed | "TrainForAnalysis" >> beam.Filter(lambda kv: kv[0] == TRAIN)
+                       | "ToTFT[analysis]" >> beam.Map(lambda kv: to_tft_batch(kv[1], columns)))
+        transform_fn = (analysis_in, tac) | "Analyze" >> tft_beam.AnalyzeDataset(preprocessing_fn)
+        outs = {}
+        for s in SPLITS:
             outs[s], _ = (((tft_in[s], tac), transform_fn)
                           | f"Transform[{s}]" >> tft_beam.TransformDataset(output_record_batches=True))
         for s, pcoll in outs.items():

@@ -192,11 +192,16 @@ def hash_split(key: str, eval_fraction: float, test_fraction: float) -> str:
 
 
 class ReadFile(beam.DoFn):
-    """file path -> canonical ``pa.RecordBatch``es (main) and dead-letter dicts (tag ``rejected``)."""
+    """file path -> canonical ``pa.RecordBatch``es (main) and dead-letter dicts (tag ``rejected``).
 
-    def __init__(self, schema: DatasetSchema, batch_rows: int = 10_000):
+    ``report=False`` makes a silent reader for a second pass over the same files (no counters, no
+    dead-letter output, no log lines): the pipeline reads the input once per pass instead of holding it.
+    """
+
+    def __init__(self, schema: DatasetSchema, batch_rows: int = 10_000, report: bool = True):
         self.schema = schema
         self.batch_rows = batch_rows
+        self.report = report
 
     def setup(self):
         self.converter = RowConverter(self.schema)
@@ -215,21 +220,28 @@ class ReadFile(beam.DoFn):
                     self.file_split[os.path.abspath(path)] = name
 
     def _counter(self, name: str, n: int = 1):
-        beam.metrics.Metrics.counter(NAMESPACE, name).inc(n)
+        if self.report:
+            beam.metrics.Metrics.counter(NAMESPACE, name).inc(n)
 
     def process(self, path: str):
+        for out in self._process(path):
+            if self.report or not isinstance(out, beam.pvalue.TaggedOutput):
+                yield out
+
+    def _process(self, path: str):
         fmt = self.schema.input.format
         split_of_file = ""
         if self.split.kind == "files":
             split_of_file = self.file_split.get(os.path.abspath(path), "")
             if not split_of_file:
-                logger.warning("input file %s matches no split.files pattern: skipped", path)
+                if self.report:
+                    logger.warning("input file %s matches no split.files pattern: skipped", path)
                 self._counter("files_unassigned")
                 return
         base = self.file_index.get(os.path.abspath(path), len(self.file_index)) << 32
         read = self._process_parquet if fmt == "parquet" and self._vectorisable() else self._process_rows
         rows = yield from read(path, split_of_file, base)
-        if rows == 0:
+        if rows == 0 and self.report:
             logger.warning("empty input file: %s", path)
             self._counter("empty_files")
 
@@ -319,7 +331,8 @@ class ReadFile(beam.DoFn):
                 yield pa.RecordBatch.from_arrays(list(part.columns) + extra,
                                                  list(self.columns) + [SPLIT_COL, ORDER_COL])
             offset += n
-            logger.info("read %s: %d rows so far", name, offset)
+            if self.report:
+                logger.info("read %s: %d rows so far", name, offset)
         return offset
 
     def _validate_table(self, table: pa.Table, n: int):
