@@ -110,8 +110,9 @@ def run_reference(path: str, out: str) -> float:
     return time.time() - start
 
 
-def _peak_rss_subprocess(rows: int, beam_args) -> float:
-    """Peak RSS (MiB) of a fresh process running generate + our Beam stage on ``rows`` rows."""
+def _peak_rss_subprocess(rows: int, beam_args) -> tuple:
+    """(peak RSS in MiB, seconds of the Beam stage) of a fresh process running generate + our Beam stage on
+    ``rows`` rows."""
     code = ("import sys, json, resource, tempfile, os;"
             "from pipeline import bench_preprocess as b;"
             "d = tempfile.mkdtemp(); p = os.path.join(d, 'x.parquet');"
@@ -125,7 +126,7 @@ def _peak_rss_subprocess(rows: int, beam_args) -> float:
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-2000:])
     info = json.loads(res.stdout.strip().splitlines()[-1])
-    return max(info["self_kib"], info["children_kib"]) / 1024.0
+    return max(info["self_kib"], info["children_kib"]) / 1024.0, float(info["seconds"])
 
 
 def main(argv=None) -> int:
@@ -158,8 +159,9 @@ def main(argv=None) -> int:
         if args.memory_rows:
             peaks = {}
             for n in [int(x) for x in args.memory_rows.split(",") if x]:
-                peaks[n] = _peak_rss_subprocess(n, beam_args)
-                print(f"peak RSS at {n:>9,} rows: {peaks[n]:,.0f} MiB", flush=True)
+                peaks[n], seconds = _peak_rss_subprocess(n, beam_args)
+                print(f"peak RSS at {n:>9,} rows: {peaks[n]:,.0f} MiB (stage {seconds:.1f}s, {n / seconds:,.0f} rows/s)",
+                      flush=True)
             result["peak_rss_mib"] = peaks
         print(json.dumps(result))
     finally:

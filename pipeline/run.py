@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-fraction", type=float, default=None, help="override the schema's split.eval_fraction")
     p.add_argument("--max-reject-fraction", type=float, default=None,
                    help="fail when more than this fraction of input rows is rejected (default: never)")
+    p.add_argument("--compression-level", type=int, default=1, choices=range(10), metavar="0..9",
+                   help="gzip level of the preprocessed TFRecords (default 1: fastest; 6 = zlib's default)")
     p.add_argument("--score-rows", type=int, default=5, help="raw rows scored through the export at the end")
     p.add_argument("--uninformative-daction", action="store_true",
                    help="built-in data only: make purchase independent of DAction")
@@ -167,7 +169,8 @@ def run(argv: Sequence[str] | None = None) -> Dict:
             tensorboard_dir=os.path.join(work_dir, "tensorboard") if args.tensorboard else None,
             deterministic=args.deterministic, steps_per_execution=args.steps_per_execution,
             in_memory=args.in_memory)
-        pp_cfg = PreprocessConfig(output_dir=pp_dir, max_reject_fraction=args.max_reject_fraction)
+        pp_cfg = PreprocessConfig(output_dir=pp_dir, max_reject_fraction=args.max_reject_fraction,
+                                  compression_level=args.compression_level)
         registry.resolve_config("esm2" if args.model == "auto" else args.model, args.preset, {})
     except ValueError as exc:
         raise UsageError(str(exc)) from None
