@@ -175,18 +175,26 @@ class _WriteBatchFile(beam.DoFn):
 
 
 def _publish_shards(temp_paths: List[str], out_dir: str) -> List[str]:
-    """Renames committed temporary files to ``out_dir/part-NNNNN-of-MMMMM.tfrecord.gz``; drops the rest."""
+    """Renames committed temporary files to ``out_dir/part-NNNNN-of-MMMMM.tfrecord.gz``; drops the rest.
+
+    Shards of an earlier run in ``out_dir`` are deleted first, so the directory holds exactly this run's
+    rows. Safe to retry: a file already renamed by a failed attempt of this step is kept as it is.
+    """
     import tensorflow as tf
 
     tf.io.gfile.makedirs(out_dir)
     total = len(temp_paths)
-    final = []
-    for i, path in enumerate(sorted(temp_paths)):
-        dest = os.path.join(out_dir, f"part-{i:05d}-of-{total:05d}.tfrecord.gz")
-        tf.io.gfile.rename(path, dest, overwrite=True)
-        final.append(dest)
-    if temp_paths:   # files of failed (retried) bundles are left only here
-        tf.io.gfile.rmtree(os.path.dirname(temp_paths[0]))
+    final = [os.path.join(out_dir, f"part-{i:05d}-of-{total:05d}.tfrecord.gz") for i in range(total)]
+    keep = set(final)
+    for old in tf.io.gfile.glob(os.path.join(out_dir, "part-*")):
+        if old not in keep:
+            tf.io.gfile.remove(old)
+    for path, dest in zip(sorted(temp_paths), final):
+        if tf.io.gfile.exists(path):
+            tf.io.gfile.rename(path, dest, overwrite=True)
+    temp_dir = os.path.dirname(temp_paths[0]) if temp_paths else None
+    if temp_dir and tf.io.gfile.exists(temp_dir):   # files of failed (retried) bundles are left only here
+        tf.io.gfile.rmtree(temp_dir)
     return final
 
 

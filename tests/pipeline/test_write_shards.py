@@ -59,3 +59,20 @@ def test_publish_ignores_files_of_failed_attempts(tmp_path):
 def test_compression_level_is_validated():
     with pytest.raises(ValueError, match="compression_level"):
         PreprocessConfig(output_dir="x", compression_level=10)
+
+
+def test_publish_replaces_an_earlier_runs_shards_and_can_be_retried(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for i in range(5):   # an earlier, larger run
+        (out / f"part-{i:05d}-of-00005.tfrecord.gz").write_bytes(b"stale")
+    temp = tmp_path / ".tmp-y"
+    temp.mkdir()
+    path = str(temp / "only.tfrecord.gz")
+    with tf.io.TFRecordWriter(path, "GZIP") as w:
+        w.write(b"new")
+    final = _publish_shards([path], str(out))
+    assert sorted(os.listdir(out)) == ["part-00000-of-00001.tfrecord.gz"]
+    # a retry after the rename (temp file and directory gone) publishes the same shard again
+    assert _publish_shards([path], str(out)) == final
+    assert [r.numpy() for r in tf.data.TFRecordDataset(final, compression_type="GZIP")] == [b"new"]
