@@ -2,9 +2,12 @@
 
     files ──ReadFile──► canonical Arrow batches ──split (time / hash / files)──► train / eval / test
                  └────► dead letter (rejected/*.jsonl: source, reason, record)
-    train ──AnalyzeAndTransform──► transform graph + TFRecords;  eval, test ──Transform──► TFRecords
+    train (its own read) ──Analyze──► transform graph
+    train, eval, test ──Transform (the graph)──► one gzip TFRecord file per batch ──publish──► part-*
 
-Analyzers (vocabularies, quantiles, means) see the training split only. Output in ``output_dir``:
+Without per-user features, the analysis pass, the transform pass and (for a time split) the time range each
+stream their own read of the files, so memory does not grow with the data; with them, the shuffle by user
+feeds every pass. Analyzers (vocabularies, quantiles, means) see the training split only. Output in ``output_dir``:
 ``data/<split>/part-*.tfrecord.gz`` (gzip ``tf.Example``s), ``transform_fn_output/`` (the transform graph
 and the transformed schema), ``rejected/`` and ``summary.json`` (rows in / out / rejected per split and
 reason, truncations, vocabulary sizes, OOV rates on eval/test). Runs on any Beam runner.
