@@ -141,11 +141,11 @@ def _cutoffs(time_range, eval_fraction: float, test_fraction: float):
             if test_fraction > 0 else float("inf"))
 
 
-def _time_cutoffs(rows, contract: FeatureContract, split, label: str):
+def _time_cutoffs(rows, contract: FeatureContract, split):
     """Rows -> singleton PCollection of the (eval, test) timestamp cutoffs of the time split."""
-    time_range = (rows | f"BatchTimeRange{label}" >> beam.Map(sources.batch_time_range, contract.timestamp)
-                  | f"TimeRange{label}" >> beam.CombineGlobally(_TimeRange()))
-    return time_range | f"Cutoffs{label}" >> beam.Map(_cutoffs, split.eval_fraction, split.test_fraction)
+    time_range = (rows | "BatchTimeRange" >> beam.Map(sources.batch_time_range, contract.timestamp)
+                  | "TimeRange" >> beam.CombineGlobally(_TimeRange()))
+    return time_range | "Cutoffs" >> beam.Map(_cutoffs, split.eval_fraction, split.test_fraction)
 
 
 class _WriteBatchFile(beam.DoFn):
@@ -171,7 +171,8 @@ class _WriteBatchFile(beam.DoFn):
             return
         tf.io.gfile.makedirs(self._temp_dir)
         path = os.path.join(self._temp_dir, f"{uuid.uuid4().hex}.tfrecord.gz")
-        with tf.io.TFRecordWriter(path, tf.io.TFRecordOptions(compression_type="GZIP", compression_level=self._level)) as writer:
+        options = tf.io.TFRecordOptions(compression_type="GZIP", compression_level=self._level)
+        with tf.io.TFRecordWriter(path, options) as writer:
             for record in example_coder.RecordBatchToExamples(batch):
                 writer.write(record)
         yield path
@@ -250,23 +251,23 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
             from pipeline.user_features import add_user_features
 
             rows = add_user_features(first.rows, contract)
-            if split.kind == "time":
-                cutoffs = _time_cutoffs(rows, contract, split, "")
+            cutoffs = _time_cutoffs(rows, contract, split) if split.kind == "time" else None
+            if cutoffs is not None:
                 # A side input must not be computed in the stage it feeds: materialise the rows first.
                 rows = rows | "Materialise" >> beam.Reshuffle()
-            keyed = rows | "Split" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=(
-                beam.pvalue.AsSingleton(cutoffs) if split.kind == "time" else None))
-            analysis_keyed = keyed
+            analysis_rows = None
         else:
             # No shuffle: the analysis pass and the transform pass each stream their own read of the files
             # (and the time range a third), so no pass holds the dataset and memory stays flat in its size.
-            cutoffs = (_time_cutoffs(read("ReadForTimeRange", report=False).rows, contract, split, "")
+            rows = first.rows
+            cutoffs = (_time_cutoffs(read("ReadForTimeRange", report=False).rows, contract, split)
                        if split.kind == "time" else None)
-            side = beam.pvalue.AsSingleton(cutoffs) if cutoffs is not None else None
-            keyed = first.rows | "Split" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=side)
-            analysis_keyed = (read("ReadForAnalysis", report=False).rows
-                              | "SplitForAnalysis" >> beam.ParDo(_SplitBatches(contract.timestamp, count=False),
-                                                                 cutoffs=side))
+            analysis_rows = read("ReadForAnalysis", report=False).rows
+        side = beam.pvalue.AsSingleton(cutoffs) if cutoffs is not None else None
+        keyed = rows | "Split" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=side)
+        analysis_keyed = keyed if analysis_rows is None else (
+            analysis_rows | "SplitForAnalysis" >> beam.ParDo(_SplitBatches(contract.timestamp, count=False),
+                                                             cutoffs=side))
         parts = keyed | "Partition" >> beam.Partition(lambda kv, n: SPLITS.index(kv[0]), len(SPLITS))
         tft_in = {s: parts[i] | f"ToTFT[{s}]" >> beam.Map(lambda kv: to_tft_batch(kv[1], columns))
                   for i, s in enumerate(SPLITS)}
