@@ -14,6 +14,11 @@ In-process columns, same transformed inputs and outputs, each a SavedModel loade
 * ``rankline``: the graph ``serving.export`` serves for ESM² (``serving.scoring_graph``), checked equal to
   the Keras model before timing.
 
+``--engine`` picks how each SavedModel is run: ``function`` (the above: ``tf.saved_model.load`` and an eager
+signature call, ~1 ms of Python per call whatever the graph), ``session`` (columns ``*/sess``: the v1 loader
+restores the SavedModel into a Session and each call is one ``Session::Run`` of the signature's tensors,
+which is how TF Serving executes a request), or ``both`` (default; the ratios are given per engine).
+
 Calls of the variants are interleaved (rotating order), so background load hits them alike; they share one
 process and so the same inter-/intra-op thread pools. Besides wall-clock p50/p99 the table gives each
 variant's median CPU time per call (all threads of the process, ``time.process_time``): on a loaded machine
@@ -36,6 +41,11 @@ from typing import Callable, Dict, List, Sequence
 import numpy as np
 
 SIZES = (1, 50, 200, 1000)
+ENGINES = ("function", "session", "both")
+ENGINE_TEXT = {"function": "SavedModel signature calls",
+               "session": "*/sess: Session::Run of the signature's tensors, as TF Serving runs it",
+               "both": "SavedModel signature calls; */sess: Session::Run of the signature's tensors, as TF "
+                       "Serving runs it"}
 SEQ_LEN = 20  # history length of the built-in contract's uf_history
 
 
@@ -105,9 +115,11 @@ class _GraphExport:
         return module
 
 
-def export_variants(model, contract, out_dir: str, preproject_mb: float | None = None) -> Dict[str, Callable]:
+def export_variants(model, contract, out_dir: str, preproject_mb: float | None = None,
+                    dirs: Dict[str, str] | None = None) -> Dict[str, Callable]:
     """{'naive': fn, 'rankline': fn[, 'preproj': fn]}: loaded ``serving_default`` signatures taking the
-    transformed inputs (``preproj``: the graph with pre-projected embeddings within ``preproject_mb``)."""
+    transformed inputs (``preproj``: the graph with pre-projected embeddings within ``preproject_mb``).
+    ``dirs``: filled with {variant: SavedModel directory} when given."""
     import tensorflow as tf
 
     from serving.export import request_level_fields
@@ -116,6 +128,7 @@ def export_variants(model, contract, out_dir: str, preproject_mb: float | None =
     naive_dir = os.path.join(out_dir, "naive")
     tf.saved_model.save(model, naive_dir)
     fns = {"naive": tf.saved_model.load(naive_dir).signatures["serving_default"]}
+    paths = {"naive": naive_dir}
     emb = model.embedding
     specs = {n: tf.TensorSpec([None, 1], tf.int64, name=n) for n in emb.categorical}
     specs.update({n: tf.TensorSpec([None, None], tf.int64, name=n) for n in getattr(emb, "sequences", {})})
@@ -130,13 +143,17 @@ def export_variants(model, contract, out_dir: str, preproject_mb: float | None =
         path = os.path.join(out_dir, name)
         tf.saved_model.save(module, path, signatures={"serving_default": module.serve.get_concrete_function()})
         fns[name] = tf.saved_model.load(path).signatures["serving_default"]
+        paths[name] = path
+    if dirs is not None:
+        dirs.update(paths)
     return fns
 
 
 def bench_in_process(fns: Dict[str, Callable], model, contract, sizes: Sequence[int], reps: int,
                      warmup: int = 20, cpu: Dict[str, Dict[int, float]] | None = None) -> Dict[str, Dict[int, tuple]]:
-    """{variant: {n: (p50 ms, p99 ms)}}; each rep calls every variant once, in rotating order.
-    ``cpu``: filled with {variant: {n: median CPU ms per call}} when given."""
+    """{variant: {n: (p50 ms, p99 ms)}}; each rep calls every variant once, in rotating order. Variants are
+    signature functions (fed eager tensors) or ``SessionRunner``s (fed numpy); all must return the first
+    variant's outputs before anything is timed. ``cpu``: filled with {variant: {n: median CPU ms per call}} when given."""
     import tensorflow as tf
 
     from serving.export import request_level_fields
@@ -144,15 +161,19 @@ def bench_in_process(fns: Dict[str, Callable], model, contract, sizes: Sequence[
     fields = request_level_fields(contract)
     results: Dict[str, Dict[int, tuple]] = {name: {} for name in fns}
     for n in sizes:
-        feats = {k: tf.constant(v) for k, v in request_features(model, n, fields, seed=n).items()}
-        outs = {name: {k: v.numpy() for k, v in fn(**feats).items()} for name, fn in fns.items()}
-        ref = outs["naive"]
+        raw = {k: np.ascontiguousarray(v) for k, v in request_features(model, n, fields, seed=n).items()}
+        eager = {k: tf.constant(v) for k, v in raw.items()}
+        # Session runners are fed numpy (as TF Serving feeds tensors decoded from the request); signatures
+        # eager tensors.
+        args = {name: raw if isinstance(fn, SessionRunner) else eager for name, fn in fns.items()}
+        outs = {name: {k: np.asarray(v) for k, v in fn(**args[name]).items()} for name, fn in fns.items()}
+        ref = next(iter(outs.values()))  # every variant must give the first one's outputs
         for name, out in outs.items():
             for task in ref:
                 np.testing.assert_allclose(np.ravel(out[task]), np.ravel(ref[task]), rtol=1e-4, atol=1e-5)
         for _ in range(warmup):
-            for fn in fns.values():
-                fn(**feats)
+            for name, fn in fns.items():
+                fn(**args[name])
         samples: Dict[str, List[float]] = {name: [] for name in fns}
         cpu_s: Dict[str, List[float]] = {name: [] for name in fns}
         names = list(fns)
@@ -160,9 +181,9 @@ def bench_in_process(fns: Dict[str, Callable], model, contract, sizes: Sequence[
         for i in range(count):
             for name in names[i % len(names):] + names[:i % len(names)]:
                 cpu_start, start = time.process_time(), time.perf_counter()
-                out = fns[name](**feats)
+                out = fns[name](**args[name])
                 for v in out.values():
-                    v.numpy()
+                    np.asarray(v)  # eager tensors: wait for the value; session outputs are numpy already
                 samples[name].append(time.perf_counter() - start)
                 cpu_s[name].append(time.process_time() - cpu_start)
         for name in fns:
@@ -170,6 +191,47 @@ def bench_in_process(fns: Dict[str, Callable], model, contract, sizes: Sequence[
             if cpu is not None:
                 cpu.setdefault(name, {})[n] = float(np.median(cpu_s[name]) * 1e3)
     return results
+
+
+class SessionRunner:
+    """A SavedModel signature run the way TF Serving runs it: the v1 loader restores the graph into a
+    ``tf.compat.v1.Session`` and each call is one ``Session::Run`` feeding the signature's input tensors and
+    fetching its output tensors (``make_callable``: no per-call graph building, little Python).
+
+    TF Serving's servable is exactly this (a SavedModelBundle's session, run on the signature's tensor names),
+    so this path measures what TF Serving executes per request, minus its gRPC and proto handling; the
+    eager ``signatures[...]`` call adds ~1 ms of Python per call on top, the same for every export.
+    ``__call__(**features)`` -> {output: numpy array}.
+    """
+
+    def __init__(self, export_dir: str, signature: str = "serving_default"):
+        import tensorflow as tf
+
+        self._graph = tf.Graph()
+        self._session = tf.compat.v1.Session(graph=self._graph)
+        with self._graph.as_default():
+            meta = tf.compat.v1.saved_model.loader.load(self._session, ["serve"], export_dir)
+        sig = meta.signature_def[signature]
+        self.inputs = sorted(sig.inputs)
+        self.outputs = sorted(sig.outputs)
+        feeds = [self._graph.get_tensor_by_name(sig.inputs[k].name) for k in self.inputs]
+        fetches = [self._graph.get_tensor_by_name(sig.outputs[k].name) for k in self.outputs]
+        self._run = self._session.make_callable(fetches, feed_list=feeds)
+
+    def __call__(self, **features):
+        missing = sorted(set(self.inputs) - set(features))
+        if missing:
+            raise KeyError(f"signature inputs missing from the request: {missing}")
+        values = self._run(*[np.asarray(features[k]) for k in self.inputs])
+        return dict(zip(self.outputs, values))
+
+    def close(self):
+        self._session.close()
+
+
+def session_variants(export_dirs: Dict[str, str]) -> Dict[str, SessionRunner]:
+    """{variant + '/sess': SessionRunner} for the exports ``export_variants`` wrote."""
+    return {f"{name}/sess": SessionRunner(path) for name, path in export_dirs.items()}
 
 
 def bench_grpc(target: str, model_name: str, input_path: str, sizes: Sequence[int], reps: int,
@@ -212,32 +274,42 @@ def bench_grpc(target: str, model_name: str, input_path: str, sizes: Sequence[in
         client.close()
 
 
+def _pairs(names: Sequence[str]) -> List[tuple]:
+    """(label, naive variant, rankline variant) for every engine where both were measured."""
+    out = []
+    for suffix, label in (("", ""), ("/sess", "sess ")):
+        if f"naive{suffix}" in names and f"rankline{suffix}" in names:
+            out.append((label, f"naive{suffix}", f"rankline{suffix}"))
+    return out
+
+
 def format_table(results: Dict[str, Dict[int, tuple]], sizes: Sequence[int],
                  cpu: Dict[str, Dict[int, float]] | None = None) -> str:
-    """p50 / p99 per variant; with naive and rankline their ratios (rankline / naive); with ``cpu`` the
-    median CPU ms per call of each in-process variant and rankline's CPU ratio."""
+    """p50 / p99 per variant; for each engine (signature call, ``/sess`` Session run) with both naive and
+    rankline their ratios (rankline / naive); with ``cpu`` the median CPU ms per call of each in-process
+    variant and rankline's CPU ratio per engine."""
     names = list(results)
     cpu = cpu or {}
-    both = "naive" in results and "rankline" in results
+    pairs = _pairs(names)
+    cpu_pairs = [p for p in _pairs(list(cpu)) if p[1] in cpu and p[2] in cpu]
     head = f"{'candidates':>10} " + " ".join(f"{n + ' p50':>14} {n + ' p99':>14}" for n in names)
-    if both:
-        head += f" {'p50 ratio':>10} {'p99 ratio':>10}"
+    head += "".join(f" {label + 'p50 ratio':>15} {label + 'p99 ratio':>15}" for label, _, _ in pairs)
     head += "".join(f" {n + ' cpu':>13}" for n in cpu)
-    if both and "naive" in cpu and "rankline" in cpu:
-        head += f" {'cpu ratio':>10}"
+    head += "".join(f" {label + 'cpu ratio':>15}" for label, _, _ in cpu_pairs)
     lines = [head]
+    nan = (float("nan"), float("nan"))
     for n in sizes:
         cells = []
         for name in names:
-            p50, p99 = results[name].get(n, (float("nan"), float("nan")))
+            p50, p99 = results[name].get(n, nan)
             cells.append(f"{p50:>14.3f} {p99:>14.3f}")
         line = f"{n:>10} " + " ".join(cells)
-        if both:
-            line += (f" {results['rankline'][n][0] / results['naive'][n][0]:>10.2f}"
-                     f" {results['rankline'][n][1] / results['naive'][n][1]:>10.2f}")
+        for _, naive, ours in pairs:
+            a, b = results[ours].get(n, nan), results[naive].get(n, nan)
+            line += f" {a[0] / b[0]:>15.2f} {a[1] / b[1]:>15.2f}"
         line += "".join(f" {cpu[name].get(n, float('nan')):>13.3f}" for name in cpu)
-        if both and "naive" in cpu and "rankline" in cpu:
-            line += f" {cpu['rankline'][n] / cpu['naive'][n]:>10.2f}"
+        for _, naive, ours in cpu_pairs:
+            line += f" {cpu[ours].get(n, float('nan')) / cpu[naive].get(n, float('nan')):>15.2f}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -254,6 +326,9 @@ def main(argv=None) -> int:
     p.add_argument("--model-name", default="esm2", help="--target: served model name")
     p.add_argument("--input", default=None, help="--target: Parquet file of raw rows to send")
     p.add_argument("--timeout", type=float, default=10.0, help="--target: per-call deadline in seconds")
+    p.add_argument("--engine", choices=ENGINES, default="both",
+                   help="in-process engine: 'function' (tf.saved_model.load + signature call), 'session' "
+                        "(v1 loader + Session::Run, as TF Serving runs a SavedModel; columns */sess) or both")
     args = p.parse_args(argv)
     if any(n < 1 for n in args.sizes) or args.reps < 10:
         print("error: --sizes must be >= 1 and --reps >= 10", file=sys.stderr)
@@ -263,12 +338,23 @@ def main(argv=None) -> int:
     model, contract = build_model(args.preset, args.tft_dir)
     units = "-".join(str(u) for u in model.config.hidden_units)
     with tempfile.TemporaryDirectory(prefix="rankline-bench-") as tmp:
-        fns = export_variants(model, contract, tmp, args.preproject_mb)
+        dirs: Dict[str, str] = {}
+        fns = export_variants(model, contract, tmp, args.preproject_mb, dirs=dirs)
+        if args.engine == "function":
+            dirs = {}
+        if args.engine == "session":
+            fns = {}
+        sessions = session_variants(dirs)
         cpu: Dict[str, Dict[int, float]] = {}
-        results = bench_in_process(fns, model, contract, args.sizes, args.reps, cpu=cpu)
+        try:
+            results = bench_in_process({**fns, **sessions}, model, contract, args.sizes, args.reps, cpu=cpu)
+        finally:
+            for runner in sessions.values():
+                runner.close()
+
     print(f"ESM² towers {units}, {len(model.embedding.categorical)} categorical + "
           f"{len(getattr(model.embedding, 'sequences', {}))} sequence + {len(model.embedding.dense)} dense inputs; TensorFlow {tf.__version__}, {os.cpu_count()} CPU(s); latency in ms, one user x N "
-          f"candidates, in-process (SavedModel signature calls)")
+          f"candidates, in-process ({ENGINE_TEXT[args.engine]})")
     if args.target:
         grpc_results = bench_grpc(args.target, args.model_name, args.input, args.sizes, args.reps, args.timeout)
         if isinstance(grpc_results, str):
