@@ -39,15 +39,21 @@ def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, ep
 
     from models import registry
     from pipeline import evaluate as ev
-    from pipeline.preprocess import TRANSFORM_DIR, PreprocessConfig, run_preprocess, transformed_pattern
+    from pipeline.preprocess import (TRANSFORM_DIR, PreprocessConfig, reusable_summary, run_preprocess,
+                                     transformed_pattern)
     from pipeline.report import DIAGNOSTICS, write_report
     from pipeline.train import TrainConfig, train_model
     from transforms.preprocessing import build_preprocessing_fn
 
     pp_dir = os.path.join(work_dir, "preprocessed")
-    if preprocess or not os.path.exists(os.path.join(pp_dir, TRANSFORM_DIR)):
-        run_preprocess(schema, PreprocessConfig(output_dir=pp_dir), build_preprocessing_fn(schema.contract),
-                       beam_args or ["--runner=DirectRunner"])
+    pp_cfg = PreprocessConfig(output_dir=pp_dir)
+    if not preprocess and reusable_summary(schema, pp_cfg) is not None:
+        logger.info("reusing the completed preprocessing in %s", pp_dir)
+    else:
+        if not preprocess:
+            logger.info("--reuse-preprocessed: %s holds no completed run of these inputs, schema, options and "
+                        "code; preprocessing", pp_dir)
+        run_preprocess(schema, pp_cfg, build_preprocessing_fn(schema.contract), beam_args or ["--runner=DirectRunner"])
     tft_output = tft.TFTransformOutput(os.path.join(pp_dir, TRANSFORM_DIR))
     runs: Dict[str, List[Dict]] = {}
     histories: Dict[str, List[Dict]] = {}
@@ -103,7 +109,9 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default="artifacts/benchmark")
     p.add_argument("--baseline", default=None, help="model RelaImpr is measured against (default: the first)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--reuse-preprocessed", action="store_true", help="skip preprocessing when outputs exist")
+    p.add_argument("--reuse-preprocessed", action="store_true",
+                   help="skip preprocessing when the work directory holds a completed run of the same inputs, "
+                        "schema, options and preprocessing code")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "apache_beam", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -40,6 +40,12 @@ SPLITS = (TRAIN, EVAL, TEST)
 TRANSFORM_DIR = "transform_fn_output"
 DATA_DIR = "data"
 REJECTED_DIR = "rejected"
+# Written last by a successful run (the summary plus the fingerprint of what produced it): its presence with a
+# matching fingerprint is what lets a restarted job skip preprocessing (``reusable_summary``).
+DONE_FILE = "_PREPROCESSED.json"
+# The code whose behaviour decides the transformed output; its source is part of the fingerprint.
+_OUTPUT_CODE = ("transforms.schema", "transforms.features", "transforms.preprocessing", "pipeline.preprocess",
+                "pipeline.sources", "pipeline.user_features")
 
 
 class TooManyRejected(RuntimeError):
@@ -221,7 +227,9 @@ class WriteExampleShards(beam.PTransform):
 
 def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_fn,
                    beam_args: Optional[List[str]] = None) -> Dict:
-    """Runs the Beam pipeline; returns the summary (also written to ``summary.json``)."""
+    """Runs the Beam pipeline; returns the summary (also written to ``summary.json``). The fingerprint of what
+    produced the output (``preprocess_fingerprint``) is recorded in ``DONE_FILE`` only once the run succeeded."""
+    import tensorflow as tf
     import tensorflow_transform.beam as tft_beam
 
     files = schema.input.files()
@@ -230,6 +238,10 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
     started = time.time()
     contract = schema.contract
     os.makedirs(cfg.output_dir, exist_ok=True)
+    fingerprint = preprocess_fingerprint(schema, cfg)  # of the inputs as they are now, before they are read
+    done_path = os.path.join(cfg.output_dir, DONE_FILE)
+    if tf.io.gfile.exists(done_path):
+        tf.io.gfile.remove(done_path)  # the outputs are about to change: not reusable until this run succeeds
     columns = sources.canonical_columns(contract)
     tac = tensor_adapter_config(contract)
     split = schema.split
@@ -295,7 +307,59 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
         raise TooManyRejected(
             f"{summary['rows_rejected']} of {summary['rows_in']} rows rejected ({frac:.1%}) > --max-reject-fraction "
             f"{cfg.max_reject_fraction:.1%}; reasons in {os.path.join(cfg.output_dir, REJECTED_DIR)}")
+    tmp = done_path + ".tmp"
+    with tf.io.gfile.GFile(tmp, "w") as fh:
+        fh.write(json.dumps({"fingerprint": fingerprint, "summary": summary}, indent=2))
+    tf.io.gfile.rename(tmp, done_path, overwrite=True)
     return summary
+
+
+def preprocess_fingerprint(schema: DatasetSchema, cfg: PreprocessConfig) -> str:
+    """What the transformed output depends on, hashed: the parsed schema (input path and format, roles, labels,
+    features and transforms, split; not where the YAML lives); every input file's path, size and modification
+    time; the preprocessing options (not the output directory); the source of the modules that compute the
+    output; the TFT / Beam versions."""
+    import hashlib
+    import importlib
+    import inspect
+    from dataclasses import asdict
+
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    files = []
+    for path in schema.input.files():
+        st = tf.io.gfile.stat(path)
+        files.append([path, int(st.length), int(st.mtime_nsec)])
+    doc = {
+        "schema": {k: v for k, v in asdict(schema).items() if k != "source"},
+        "files": files,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "output_dir"},
+        "code": {m: digest(inspect.getsource(importlib.import_module(m)).encode()) for m in _OUTPUT_CODE},
+        "versions": {"tensorflow_transform": tft.__version__, "apache_beam": beam.__version__},
+    }
+    return digest(json.dumps(doc, sort_keys=True, default=str).encode())[:16]
+
+
+def reusable_summary(schema: DatasetSchema, cfg: PreprocessConfig) -> Optional[Dict]:
+    """The summary of a completed run in ``cfg.output_dir`` made from exactly these inputs, schema, options and
+    code (its fingerprint matches and its outputs are there), else None: the run must be (re)done."""
+    import tensorflow as tf
+
+    try:
+        with tf.io.gfile.GFile(os.path.join(cfg.output_dir, DONE_FILE)) as fh:
+            done = json.loads(fh.read())
+    except (OSError, ValueError, tf.errors.OpError):
+        return None
+    if not isinstance(done, dict) or done.get("fingerprint") != preprocess_fingerprint(schema, cfg):
+        return None
+    if (not tf.io.gfile.isdir(os.path.join(cfg.output_dir, TRANSFORM_DIR))
+            or not tf.io.gfile.glob(transformed_pattern(cfg.output_dir, TRAIN))):
+        return None
+    return done.get("summary")
 
 
 def _counters(result) -> Dict[str, int]:

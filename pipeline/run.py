@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail when more than this fraction of input rows is rejected (default: never)")
     p.add_argument("--compression-level", type=int, default=1, choices=range(10), metavar="0..9",
                    help="gzip level of the preprocessed TFRecords (default 1: fastest; 6 = zlib's default)")
+    p.add_argument("--reuse-preprocessed", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip preprocessing when WORK_DIR/preprocessed holds a completed run of the same input "
+                        "files (path, size, mtime), schema, options and preprocessing code, e.g. when a killed "
+                        "job is started again (--no-reuse-preprocessed: always preprocess)")
     p.add_argument("--score-rows", type=int, default=5, help="raw rows scored through the export at the end")
     p.add_argument("--uninformative-daction", action="store_true",
                    help="built-in data only: make purchase independent of DAction")
@@ -198,7 +202,7 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     import tensorflow_transform as tft
 
     from pipeline import evaluate as ev
-    from pipeline.preprocess import TRANSFORM_DIR, run_preprocess, transformed_pattern
+    from pipeline.preprocess import TRANSFORM_DIR, reusable_summary, run_preprocess, transformed_pattern
     from pipeline.train import train_model
     from serving.examples import serialize_rows
     from serving.export import export_saved_model
@@ -216,8 +220,14 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     with open(config_path, "w") as fh:
         json.dump(resolved, fh, indent=2, default=str)
 
-    with stage("preprocess (Beam + tensorflow-transform)", timings):
-        pp_summary = run_preprocess(schema, pp_cfg, build_preprocessing_fn(contract), beam_args)
+    pp_summary = reusable_summary(schema, pp_cfg) if args.reuse_preprocessed else None
+    if pp_summary is not None:
+        logger.info("preprocess: reusing the completed run in %s (same inputs, schema, options and code; "
+                    "--no-reuse-preprocessed to redo it)", pp_dir)
+        pp_summary = dict(pp_summary, reused=True)
+    else:
+        with stage("preprocess (Beam + tensorflow-transform)", timings):
+            pp_summary = run_preprocess(schema, pp_cfg, build_preprocessing_fn(contract), beam_args)
     tft_dir = os.path.join(pp_dir, TRANSFORM_DIR)
     tft_output = tft.TFTransformOutput(tft_dir)
 
@@ -280,7 +290,8 @@ def _print_summary(summary: Dict, report_text: str) -> None:
     print("\n=== rankline run summary ===", file=out)
     pp = summary["preprocess"]
     print(f"model: {summary['model']}   rows in {pp['rows_in']}: train {pp['rows_train']}  eval {pp['rows_eval']}  "
-          f"test {pp['rows_test']}  rejected {pp['rows_rejected']}", file=out)
+          f"test {pp['rows_test']}  rejected {pp['rows_rejected']}"
+          + ("   (preprocessing reused from an earlier run)" if pp.get("reused") else ""), file=out)
     print(report_text, file=out)
     print(f"export: {summary['export']}", file=out)
     if summary["scored"]:  # one column per [B] output (wider ones, e.g. a scenario distribution, are in summary.json)
