@@ -9,13 +9,16 @@ The loop (``fit_model``) is Keras ``fit`` over the gzip TFRecords with
   and started again continues from the last backup. The training input is one endless stream of epochs
   (``steps_per_epoch`` batches each) and a resumed run skips the batches the interrupted run finished, so
   the two runs together take exactly the steps (and, with ``deterministic``, the batches) of one
-  uninterrupted run;
+  uninterrupted run. The monitored value of every finished epoch is kept in ``checkpoint_dir/monitor.json``,
+  so the best checkpoint and early stopping (patience, the weights restored at the end) continue from the
+  interrupted run's epochs instead of starting over;
 * a distribution strategy: ``default``, ``mirrored`` (all GPUs, else all logical CPU devices) or
   ``multiworker`` (``MultiWorkerMirroredStrategy`` from ``TF_CONFIG``; create it with ``make_strategy``
   at program start, before other TensorFlow work).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -177,6 +180,69 @@ class StepBackup(keras.callbacks.BackupAndRestore):
         super().on_train_batch_end(batch, logs)
 
 
+MONITOR_LOG = "monitor.json"
+
+
+class MonitorLog(keras.callbacks.Callback):
+    """Records the monitored value of every finished epoch in ``path`` ({epoch: value}, JSON, replaced
+    atomically). Placed after the best-checkpoint and early-stopping callbacks, so an epoch is recorded only
+    once its best checkpoint, if any, is written; a resumed run reads it back (``epochs_before``)."""
+
+    def __init__(self, path: str, monitor: str, values: Dict[int, float]):
+        super().__init__()
+        self.path, self.monitor = path, monitor
+        self.values = dict(values)
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        self.values[int(epoch)] = float(value)
+        tmp = self.path + ".tmp"
+        with tf.io.gfile.GFile(tmp, "w") as fh:
+            fh.write(json.dumps({str(k): v for k, v in sorted(self.values.items())}))
+        tf.io.gfile.rename(tmp, self.path, overwrite=True)
+
+    @staticmethod
+    def epochs_before(path: str, epoch: int) -> Dict[int, float]:
+        """The recorded values of the epochs before ``epoch`` (those a run resuming at ``epoch`` keeps)."""
+        try:
+            with tf.io.gfile.GFile(path) as fh:
+                values = {int(k): float(v) for k, v in json.loads(fh.read()).items()}
+        except (tf.errors.NotFoundError, ValueError):
+            return {}
+        return {k: v for k, v in values.items() if k < epoch}
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """``EarlyStopping`` (mode max) that continues from the epochs an interrupted run finished.
+
+    ``earlier``: {epoch: monitored value} of those epochs. At the start of training the best value, its epoch
+    and the epochs waited since are set from them, and the best weights are read from ``best_weights_path``
+    (the best checkpoint, written by ``ModelCheckpoint`` in the same epoch), so patience and the final
+    restore behave as in one uninterrupted run.
+    """
+
+    def __init__(self, earlier: Dict[int, float], best_weights_path: str | None, **kwargs):
+        super().__init__(mode="max", **kwargs)
+        self.earlier = dict(earlier)
+        self.best_weights_path = best_weights_path
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if not self.earlier:
+            return
+        best_epoch = max(sorted(self.earlier), key=lambda e: self.earlier[e])  # the first of equal bests
+        self.best, self.best_epoch = self.earlier[best_epoch], best_epoch
+        self.wait = max(self.earlier) - best_epoch
+        if (self.restore_best_weights and self.best_weights_path
+                and tf.io.gfile.glob(self.best_weights_path + "*")):
+            current = self.model.get_weights()  # BackupAndRestore (earlier in the list) has restored them
+            self.model.load_weights(self.best_weights_path)
+            self.best_weights = self.model.get_weights()
+            self.model.set_weights(current)
+
+
 def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfig, learning_rate: float,
               strategy: tf.distribute.Strategy | None = None, callbacks: Sequence = (), verbose=None):
     """Builds (inside the strategy's scope), compiles and fits a ``MultiTaskModel``.
@@ -211,12 +277,23 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
         if start_epoch or start_step:
             logger.info("resuming from %s at epoch %d step %d", backup_dir, start_epoch + 1, start_step)
         cbs.append(StepBackup(backup_dir, save_freq=cfg.backup_every_steps))
-        cbs.append(keras.callbacks.ModelCheckpoint(os.path.join(cfg.checkpoint_dir, "best", "weights"),
-                                                   monitor=monitor, mode="max", save_best_only=True,
-                                                   save_weights_only=True))
+    # The epochs an interrupted run finished (none for a fresh run): the best checkpoint and early stopping
+    # continue from their monitored values instead of starting over.
+    monitor_path = os.path.join(cfg.checkpoint_dir, MONITOR_LOG) if cfg.checkpoint_dir else None
+    earlier = MonitorLog.epochs_before(monitor_path, start_epoch) if monitor_path else {}
+    best_path = os.path.join(cfg.checkpoint_dir, "best", "weights") if cfg.checkpoint_dir else None
+    if cfg.checkpoint_dir:
+        cbs.append(keras.callbacks.ModelCheckpoint(best_path, monitor=monitor, mode="max", save_best_only=True,
+                                                   save_weights_only=True,
+                                                   initial_value_threshold=max(earlier.values(), default=None)))
     if cfg.early_stopping_patience:
-        cbs.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=cfg.early_stopping_patience,
-                                                 restore_best_weights=True))
+        cbs.append(ResumableEarlyStopping(earlier, best_path, monitor=monitor, patience=cfg.early_stopping_patience,
+                                          restore_best_weights=True))
+    if monitor_path:
+        if earlier:
+            logger.info("resumed after epoch(s) %s: best %s %.4f so far", sorted(e + 1 for e in earlier), monitor,
+                        max(earlier.values()))
+        cbs.append(MonitorLog(monitor_path, monitor, earlier))
     if cfg.tensorboard_dir:
         cbs.append(keras.callbacks.TensorBoard(cfg.tensorboard_dir, write_graph=False, profile_batch=0))
     counter = _StepCounter()

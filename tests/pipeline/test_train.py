@@ -69,6 +69,18 @@ def test_run_killed_mid_epoch_resumes_without_redoing_steps(data_dir, tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     assert not os.path.exists(os.path.join(ck, "backup", "chief"))  # a finished run leaves no backup
     assert os.path.exists(os.path.join(ck, "best", "weights.index"))
+    # The best checkpoint continued from the killed run's epoch 1: it is the uninterrupted run's best.
+    monitored = json.loads(open(os.path.join(ck, "monitor.json")).read())
+    np.testing.assert_allclose([monitored[str(e)] for e in range(3)], full["history"]["val_ctr_auc"], atol=1e-5)
+    import tensorflow as tf
+
+    names = [n for n, _ in tf.train.list_variables(os.path.join(ck, "best", "weights"))
+             if "/.ATTRIBUTES/VARIABLE_VALUE" in n and "optimizer" not in n]
+    assert len(names) > 10
+    for name in names:
+        np.testing.assert_allclose(tf.train.load_variable(os.path.join(ck, "best", "weights"), name),
+                                   tf.train.load_variable(str(tmp_path / "ck-full" / "best" / "weights"), name),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_early_stopping_tensorboard_and_checkpoint_in_process(data_dir, tmp_path):
@@ -150,3 +162,54 @@ def test_fit_with_in_memory_input_runs_every_step(data_dir):
     model, history, info = fit_model(train_worker.esm2, train_worker.train_data(data_dir, 64), cfg, 1e-2, verbose=0)
     assert info["steps_run"] == 20 and int(model.optimizer.iterations.numpy()) == 20
     assert len(history["val_ctr_auc"]) == 2
+
+
+def _scripted_fit(tmp_path, values, earlier, patience, initial_epoch):
+    """A tiny model fitted from ``initial_epoch`` with the monitored value scripted per epoch ({epoch: value});
+    the best checkpoint holds weights of all 7.0. Returns (epochs run, final kernel)."""
+    import tensorflow as tf
+
+    from models.keras import keras
+    from pipeline.train import ResumableEarlyStopping
+
+    class Script(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["val_m"] = values[epoch]
+
+    model = keras.Sequential([keras.layers.Dense(1, input_shape=(2,))])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    best_path = str(tmp_path / "best" / "weights")
+    model.set_weights([np.full((2, 1), 7.0, np.float32), np.full((1,), 7.0, np.float32)])
+    model.save_weights(best_path)
+    model.set_weights([np.zeros((2, 1), np.float32), np.zeros((1,), np.float32)])
+    stop = ResumableEarlyStopping(earlier, best_path, monitor="val_m", patience=patience, restore_best_weights=True)
+    x, y = np.ones((8, 2), np.float32), np.ones((8, 1), np.float32)
+    history = model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(4), epochs=max(values) + 1,
+                        initial_epoch=initial_epoch, callbacks=[Script(), stop], verbose=0)
+    return len(history.epoch), model.get_weights()[0]
+
+
+def test_early_stopping_continues_from_the_epochs_an_interrupted_run_finished(tmp_path):
+    """Monitored values .80 .90 .85 | .86 .95 with patience 2: one uninterrupted run stops after epoch 3 (two
+    epochs without beating .90) and restores epoch 1's weights. Resumed at epoch 3 with epochs 0-2 recorded,
+    it must do the same: stop after one epoch and restore the best checkpoint (all 7.0), not keep going."""
+    values = {0: 0.80, 1: 0.90, 2: 0.85, 3: 0.86, 4: 0.95}
+    earlier = {e: values[e] for e in range(3)}
+    run, kernel = _scripted_fit(tmp_path, values, earlier, patience=2, initial_epoch=3)
+    assert run == 1
+    np.testing.assert_array_equal(kernel, np.full((2, 1), 7.0))
+    # without the earlier epochs (what a plain EarlyStopping does after a restart) it would train on to .95
+    run, kernel = _scripted_fit(tmp_path / "fresh", values, {}, patience=2, initial_epoch=3)
+    assert run == 2 and not np.allclose(kernel, 7.0)
+
+
+def test_monitor_log_keeps_finished_epochs_for_a_resume(tmp_path):
+    from pipeline.train import MonitorLog
+
+    path = str(tmp_path / "monitor.json")
+    log = MonitorLog(path, "val_ctr_auc", {})
+    for epoch, value in enumerate([0.7, 0.8, 0.75]):
+        log.on_epoch_end(epoch, {"val_ctr_auc": value, "loss": 1.0})
+    assert MonitorLog.epochs_before(path, 2) == {0: 0.7, 1: 0.8}  # epoch 2 is redone by a run resuming there
+    assert MonitorLog.epochs_before(path, 0) == {}
+    assert MonitorLog.epochs_before(str(tmp_path / "none.json"), 5) == {}
