@@ -12,6 +12,11 @@
                            (ctr/click, ctavr/DAction, ctcvr/purchase), weighted per example.
     Ablation "STAN w/o Beta" (``use_beta=False``): gamma = y~ (no gradient through the weight).
 
+Measured (README, 600k built-in rows, 3 seeds): the Beta state beats "w/o Beta" on users with few earlier
+events in every task and seed (e.g. CVR 0.7734 vs 0.6974); STAN stays behind PLE overall, because the literal
+Eq. 13 scales each task loss to about the task's positive rate; preset ``normalized`` (gamma over its batch
+mean) closes most of that gap.
+
 Serving: ``call`` is PLE's; the preference module and the Beta state are training-only. The Beta state lives
 in non-trainable variables keyed by the user's vocabulary index, so checkpoints carry it.
 """
@@ -50,6 +55,9 @@ class STANConfig(PLEConfig):
 
 PRESETS: Dict[str, STANConfig] = {
     "default": STANConfig(),
+    # gamma^k divided by its batch mean: Eq. 13's weighting between users kept, the task losses' scale not
+    # shrunk to the tasks' positive rates (~0.05 for clicks, ~0.002 for purchases with the literal Eq. 13).
+    "normalized": STANConfig(normalize_gamma=True),
     "paper": STANConfig(hidden_units=(128, 32), num_levels=2, experts_per_task=1, num_shared_experts=2,
                         expert_units=(256,), dropout=0.5, learning_rate=5e-4, batch_size=1000),
 }

@@ -51,6 +51,26 @@ def test_loss_without_beta_is_eq13_with_gamma_equal_preferences():
     assert float(m.compute_loss(feats, labels, training=False)) == pytest.approx(expected, rel=1e-5)
 
 
+def test_normalized_gamma_divides_each_task_weight_by_its_batch_mean():
+    """Preset ``normalized``: gamma^k / mean_batch(gamma^k), so the weights average 1 per task (Eq. 13's
+    relative weighting between users kept); checked on the w/o-Beta form, where gamma = y~."""
+    from models.stan import PRESETS
+
+    assert PRESETS["normalized"].normalize_gamma and not PRESETS["default"].normalize_gamma
+    m = _model(use_beta=False, normalize_gamma=True)
+    feats, labels = _batch()
+    preds = {k: v.numpy() for k, v in m(feats, training=False).items()}
+    yt = m.user_preferences(feats).numpy().astype(np.float64)
+    gamma = yt / (yt.mean(axis=0, keepdims=True) + 1e-7)
+    expected = 0.0
+    for k, (out, lab) in enumerate((("ctr", "click"), ("ctavr", "daction"), ("ctcvr", "purchase"))):
+        expected += np.mean(gamma[:, k] * _bce(labels[lab], preds[out]))
+        expected += np.mean((labels[f"pl_{lab}"].numpy().reshape(-1) - yt[:, k]) ** 2)
+    assert float(m.compute_loss(feats, labels, training=False)) == pytest.approx(expected, rel=1e-5)
+    np.testing.assert_allclose(m.loss_weights(feats, m.user_preferences(feats), training=False).numpy().mean(0),
+                               1.0, rtol=1e-5)
+
+
 def test_beta_state_changes_only_in_training_and_follows_algorithm_1():
     m = _model()
     feats, labels = _batch()
