@@ -269,6 +269,10 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
 
     cbs = []
     start_epoch, start_step = 0, 0
+    # The epochs an interrupted run finished (none for a fresh run): the best checkpoint and early stopping
+    # continue from their monitored values instead of starting over.
+    earlier: Dict[int, float] = {}
+    best_path = monitor_path = None
     if cfg.checkpoint_dir:
         backup_dir = os.path.join(cfg.checkpoint_dir, "backup")
         if not cfg.resume and tf.io.gfile.exists(backup_dir):
@@ -277,22 +281,19 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
         if start_epoch or start_step:
             logger.info("resuming from %s at epoch %d step %d", backup_dir, start_epoch + 1, start_step)
         cbs.append(StepBackup(backup_dir, save_freq=cfg.backup_every_steps))
-    # The epochs an interrupted run finished (none for a fresh run): the best checkpoint and early stopping
-    # continue from their monitored values instead of starting over.
-    monitor_path = os.path.join(cfg.checkpoint_dir, MONITOR_LOG) if cfg.checkpoint_dir else None
-    earlier = MonitorLog.epochs_before(monitor_path, start_epoch) if monitor_path else {}
-    best_path = os.path.join(cfg.checkpoint_dir, "best", "weights") if cfg.checkpoint_dir else None
-    if cfg.checkpoint_dir:
+        monitor_path = os.path.join(cfg.checkpoint_dir, MONITOR_LOG)
+        earlier = MonitorLog.epochs_before(monitor_path, start_epoch)
+        if earlier:
+            logger.info("resumed after epoch(s) %s: best %s %.4f so far", sorted(e + 1 for e in earlier), monitor,
+                        max(earlier.values()))
+        best_path = os.path.join(cfg.checkpoint_dir, "best", "weights")
         cbs.append(keras.callbacks.ModelCheckpoint(best_path, monitor=monitor, mode="max", save_best_only=True,
                                                    save_weights_only=True,
                                                    initial_value_threshold=max(earlier.values(), default=None)))
     if cfg.early_stopping_patience:
         cbs.append(ResumableEarlyStopping(earlier, best_path, monitor=monitor, patience=cfg.early_stopping_patience,
                                           restore_best_weights=True))
-    if monitor_path:
-        if earlier:
-            logger.info("resumed after epoch(s) %s: best %s %.4f so far", sorted(e + 1 for e in earlier), monitor,
-                        max(earlier.values()))
+    if monitor_path:  # after the checkpoint and early stopping: an epoch is recorded once they have seen it
         cbs.append(MonitorLog(monitor_path, monitor, earlier))
     if cfg.tensorboard_dir:
         cbs.append(keras.callbacks.TensorBoard(cfg.tensorboard_dir, write_graph=False, profile_batch=0))

@@ -291,7 +291,7 @@ def format_table(results: Dict[str, Dict[int, tuple]], sizes: Sequence[int],
     names = list(results)
     cpu = cpu or {}
     pairs = _pairs(names)
-    cpu_pairs = [p for p in _pairs(list(cpu)) if p[1] in cpu and p[2] in cpu]
+    cpu_pairs = _pairs(list(cpu))
     head = f"{'candidates':>10} " + " ".join(f"{n + ' p50':>14} {n + ' p99':>14}" for n in names)
     head += "".join(f" {label + 'p50 ratio':>15} {label + 'p99 ratio':>15}" for label, _, _ in pairs)
     head += "".join(f" {n + ' cpu':>13}" for n in cpu)
@@ -340,18 +340,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="rankline-bench-") as tmp:
         dirs: Dict[str, str] = {}
         fns = export_variants(model, contract, tmp, args.preproject_mb, dirs=dirs)
-        if args.engine == "function":
-            dirs = {}
+        sessions = session_variants(dirs) if args.engine != "function" else {}
         if args.engine == "session":
             fns = {}
-        sessions = session_variants(dirs)
         cpu: Dict[str, Dict[int, float]] = {}
         try:
             results = bench_in_process({**fns, **sessions}, model, contract, args.sizes, args.reps, cpu=cpu)
         finally:
             for runner in sessions.values():
                 runner.close()
-
     print(f"ESM² towers {units}, {len(model.embedding.categorical)} categorical + "
           f"{len(getattr(model.embedding, 'sequences', {}))} sequence + {len(model.embedding.dense)} dense inputs; TensorFlow {tf.__version__}, {os.cpu_count()} CPU(s); latency in ms, one user x N "
           f"candidates, in-process ({ENGINE_TEXT[args.engine]})")
