@@ -113,6 +113,7 @@ def test_gumbel_mask_eqs3_4_with_given_noise_and_no_noise_at_inference():
 
 @pytest.mark.parametrize("reduce", ["concat", "sum"])
 def test_dual_group_embedding_eq6_and_contrast_eq9(reduce):
+    tf.keras.utils.set_random_seed(11)
     layer = DualGroupEmbedding(G, D, reduce=reduce)
     rng = np.random.default_rng(3)
     m1 = rng.uniform(size=(7, G))
@@ -128,7 +129,8 @@ def test_dual_group_embedding_eq6_and_contrast_eq9(reduce):
     np.testing.assert_allclose(layer.contrast(tf.constant(masks)).numpy(), want_con, rtol=1e-5, atol=1e-6)
     assert layer.output_dim == want.shape[1]
     cos = (p * n).sum(1) / np.linalg.norm(p, axis=1) / np.linalg.norm(n, axis=1)
-    np.testing.assert_allclose(layer.pair_cosine().numpy(), cos, rtol=1e-5)
+    # cosines near 0 are common with random weights: compare with an absolute floor too (float32 vs float64)
+    np.testing.assert_allclose(layer.pair_cosine().numpy(), cos, rtol=1e-5, atol=1e-6)
 
 
 def test_cosine_similarity_eq13():
