@@ -2,6 +2,8 @@
 
     python -m serving.bench_latency                          # in-process: naive export vs rankline's graph
     python -m serving.bench_latency --target 127.0.0.1:8500 --input rows.parquet   # + TF Serving over gRPC
+    python -m serving.bench_latency --target 127.0.0.1:8500 --input rows.parquet \
+        --export-dir artifacts/run/export/esm2/1      # + the served version in-process: what gRPC adds
 
 Model: ESM² with the paper's towers 512-256-128-32 (``--preset paper``) on the built-in features, random
 weights (latency does not depend on their values), cardinalities from the contract (top_k + OOV buckets;
@@ -27,7 +29,10 @@ wall-clock percentiles mostly measure the scheduler, CPU time still measures the
 exports by default: slower on CPU, where gathering [N, 4 * H1] rows costs more memory traffic than the
 small matmul it replaces). ``--target`` adds the TF
 Serving column: raw rows from ``--input`` (Parquet) sent as tf.Examples to ``--model-name`` over gRPC,
-client and protocol included; it is skipped, saying why, when nothing answers at the target.
+client and protocol included; it is skipped, saying why, when nothing answers at the target. With
+``--export-dir`` (the version the server serves) the same examples also go through that SavedModel
+in-process (column ``export/sess``, Session::Run as TF Serving runs it, calls interleaved with the gRPC ones)
+and a second table gives what the gRPC hop adds.
 """
 from __future__ import annotations
 
@@ -235,8 +240,15 @@ def session_variants(export_dirs: Dict[str, str]) -> Dict[str, SessionRunner]:
 
 
 def bench_grpc(target: str, model_name: str, input_path: str, sizes: Sequence[int], reps: int,
-               timeout_s: float) -> Dict[int, tuple] | str:
-    """{n: (p50, p99)} through TF Serving, or a string saying why it was skipped."""
+               timeout_s: float, export_dir: str | None = None,
+               local: Dict[int, tuple] | None = None) -> Dict[int, tuple] | str:
+    """{n: (p50, p99)} through TF Serving, or a string saying why it was skipped.
+
+    ``export_dir``: the SavedModel version the server serves. Its ``serving_default`` is then also run
+    in-process, the way TF Serving runs it (``SessionRunner``: one Session::Run), on the same serialized
+    examples, each gRPC call followed by an in-process one (so load hits both alike); ``local`` is filled
+    with {n: (p50, p99)} of those, and the difference is what the gRPC hop adds (client, protocol, server).
+    Raises ValueError when the two give different scores (``export_dir`` is not what the server serves)."""
     from serving.client import ServingError, TFServingClient
     from serving.examples import serialize_rows
     from serving.score import read_rows
@@ -245,6 +257,7 @@ def bench_grpc(target: str, model_name: str, input_path: str, sizes: Sequence[in
     if not input_path:
         return "skipped: --target needs --input (a Parquet file of raw rows to send)"
     client = TFServingClient(target, model_name, timeout_s=timeout_s, max_attempts=1)
+    runner = None
     try:
         try:
             client.wait_until_available(timeout_s=3.0)
@@ -256,22 +269,47 @@ def bench_grpc(target: str, model_name: str, input_path: str, sizes: Sequence[in
             return f"skipped: cannot read --input {input_path} ({type(exc).__name__}: {exc})"
         if not rows:
             return f"skipped: no rows in {input_path}"
+        runner = SessionRunner(export_dir) if export_dir else None
         results = {}
         for n in sizes:
             batch = [rows[i % len(rows)] for i in range(n)]
             user = {k: batch[0][k] for k in batch[0] if not k.startswith("item")}
             examples = serialize_rows([{**r, **user} for r in batch], BUILTIN)
-            for _ in range(10):
-                client.score_examples(examples)
-            samples = []
+            feed = np.array(examples, dtype=object)
+            for i in range(10):  # warmup; the first call's scores are compared
+                remote = client.score_examples(examples)
+                if runner is not None:
+                    here = runner(examples=feed)
+                    for task, want in here.items() if i == 0 else ():
+                        if task in remote and not np.allclose(remote[task], np.ravel(want), rtol=1e-5, atol=1e-6):
+                            raise ValueError(f"--export-dir {export_dir} scores {task!r} differently from the model "
+                                             f"served at {target}: is it the version the server serves?")
+            samples, here_s = [], []
             for _ in range(reps if n < 1000 else max(50, reps // 3)):
                 start = time.perf_counter()
                 client.score_examples(examples)
                 samples.append(time.perf_counter() - start)
+                if runner is not None:
+                    start = time.perf_counter()
+                    runner(examples=feed)
+                    here_s.append(time.perf_counter() - start)
             results[n] = _percentiles(samples)
+            if runner is not None and local is not None:
+                local[n] = _percentiles(here_s)
         return results
     finally:
+        if runner is not None:
+            runner.close()
         client.close()
+
+
+def format_grpc_overhead(remote: Dict[int, tuple], local: Dict[int, tuple], sizes: Sequence[int]) -> str:
+    """One line per size: what the gRPC hop adds over the in-process Session::Run of the same export."""
+    lines = [f"{'candidates':>10} {'gRPC adds p50':>14} {'gRPC adds p99':>14}"]
+    for n in sizes:
+        if n in remote and n in local:
+            lines.append(f"{n:>10} {remote[n][0] - local[n][0]:>14.3f} {remote[n][1] - local[n][1]:>14.3f}")
+    return "\n".join(lines)
 
 
 def _pairs(names: Sequence[str]) -> List[tuple]:
@@ -326,6 +364,9 @@ def main(argv=None) -> int:
     p.add_argument("--model-name", default="esm2", help="--target: served model name")
     p.add_argument("--input", default=None, help="--target: Parquet file of raw rows to send")
     p.add_argument("--timeout", type=float, default=10.0, help="--target: per-call deadline in seconds")
+    p.add_argument("--export-dir", default=None,
+                   help="--target: the SavedModel version the server serves; also run in-process (Session::Run) "
+                        "on the same examples, giving what gRPC adds (column export/sess)")
     p.add_argument("--engine", choices=ENGINES, default="both",
                    help="in-process engine: 'function' (tf.saved_model.load + signature call), 'session' "
                         "(v1 loader + Session::Run, as TF Serving runs a SavedModel; columns */sess) or both")
@@ -353,15 +394,23 @@ def main(argv=None) -> int:
           f"{len(getattr(model.embedding, 'sequences', {}))} sequence + {len(model.embedding.dense)} dense inputs; TensorFlow {tf.__version__}, {os.cpu_count()} CPU(s); latency in ms, one user x N "
           f"candidates, in-process ({ENGINE_TEXT[args.engine]})")
     if args.target:
-        grpc_results = bench_grpc(args.target, args.model_name, args.input, args.sizes, args.reps, args.timeout)
+        local: Dict[int, tuple] = {}
+        grpc_results = bench_grpc(args.target, args.model_name, args.input, args.sizes, args.reps, args.timeout,
+                                  export_dir=args.export_dir, local=local)
         if isinstance(grpc_results, str):
             print(f"gRPC ({args.target}): {grpc_results}")
         else:
             results["tf-serving"] = grpc_results
+            if local:
+                results["export/sess"] = local
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     busy = " -- loaded machine: wall-clock percentiles are noisy, see the cpu columns" if load > os.cpu_count() else ""
     print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPU(s){busy}")
     print(format_table(results, args.sizes, cpu))
+    if "export/sess" in results:
+        print(f"raw tf.Examples into {args.export_dir}: through {args.target} (tf-serving) vs in-process "
+              "(export/sess), calls interleaved")
+        print(format_grpc_overhead(results["tf-serving"], results["export/sess"], args.sizes))
     return 0
 
 

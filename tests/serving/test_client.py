@@ -214,3 +214,21 @@ def test_bench_latency_grpc_path_against_the_stand_in(server, e2e_run):
     assert set(got) == {1, 5} and all(0 < p50 <= p99 for p50, p99 in got.values())
     assert server.requests - before == 2 * (10 + 10)  # warmup + timed calls per size
     assert "tf-serving p99" in format_table({"tf-serving": got}, [1, 5])
+
+
+def test_bench_latency_grpc_overhead_runs_the_served_version_in_process(server, versions, e2e_run):
+    """With export_dir the served version also runs in-process on the same examples (scores checked equal
+    first); a directory holding another version is refused, since the difference would mean nothing."""
+    from serving.bench_latency import bench_grpc, format_grpc_overhead
+
+    parquet = os.path.join(e2e_run["summary"]["input"]["dir"], "part-00000.parquet")
+    before, local = server.requests, {}
+    got = bench_grpc(server.target, "esm2", parquet, [3], reps=10, timeout_s=10, export_dir=versions[2], local=local)
+    assert server.requests - before == 10 + 10  # warmup (the first compared with in-process), timed calls
+    assert set(local) == {3} and 0 < local[3][0] <= local[3][1]
+    head, row = format_grpc_overhead(got, local, [3]).splitlines()
+    assert "gRPC adds p50" in head
+    assert [float(v) for v in row.split()] == pytest.approx(
+        [3, got[3][0] - local[3][0], got[3][1] - local[3][1]], abs=1e-3)
+    with pytest.raises(ValueError, match="differently from the model served"):
+        bench_grpc(server.target, "esm2", parquet, [3], reps=10, timeout_s=10, export_dir=versions[1], local={})
