@@ -15,7 +15,7 @@ Shapes: B batch, F fields, D = ``embedding_dim``, G = ``num_groups``, R = dim(r_
     Eqs. 9-11:   r_G^Con = (1 - M) (.) E_G, y^_2 = sigmoid(f1(r_G^Con, E_v)) with theta_1 fixed,
                  L_G^Con = BCE(y^_2, y), maximised
     Eq. 12:      r_P = f2(E_p) [B, R]
-    Eq. 13:      L_O = mean_B cos(r_G, r_P)
+    Eq. 13:      L_O = mean_B cos(r_G, r_P) (``orthogonal_penalty='squared'``: mean_B cos^2, minimum at orthogonality)
     Eq. 14:      ``strategy='input'``:    y^ = sigmoid(f_y([r_b, r_G, r_P]))
     Eqs. 15-16:  ``strategy='dp'``:       y^ = sigmoid(f_y(r_b; theta_y + ReShape(f_DP([r_G, r_P]))))
     Eqs. 17-18:  ``strategy='ensemble'``: y^ = (sigmoid(f_b(r_b)) + sigmoid(f_G(r_G)) + sigmoid(f_P(r_P))) / 3
@@ -23,6 +23,9 @@ Shapes: B batch, F fields, D = ``embedding_dim``, G = ``num_groups``, R = dim(r_
 
 Outputs: ``call`` returns {ctr, group, ctr_group, ctr_contrast, orthogonal_cos} from one forward pass (see
 ``call``); Eq. 20 is assembled in ``compute_loss``. Serving exports ``ctr`` only.
+
+Measured on the built-in data (README, 3 seeds, CTR AUC): ahead of its MLP backbone ``dnn`` at 100k and at the
+default 200k rows (0.8859 +- 0.0003 vs 0.8838 +- 0.0005), inside the spread at 600k rows.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from transforms.features import CLICK, CTR
 
 BACKBONES = ("mlp", "dcn")
 STRATEGIES = ("input", "dp", "ensemble")
+ORTHOGONAL_PENALTIES = ("cosine", "squared")
 # Outputs beside ``ctr`` (evaluation ignores the [B, 1] ones; ``group`` gets an NMI against the planted groups).
 GROUP = "group"
 CTR_GROUP = "ctr_group"
@@ -71,6 +75,10 @@ class GPRecConfig(ModelConfig):
     lambda_group: float = 1.0                  # lambda_1 (L_G)
     lambda_contrast: float = 0.001             # lambda_2 (L_G^Con, subtracted)
     lambda_orthogonal: float = 0.0001          # lambda_3 (L_O)
+    # L_O of Eq. 13 as printed is the signed cosine: minimising it drives r_G and r_P towards opposite
+    # directions (cos -> -1), not towards orthogonality, which is what §III-C says the term is for.
+    # "cosine" = Eq. 13 literally (the paper's default); "squared" = cos^2 (minimum 0 at orthogonality).
+    orthogonal_penalty: str = "cosine"
     user_fields: Tuple[str, ...] = ()          # E_u: transformed user-side fields (set by bind_to_contract)
     personal_fields: Tuple[str, ...] = ()      # E_p: id-like personal fields, a subset of user_fields
 
@@ -93,6 +101,9 @@ class GPRecConfig(ModelConfig):
             raise ValueError(f"{name}.group_reduce must be one of {GROUP_REDUCTIONS}, got {self.group_reduce!r}")
         if not self.tau > 0:
             raise ValueError(f"{name}.tau must be > 0, got {self.tau}")
+        if self.orthogonal_penalty not in ORTHOGONAL_PENALTIES:
+            raise ValueError(f"{name}.orthogonal_penalty must be one of {ORTHOGONAL_PENALTIES}, "
+                             f"got {self.orthogonal_penalty!r}")
         for f in ("lambda_group", "lambda_contrast", "lambda_orthogonal"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{name}.{f} must be >= 0, got {getattr(self, f)}")
@@ -112,6 +123,8 @@ PRESETS: Dict[str, GPRecConfig] = {
     "concat": GPRecConfig(group_reduce="concat"),
     # A cheaper classifier: a shared [64, 32] trunk and one 2G head instead of G MLPs (~1/3 of the step time).
     "shared_classifier": GPRecConfig(classifier_per_group=False),
+    # L_O as the squared cosine: pushes r_G and r_P towards orthogonal, not opposite (see orthogonal_penalty).
+    "orthogonal": GPRecConfig(orthogonal_penalty="squared"),
 }
 PRESETS_DCN: Dict[str, GPRecConfig] = {k: dataclasses.replace(v, backbone="dcn") for k, v in PRESETS.items()}
 
@@ -247,7 +260,12 @@ class GPRec(MultiTaskModel):
         return {"major": self._tasks[0].compute_loss(labels, out),                                      # Eq. 19
                 "group": BinaryTask.log_loss(y, out[CTR_GROUP]),                                        # Eq. 8
                 "contrast": BinaryTask.log_loss(y, out[CTR_CONTRAST]),                                  # Eq. 11
-                "orthogonal": tf.reduce_mean(out[ORTHOGONAL_COS])}                                      # Eq. 13
+                "orthogonal": self._orthogonal(out[ORTHOGONAL_COS])}                                    # Eq. 13
+
+    def _orthogonal(self, cos: tf.Tensor) -> tf.Tensor:
+        """L_O from cos(r_G, r_P) [B, 1]: the mean cosine (Eq. 13) or, with ``orthogonal_penalty='squared'``,
+        the mean squared cosine."""
+        return tf.reduce_mean(cos if self.config.orthogonal_penalty == "cosine" else tf.square(cos))
 
     def compute_loss(self, features, labels, training: bool = False) -> tf.Tensor:
         c = self.config
