@@ -209,26 +209,44 @@ class SessionRunner:
     ``__call__(**features)`` -> {output: numpy array}.
     """
 
-    def __init__(self, export_dir: str, signature: str = "serving_default"):
+    def __init__(self, export_dir: str, signature: str = "serving_default", config=None):
         import tensorflow as tf
 
         self._graph = tf.Graph()
-        self._session = tf.compat.v1.Session(graph=self._graph)
+        self._session = tf.compat.v1.Session(graph=self._graph, config=config)
         with self._graph.as_default():
             meta = tf.compat.v1.saved_model.loader.load(self._session, ["serve"], export_dir)
         sig = meta.signature_def[signature]
         self.inputs = sorted(sig.inputs)
         self.outputs = sorted(sig.outputs)
-        feeds = [self._graph.get_tensor_by_name(sig.inputs[k].name) for k in self.inputs]
-        fetches = [self._graph.get_tensor_by_name(sig.outputs[k].name) for k in self.outputs]
-        self._run = self._session.make_callable(fetches, feed_list=feeds)
+        self._feeds = [self._graph.get_tensor_by_name(sig.inputs[k].name) for k in self.inputs]
+        self._fetches = [self._graph.get_tensor_by_name(sig.outputs[k].name) for k in self.outputs]
+        self._run = self._session.make_callable(self._fetches, feed_list=self._feeds)
 
-    def __call__(self, **features):
+    def _args(self, features) -> list:
         missing = sorted(set(self.inputs) - set(features))
         if missing:
             raise KeyError(f"signature inputs missing from the request: {missing}")
-        values = self._run(*[np.asarray(features[k]) for k in self.inputs])
-        return dict(zip(self.outputs, values))
+        return [np.asarray(features[k]) for k in self.inputs]
+
+    def __call__(self, **features):
+        return dict(zip(self.outputs, self._run(*self._args(features))))
+
+    def placements(self, **features) -> List[tuple]:
+        """[(device, op type)] of every node one traced run executed (functions' bodies included)."""
+        import tensorflow as tf
+
+        meta = tf.compat.v1.RunMetadata()
+        self._session.run(self._fetches, feed_dict=dict(zip(self._feeds, self._args(features))),
+                          options=tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE),
+                          run_metadata=meta)
+        out = []
+        for dev in meta.step_stats.dev_stats:
+            for node in dev.node_stats:
+                label = node.timeline_label  # "name = Op(inputs)"
+                op = label.split(" = ", 1)[1].split("(", 1)[0] if " = " in label else node.node_name
+                out.append((dev.device, op))
+        return out
 
     def close(self):
         self._session.close()
