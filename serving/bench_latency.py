@@ -27,8 +27,8 @@ variant's median CPU time per call (all threads of the process, ``time.process_t
 wall-clock percentiles mostly measure the scheduler, CPU time still measures the work.
 ``--preproject-mb`` adds a column for the graph with pre-projected embeddings under that cap (off in
 exports by default: slower on CPU, where gathering [N, 4 * H1] rows costs more memory traffic than the
-small matmul it replaces). ``--target`` adds the TF
-Serving column: raw rows from ``--input`` (Parquet) sent as tf.Examples to ``--model-name`` over gRPC,
+small matmul it replaces). ``--target`` adds the column ``grpc`` (TF Serving, or whatever answers its
+API there): raw rows from ``--input`` (Parquet) sent as tf.Examples to ``--model-name`` over gRPC,
 client and protocol included; it is skipped, saying why, when nothing answers at the target. With
 ``--export-dir`` (the version the server serves) the same examples also go through that SavedModel
 in-process (column ``export/sess``, Session::Run as TF Serving runs it, calls interleaved with the gRPC ones)
@@ -418,7 +418,7 @@ def main(argv=None) -> int:
         if isinstance(grpc_results, str):
             print(f"gRPC ({args.target}): {grpc_results}")
         else:
-            results["tf-serving"] = grpc_results
+            results["grpc"] = grpc_results
             if local:
                 results["export/sess"] = local
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -426,9 +426,9 @@ def main(argv=None) -> int:
     print(f"load average (1 min) at the end: {load:.1f} on {os.cpu_count()} CPU(s){busy}")
     print(format_table(results, args.sizes, cpu))
     if "export/sess" in results:
-        print(f"raw tf.Examples into {args.export_dir}: through {args.target} (tf-serving) vs in-process "
+        print(f"raw tf.Examples into {args.export_dir}: through {args.target} (grpc) vs in-process "
               "(export/sess), calls interleaved")
-        print(format_grpc_overhead(results["tf-serving"], results["export/sess"], args.sizes))
+        print(format_grpc_overhead(results["grpc"], results["export/sess"], args.sizes))
     return 0
 
 

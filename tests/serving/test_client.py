@@ -213,7 +213,7 @@ def test_bench_latency_grpc_path_against_the_stand_in(server, e2e_run):
     got = bench_grpc(server.target, "esm2", parquet, [1, 5], reps=10, timeout_s=10)
     assert set(got) == {1, 5} and all(0 < p50 <= p99 for p50, p99 in got.values())
     assert server.requests - before == 2 * (10 + 10)  # warmup + timed calls per size
-    assert "tf-serving p99" in format_table({"tf-serving": got}, [1, 5])
+    assert "grpc p99" in format_table({"grpc": got}, [1, 5])
 
 
 def test_bench_latency_grpc_overhead_runs_the_served_version_in_process(server, versions, e2e_run):
