@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from pipeline import sources
 from pipeline.beam_runner import make_pipeline
+from pipeline.files import write_json_atomically
 from transforms import features as F
 from transforms.features import FeatureContract
 from transforms.schema import DatasetSchema
@@ -307,10 +308,7 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
         raise TooManyRejected(
             f"{summary['rows_rejected']} of {summary['rows_in']} rows rejected ({frac:.1%}) > --max-reject-fraction "
             f"{cfg.max_reject_fraction:.1%}; reasons in {os.path.join(cfg.output_dir, REJECTED_DIR)}")
-    tmp = done_path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as fh:
-        fh.write(json.dumps({"fingerprint": fingerprint, "summary": summary}, indent=2))
-    tf.io.gfile.rename(tmp, done_path, overwrite=True)
+    write_json_atomically(done_path, {"fingerprint": fingerprint, "summary": summary}, indent=2)
     return summary
 
 

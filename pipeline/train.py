@@ -31,6 +31,7 @@ import tensorflow as tf
 from models import registry
 from models.keras import keras
 from pipeline.data import count_records, make_dataset, make_in_memory_dataset
+from pipeline.files import write_json_atomically
 from transforms import features as F
 from transforms.features import FeatureContract
 
@@ -198,10 +199,7 @@ class MonitorLog(keras.callbacks.Callback):
         if value is None:
             return
         self.values[int(epoch)] = float(value)
-        tmp = self.path + ".tmp"
-        with tf.io.gfile.GFile(tmp, "w") as fh:
-            fh.write(json.dumps({str(k): v for k, v in sorted(self.values.items())}))
-        tf.io.gfile.rename(tmp, self.path, overwrite=True)
+        write_json_atomically(self.path, {str(k): v for k, v in sorted(self.values.items())})
 
     @staticmethod
     def epochs_before(path: str, epoch: int) -> Dict[int, float]:

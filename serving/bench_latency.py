@@ -296,12 +296,16 @@ def bench_grpc(target: str, model_name: str, input_path: str, sizes: Sequence[in
             feed = np.array(examples, dtype=object)
             for i in range(10):  # warmup; the first call's scores are compared
                 remote = client.score_examples(examples)
-                if runner is not None:
-                    here = runner(examples=feed)
-                    for task, want in here.items() if i == 0 else ():
-                        if task in remote and not np.allclose(remote[task], np.ravel(want), rtol=1e-5, atol=1e-6):
-                            raise ValueError(f"--export-dir {export_dir} scores {task!r} differently from the model "
-                                             f"served at {target}: is it the version the server serves?")
+                if runner is None:
+                    continue
+                here = runner(examples=feed)
+                if i > 0:
+                    continue
+                differ = [t for t, want in here.items()
+                          if t in remote and not np.allclose(remote[t], np.ravel(want), rtol=1e-5, atol=1e-6)]
+                if differ:
+                    raise ValueError(f"--export-dir {export_dir} scores {differ[0]!r} differently from the model "
+                                     f"served at {target}: is it the version the server serves?")
             samples, here_s = [], []
             for _ in range(reps if n < 1000 else max(50, reps // 3)):
                 start = time.perf_counter()

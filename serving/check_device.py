@@ -95,12 +95,14 @@ def within(reference: Dict[str, np.ndarray], other: Dict[str, np.ndarray], atol:
 
 
 def _p50_ms(fn, reps: int) -> float:
+    from serving.bench_latency import _percentiles
+
     samples = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    return float(np.median(samples) * 1e3)
+    return _percentiles(samples)[0]
 
 
 def matmuls_on(placements: Sequence[tuple], device: str) -> tuple:
