@@ -39,21 +39,13 @@ def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, ep
 
     from models import registry
     from pipeline import evaluate as ev
-    from pipeline.preprocess import (TRANSFORM_DIR, PreprocessConfig, reusable_summary, run_preprocess,
-                                     transformed_pattern)
+    from pipeline.preprocess import TRANSFORM_DIR, PreprocessConfig, preprocess_or_reuse, transformed_pattern
     from pipeline.report import DIAGNOSTICS, write_report
     from pipeline.train import TrainConfig, train_model
-    from transforms.preprocessing import build_preprocessing_fn
 
     pp_dir = os.path.join(work_dir, "preprocessed")
     pp_cfg = PreprocessConfig(output_dir=pp_dir)
-    if not preprocess and reusable_summary(schema, pp_cfg) is not None:
-        logger.info("reusing the completed preprocessing in %s", pp_dir)
-    else:
-        if not preprocess:
-            logger.info("--reuse-preprocessed: %s holds no completed run of these inputs, schema, options and "
-                        "code; preprocessing", pp_dir)
-        run_preprocess(schema, pp_cfg, build_preprocessing_fn(schema.contract), beam_args or ["--runner=DirectRunner"])
+    preprocess_or_reuse(schema, pp_cfg, beam_args or ["--runner=DirectRunner"], reuse=not preprocess)
     tft_output = tft.TFTransformOutput(os.path.join(pp_dir, TRANSFORM_DIR))
     runs: Dict[str, List[Dict]] = {}
     histories: Dict[str, List[Dict]] = {}
@@ -92,20 +84,19 @@ def format_table(result: Dict) -> str:
 
 
 def main(argv=None) -> int:
-    from pipeline.run import UsageError, _Parser, resolve_schema, split_beam_args
+    from pipeline.run import UsageError, _Parser, add_builtin_data_args, resolve_schema, split_beam_args
 
     p = _Parser(prog="python -m pipeline.benchmark", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--models", default="esm2,esmm", help="name[:preset], comma separated")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     p.add_argument("--schema", default=None)
     p.add_argument("--data", default=None)
-    p.add_argument("--rows", type=int, default=200_000)
+    add_builtin_data_args(p)
     p.add_argument("--seed", type=int, default=0, help="data generation seed")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--preset", default="default")
     p.add_argument("--eval-fraction", type=float, default=None)
-    p.add_argument("--uninformative-daction", action="store_true")
     p.add_argument("--work-dir", default="artifacts/benchmark")
     p.add_argument("--baseline", default=None, help="model RelaImpr is measured against (default: the first)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -85,6 +85,10 @@ class GeneratorConfig:
             raise ValueError(f"rows must be >= 1, got {self.rows}")
         if self.rows_per_file < 1 or self.block_rows < 1:
             raise ValueError("rows_per_file and block_rows must be >= 1")
+        for name in ("users", "items"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 <= self.missing_rate < 0.5:
             raise ValueError(f"missing_rate must be in [0, 0.5), got {self.missing_rate}")
 

@@ -342,6 +342,24 @@ def preprocess_fingerprint(schema: DatasetSchema, cfg: PreprocessConfig) -> str:
     return digest(json.dumps(doc, sort_keys=True, default=str).encode())[:16]
 
 
+def preprocess_or_reuse(schema: DatasetSchema, cfg: PreprocessConfig, beam_args: Optional[List[str]] = None,
+                        reuse: bool = True) -> Dict:
+    """The summary of the completed run in ``cfg.output_dir`` when ``reuse`` and it was made from exactly these
+    inputs, schema, options and code (with ``reused: True``); otherwise runs the pipeline with the contract's
+    ``preprocessing_fn`` and returns the new summary. Says which, and why, in the log."""
+    from transforms.preprocessing import build_preprocessing_fn
+
+    if reuse:
+        summary = reusable_summary(schema, cfg)
+        if summary is not None:
+            logger.info("preprocess: reusing the completed run in %s (same inputs, schema, options and code)",
+                        cfg.output_dir)
+            return dict(summary, reused=True)
+        logger.info("preprocess: %s holds no completed run of these inputs, schema, options and code; "
+                    "preprocessing", cfg.output_dir)
+    return run_preprocess(schema, cfg, build_preprocessing_fn(schema.contract), beam_args)
+
+
 def reusable_summary(schema: DatasetSchema, cfg: PreprocessConfig) -> Optional[Dict]:
     """The summary of a completed run in ``cfg.output_dir`` made from exactly these inputs, schema, options and
     code (its fingerprint matches and its outputs are there), else None: the run must be (re)done."""

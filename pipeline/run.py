@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema", default=None,
                    help="dataset schema YAML (default: the built-in dataset, generated on first use)")
     p.add_argument("--data", default=None, help="input glob overriding the schema's input.path")
-    p.add_argument("--rows", type=int, default=200_000, help="rows of built-in data to generate (default 200000)")
+    add_builtin_data_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed for data generation and training")
     p.add_argument("--work-dir", default="artifacts/run", help="where data, transform graph, TFRecords go")
     p.add_argument("--export-dir", default=None, help="SavedModel base directory (default WORK_DIR/export)")
@@ -76,9 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "files (path, size, mtime), schema, options and preprocessing code, e.g. when a killed "
                         "job is started again (--no-reuse-preprocessed: always preprocess)")
     p.add_argument("--score-rows", type=int, default=5, help="raw rows scored through the export at the end")
+    return p
+
+
+def add_builtin_data_args(p: argparse.ArgumentParser) -> None:
+    """The built-in data generator's options (used when neither --schema nor --data is given)."""
+    p.add_argument("--rows", type=int, default=200_000, help="rows of built-in data to generate (default 200000)")
+    p.add_argument("--users", type=int, default=None,
+                   help="built-in data only: number of users (default rows/10; fewer users = more events per user)")
+    p.add_argument("--items", type=int, default=None, help="built-in data only: number of items (default rows/40)")
     p.add_argument("--uninformative-daction", action="store_true",
                    help="built-in data only: make purchase independent of DAction")
-    return p
 
 
 def split_beam_args(rest: Sequence[str]) -> List[str]:
@@ -116,8 +124,11 @@ def resolve_schema(args, work_dir: str, timings: Dict[str, float]):
     info: Dict = {}
     input_path = args.data
     if args.schema is None and input_path is None:
-        cfg = datagen.GeneratorConfig(rows=args.rows, seed=args.seed,
-                                      daction_informative=not args.uninformative_daction)
+        try:
+            cfg = datagen.GeneratorConfig(rows=args.rows, seed=args.seed, users=args.users, items=args.items,
+                                          daction_informative=not args.uninformative_daction)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         out = os.path.join(work_dir, "builtin-data", f"rows{args.rows}-seed{args.seed}-{cfg.fingerprint()}")
         with stage("generate built-in data", timings):
             manifest = datagen.ensure_builtin(cfg, out)
@@ -202,12 +213,11 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     import tensorflow_transform as tft
 
     from pipeline import evaluate as ev
-    from pipeline.preprocess import TRANSFORM_DIR, reusable_summary, run_preprocess, transformed_pattern
+    from pipeline.preprocess import TRANSFORM_DIR, preprocess_or_reuse, transformed_pattern
     from pipeline.train import train_model
     from serving.examples import serialize_rows
     from serving.export import export_saved_model
     from serving.score import score_saved_model
-    from transforms.preprocessing import build_preprocessing_fn
 
     resolved = {"args": vars(args), "beam_args": beam_args, "model": model_name,
                 "model_config": model_config.to_dict(), "train": asdict(train_cfg), "preprocess": asdict(pp_cfg),
@@ -220,14 +230,8 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     with open(config_path, "w") as fh:
         json.dump(resolved, fh, indent=2, default=str)
 
-    pp_summary = reusable_summary(schema, pp_cfg) if args.reuse_preprocessed else None
-    if pp_summary is not None:
-        logger.info("preprocess: reusing the completed run in %s (same inputs, schema, options and code; "
-                    "--no-reuse-preprocessed to redo it)", pp_dir)
-        pp_summary = dict(pp_summary, reused=True)
-    else:
-        with stage("preprocess (Beam + tensorflow-transform)", timings):
-            pp_summary = run_preprocess(schema, pp_cfg, build_preprocessing_fn(contract), beam_args)
+    with stage("preprocess (Beam + tensorflow-transform)", timings):
+        pp_summary = preprocess_or_reuse(schema, pp_cfg, beam_args, reuse=args.reuse_preprocessed)
     tft_dir = os.path.join(pp_dir, TRANSFORM_DIR)
     tft_output = tft.TFTransformOutput(tft_dir)
 

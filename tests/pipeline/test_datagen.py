@@ -146,6 +146,8 @@ def test_config_validation():
         GeneratorConfig(rows=0)
     with pytest.raises(ValueError, match="missing_rate"):
         GeneratorConfig(missing_rate=0.7)
+    with pytest.raises(ValueError, match="items"):
+        GeneratorConfig(items=0)
 
 
 def test_fingerprint_changes_with_the_generator_version(monkeypatch):

@@ -6,8 +6,9 @@ from dataclasses import replace
 
 import pytest
 
+from pipeline import preprocess
 from pipeline.preprocess import (DONE_FILE, PreprocessConfig, TooManyRejected, preprocess_fingerprint,
-                                 reusable_summary, run_preprocess)
+                                 preprocess_or_reuse, reusable_summary, run_preprocess)
 from transforms.preprocessing import build_preprocessing_fn
 from transforms.schema import parse_schema
 
@@ -79,6 +80,26 @@ def test_any_change_of_inputs_schema_or_options_makes_it_stale(done):
     finally:
         os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert reusable_summary(schema, cfg) is not None
+
+
+def test_preprocess_or_reuse_runs_only_when_there_is_nothing_to_reuse(done, monkeypatch, caplog):
+    calls = []
+
+    def fake_run(schema, cfg, preprocessing_fn, beam_args=None):
+        calls.append((cfg.output_dir, beam_args, callable(preprocessing_fn)))
+        return {"rows_in": -1}
+
+    monkeypatch.setattr(preprocess, "run_preprocess", fake_run)
+    schema, cfg = done["schema"], done["cfg"]
+    caplog.set_level("INFO", logger="pipeline.preprocess")
+    got = preprocess_or_reuse(schema, cfg, ["--runner=DirectRunner"])
+    assert calls == [] and got["reused"] is True and got["rows_in"] == 40
+    assert "reusing the completed run in " + cfg.output_dir in caplog.text
+    stale = replace(cfg, compression_level=6)
+    assert preprocess_or_reuse(schema, stale, ["--runner=DirectRunner"]) == {"rows_in": -1}
+    assert "holds no completed run" in caplog.text
+    assert preprocess_or_reuse(schema, cfg, ["--runner=DirectRunner"], reuse=False) == {"rows_in": -1}
+    assert calls == [(stale.output_dir, ["--runner=DirectRunner"], True), (cfg.output_dir, ["--runner=DirectRunner"], True)]
 
 
 def test_missing_outputs_or_a_damaged_record_are_not_reused(tmp_path, done):

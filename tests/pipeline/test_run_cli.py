@@ -26,6 +26,7 @@ def _main(capsys, argv):
     (["--eval-fraction", "1.5"], "--eval-fraction"),
     (["--schema", "/nonexistent/schema.yaml"], "/nonexistent/schema.yaml"),
     (["--max-reject-fraction", "2"], "max_reject_fraction"),
+    (["--users", "0"], "users"),
 ])
 def test_bad_invocations_end_with_one_clear_line(capsys, tmp_path, argv, needle):
     code, errors, err = _main(capsys, argv + ["--work-dir", str(tmp_path)])
@@ -71,3 +72,22 @@ def test_direct_runner_is_local_and_other_runners_are_beams():
     assert type(make_pipeline([]).runner).__name__ == "FnApiRunner"
     flink = make_pipeline(["--runner=FlinkRunner", "--flink_master=localhost:8081"])
     assert type(flink.runner).__name__ == "FlinkRunner"
+
+
+def test_users_and_items_reach_the_generator(tmp_path):
+    """--users/--items set how many events each user and item has; they are part of the data's identity."""
+    import json
+
+    args, _ = run_mod.build_parser().parse_known_args(["--rows", "1000", "--users", "50", "--items", "30"])
+    schema, info = run_mod.resolve_schema(args, str(tmp_path), {})
+    with open(os.path.join(info["dir"], "_MANIFEST.json")) as fh:
+        manifest = json.load(fh)
+    assert (manifest["config"]["users"], manifest["config"]["items"], manifest["rows"]) == (50, 30, 1000)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(schema.input.files())
+    assert len(set(table.column("user_id").to_pylist())) <= 50
+    assert len(set(table.column("item_id").to_pylist())) <= 30
+    default, _ = run_mod.build_parser().parse_known_args(["--rows", "1000"])
+    _, default_info = run_mod.resolve_schema(default, str(tmp_path), {})
+    assert default_info["dir"] != info["dir"]
