@@ -55,6 +55,7 @@ class MUSENETConfig(ModelConfig):
     normalize_scenario_input: bool = True  # standardise x per sample before f_omega
     use_scenarios: bool = True        # False: no scenario learner (K = 1, a = 1): ablation "w/o M1"
     use_repeat: bool = True           # False: z_k = s_k, one scorer per scenario: ablation "w/o M2"
+    repeat_combination: str = "paper"  # Eq. 9 as printed ("paper") or its products in odds space ("log_odds")
     # Transformed inputs (embedded fields or dense names) of the intention layer: user, history and context,
     # never the target item. Filled from the contract by ``bind_to_contract``.
     intention_inputs: Tuple[str, ...] = ()
@@ -73,6 +74,9 @@ class MUSENETConfig(ModelConfig):
         object.__setattr__(self, "scenario_inputs", tuple(self.scenario_inputs))
         if self.scenario_side not in ("all", "context"):
             raise ValueError(f"MUSENETConfig.scenario_side must be 'all' or 'context', got {self.scenario_side!r}")
+        if self.repeat_combination not in RepeatIntention.COMBINATIONS:
+            raise ValueError(f"MUSENETConfig.repeat_combination must be one of {RepeatIntention.COMBINATIONS}, "
+                             f"got {self.repeat_combination!r}")
         if self.assignment not in ASSIGNMENTS:
             raise ValueError(f"MUSENETConfig.assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
         if not self.temperature > 0:
@@ -90,6 +94,8 @@ PRESETS: Dict[str, MUSENETConfig] = {
     # The scenario learner clusters the context o_u only (device, page, hour on the built-in data).
     "context": MUSENETConfig(scenario_side="context"),
     "hard_context": MUSENETConfig(assignment="hard", scenario_side="context"),
+    # Eq. 9's products taken in odds space: the repeat intention shifts the click logit instead of scaling it.
+    "log_odds": MUSENETConfig(repeat_combination="log_odds"),
     # §4.1 Implementations: Adam 1e-3, K = 4, beta = 0.5.
     "paper": MUSENETConfig(learning_rate=1e-3, num_scenarios=4, beta=0.5),
 }
@@ -154,7 +160,7 @@ class MUSENET(MultiTaskModel):
                                           c.normalize_scenario_input, name="scenario_learner")
                           if c.use_scenarios else None)
         self.repeat = RepeatIntention(k, c.hidden_units, dropout=c.dropout, l2=c.l2, use_repeat=c.use_repeat,
-                                      name="repeat_intention")
+                                      combination=c.repeat_combination, name="repeat_intention")
         self._tasks.append(BinaryTask(CTR, CLICK, c.w_ctr))
 
     def _positions(self, names, what) -> Tuple[list, list]:

@@ -182,16 +182,24 @@ class RepeatIntention(keras.layers.Layer):
 
     * intention inference: p_r^k = sigma(MLP_k([p_u, B_u, o_u])) from user, history and context only;
     * repeat layer s_r^k = MLP_k([p_u, B_u, b_t, o_u]) and explore layer s_e^k = MLP_k(same): scores (logits);
-    * Eq. 9: z_k = I[t in B_u] p_r^k s_r^k + (1 - I[t in B_u]) (1 - p_r^k) s_e^k.
+    * Eq. 9: z_k = I[t in B_u] p_r^k s_r^k + (1 - I[t in B_u]) (1 - p_r^k) s_e^k (``combination='paper'``);
+      ``combination='log_odds'`` takes Eq. 9's products in odds space instead,
+      z_k = I[t in B_u] (log p_r^k + s_r^k) + (1 - I[t in B_u]) (log(1 - p_r^k) + s_e^k), i.e. the odds of a click
+      are p_r e^{s_r} (repeat) or (1 - p_r) e^{s_e} (explore): the intention shifts the logit instead of scaling it.
 
     ``call(intention_x [B, Ni], sample_x [B, N], in_history [B, 1] or [B])`` returns a dict of [B, K] tensors
     ``p_r``, ``s_r``, ``s_e``, ``z``. With ``use_repeat=False`` (the "w/o M2" ablation) there is one scorer
     per scenario and z_k = s_k (``p_r`` is then absent).
     """
 
+    COMBINATIONS = ("paper", "log_odds")
+
     def __init__(self, num_scenarios: int, hidden_units: Sequence[int], dropout: float = 0.0, l2: float = 0.0,
-                 use_repeat: bool = True, **kwargs):
+                 use_repeat: bool = True, combination: str = "paper", **kwargs):
         super().__init__(**kwargs)
+        if combination not in self.COMBINATIONS:
+            raise ValueError(f"RepeatIntention: combination must be one of {self.COMBINATIONS}, got {combination!r}")
+        self.combination = combination
         self.num_scenarios = int(num_scenarios)
         self.hidden_units = [int(u) for u in hidden_units]
         self.dropout = float(dropout)
@@ -206,9 +214,14 @@ class RepeatIntention(keras.layers.Layer):
             self.scorer = ParallelMLP(**mlp, name="scorer")
 
     @staticmethod
-    def combine(in_history: tf.Tensor, p_r: tf.Tensor, s_r: tf.Tensor, s_e: tf.Tensor) -> tf.Tensor:
-        """Eq. 9: in_history [B, 1] (0/1), p_r, s_r, s_e [B, K] -> z [B, K]."""
+    def combine(in_history: tf.Tensor, p_r: tf.Tensor, s_r: tf.Tensor, s_e: tf.Tensor,
+                combination: str = "paper") -> tf.Tensor:
+        """Eq. 9: in_history [B, 1] (0/1), p_r, s_r, s_e [B, K] -> z [B, K] (see the class docstring)."""
         i = tf.reshape(tf.cast(in_history, p_r.dtype), [-1, 1])
+        if combination == "log_odds":
+            eps = 1e-7
+            return (i * (tf.math.log(tf.maximum(p_r, eps)) + s_r)
+                    + (1.0 - i) * (tf.math.log(tf.maximum(1.0 - p_r, eps)) + s_e))
         return i * p_r * s_r + (1.0 - i) * (1.0 - p_r) * s_e
 
     def call(self, intention_x: tf.Tensor, sample_x: tf.Tensor, in_history: tf.Tensor, training=None) -> Dict:
@@ -218,10 +231,11 @@ class RepeatIntention(keras.layers.Layer):
         p_r = tf.sigmoid(self.intention(intention_x, training=training)[..., 0])
         s_r = self.repeat(sample_x, training=training)[..., 0]
         s_e = self.explore(sample_x, training=training)[..., 0]
-        return {"p_r": p_r, "s_r": s_r, "s_e": s_e, "z": self.combine(in_history, p_r, s_r, s_e)}
+        return {"p_r": p_r, "s_r": s_r, "s_e": s_e,
+                "z": self.combine(in_history, p_r, s_r, s_e, self.combination)}
 
     def get_config(self):
         cfg = super().get_config()
         cfg.update(num_scenarios=self.num_scenarios, hidden_units=self.hidden_units, dropout=self.dropout,
-                   l2=self.l2, use_repeat=self.use_repeat)
+                   l2=self.l2, use_repeat=self.use_repeat, combination=self.combination)
         return cfg

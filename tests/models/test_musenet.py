@@ -123,6 +123,22 @@ def test_eq9_repeat_and_explore_are_gated_by_the_history_indicator():
     np.testing.assert_allclose(z, expected, rtol=1e-12)
 
 
+def test_eq9_in_odds_space_shifts_the_logit_by_the_log_intention():
+    """``log_odds``: a click's odds are p_r e^{s_r} for a target in the history, (1 - p_r) e^{s_e} otherwise."""
+    rng = np.random.default_rng(6)
+    p_r, s_r, s_e = rng.uniform(0.05, 0.95, (4, 3)), rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    ind = np.array([[1.0], [0.0], [0.0], [1.0]])
+    z = RepeatIntention.combine(tf.constant(ind), *(tf.constant(v) for v in (p_r, s_r, s_e)), "log_odds").numpy()
+    odds = np.where(ind == 1, p_r * np.exp(s_r), (1 - p_r) * np.exp(s_e))
+    np.testing.assert_allclose(np.exp(z), odds, rtol=1e-10)
+    layer = RepeatIntention(3, [4], combination="log_odds")
+    out = layer(tf.constant(rng.normal(size=(4, 5))), tf.constant(rng.normal(size=(4, 6))), tf.constant(ind))
+    expected = RepeatIntention.combine(tf.constant(ind), out["p_r"], out["s_r"], out["s_e"], "log_odds")
+    np.testing.assert_array_equal(out["z"].numpy(), expected.numpy())
+    with pytest.raises(ValueError, match="combination"):
+        RepeatIntention(3, [4], combination="sum")
+
+
 def test_eq12_kl_to_uniform_prior_by_hand():
     a = np.array([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]], np.float32)
     # row 0: 0; row 1: 1 * (0 + log 4); row 2: 2 * 0.5 * (log 0.5 + log 4) = log 2
@@ -236,7 +252,7 @@ def _fitted(**kw):
     return m
 
 
-@pytest.mark.parametrize("kw", [{}, {"assignment": "hard"}])
+@pytest.mark.parametrize("kw", [{}, {"assignment": "hard"}, {"repeat_combination": "log_odds"}])
 def test_config_round_trip_gives_identical_predictions(kw):
     m = _fitted(**kw)
     feats, _ = _batch(seed=3)
@@ -263,18 +279,19 @@ def test_save_and_reload_gives_identical_predictions_and_prototypes(tmp_path):
     np.testing.assert_array_equal(protos[0].numpy(), m.scenarios.prototypes.numpy())
 
 
-@pytest.mark.parametrize("layer", [
-    ScenarioLearner(4, 3, assignment="hard", temperature=0.5, momentum=0.3, normalize_input=False),
-    ParallelMLP(3, [5, 4], output_units=2, dropout=0.1, l2=1e-4),
+@pytest.mark.parametrize("layer,n_inputs", [
+    (ScenarioLearner(4, 3, assignment="hard", temperature=0.5, momentum=0.3, normalize_input=False), 1),
+    (ParallelMLP(3, [5, 4], output_units=2, dropout=0.1, l2=1e-4), 1),
+    (RepeatIntention(2, [3], combination="log_odds"), 3),
 ])
-def test_layer_config_round_trip(layer):
-    x = tf.random.normal([6, 7])
-    y = layer(x, training=False)
+def test_layer_config_round_trip(layer, n_inputs):
+    x = [tf.random.normal([6, 7]), tf.random.normal([6, 5]), tf.constant([[0.0], [1.0]] * 3)][:n_inputs]
+    y = layer(*x, training=False)
     clone = type(layer).from_config(layer.get_config())
-    clone(x, training=False)
+    clone(*x, training=False)
     clone.set_weights(layer.get_weights())
     assert clone.get_config() == layer.get_config()
-    for a, b in zip(tf.nest.flatten(y), tf.nest.flatten(clone(x, training=False))):
+    for a, b in zip(tf.nest.flatten(y), tf.nest.flatten(clone(*x, training=False))):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
@@ -323,9 +340,11 @@ def test_registry_presets_and_config_validation():
     b = registry.resolve_config("musenet_base")
     assert not b.use_scenarios and not b.use_repeat
     assert PRESETS["hard"].assignment == "hard" and set(PRESETS) == set(PRESETS_BASE)
+    assert registry.resolve_config("musenet", "log_odds").repeat_combination == "log_odds"
     for kwargs, field in [({"assignment": "medium"}, "assignment"), ({"num_scenarios": 0}, "num_scenarios"),
                           ({"temperature": 0.0}, "temperature"), ({"prototype_momentum": 1.5}, "prototype_momentum"),
-                          ({"beta": -1.0}, "beta"), ({"scenario_side": "items"}, "scenario_side")]:
+                          ({"beta": -1.0}, "beta"), ({"scenario_side": "items"}, "scenario_side"),
+                          ({"repeat_combination": "sum"}, "repeat_combination")]:
         with pytest.raises(ValueError, match=field):
             MUSENETConfig(**kwargs)
 
