@@ -16,9 +16,11 @@ width, N = F * D + dense inputs (the data-sample embedding x), P = projected wid
                          then takes a gradient step on Theta (omega, embeddings, MLPs) with the new prototypes
                          fixed: the alternating scheme of Eq. 13. Prototypes receive no gradient.
 
-Measured on the built-in data (README): no gain over ``musenet_base`` (600k rows: hard_context 0.8851 vs
-0.8925 CTR AUC); the hard context-only learner's NMI with the hidden scenarios varies by seed (0.07-0.70); the
-soft learner collapses to uniform under Eq. 12's KL at weight 1.
+Measured on the built-in data (README): Eq. 9 as printed costs ~0.003 CTR AUC against ``musenet_base``; with its
+products in odds space (``repeat_combination='log_odds'``) and the context-only soft learner the model is ahead
+of ``musenet_base`` by ~0.001 at 200k rows (4 of 5 seeds); the hard context-only learner recovers the hidden
+scenarios in about half the seeds (NMI 0.48 +- 0.13); the soft learner stays near uniform under Eq. 12's KL at
+weight 1.
 
 Outputs of ``call``: ``ctr`` [B, 1]; ``scenario`` [B, K] (Q_s, the scenario distribution) and
 ``repeat_intention`` [B, 1] (sum_k a_k p_r^k) when those modules are on. Ablation "w/o M1 & M2"
@@ -96,6 +98,8 @@ PRESETS: Dict[str, MUSENETConfig] = {
     "hard_context": MUSENETConfig(assignment="hard", scenario_side="context"),
     # Eq. 9's products taken in odds space: the repeat intention shifts the click logit instead of scaling it.
     "log_odds": MUSENETConfig(repeat_combination="log_odds"),
+    "context_log_odds": MUSENETConfig(scenario_side="context", repeat_combination="log_odds"),
+    "hard_context_log_odds": MUSENETConfig(assignment="hard", scenario_side="context", repeat_combination="log_odds"),
     # §4.1 Implementations: Adam 1e-3, K = 4, beta = 0.5.
     "paper": MUSENETConfig(learning_rate=1e-3, num_scenarios=4, beta=0.5),
 }
