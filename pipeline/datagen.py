@@ -251,8 +251,10 @@ def _cumcount(keys: np.ndarray) -> np.ndarray:
     return out
 
 
-def generate_blocks(cfg: GeneratorConfig) -> Iterator[Dict[str, np.ndarray]]:
-    """Yields column dicts of ``block_rows`` impressions each, in timestamp order."""
+def generate_blocks(cfg: GeneratorConfig, hidden: bool = False) -> Iterator[Dict[str, np.ndarray]]:
+    """Yields column dicts of ``block_rows`` impressions each, in timestamp order. ``hidden``: also the
+    generator's internal indices ``_user``, ``_item``, ``_device``, ``_page`` and the ``_is_repeat`` flag (for
+    analyses such as ``pipeline.oracle_gap``; never written to files)."""
     rng = np.random.default_rng(cfg.seed)
     w = _World(cfg, rng)
     U, I, H = cfg.n_users, cfg.n_items, cfg.history_len
@@ -328,6 +330,8 @@ def generate_blocks(cfg: GeneratorConfig) -> Iterator[Dict[str, np.ndarray]]:
             "true_group": w.group[u].astype(np.int64),
             "true_stage": stage.astype(np.int64),
         }
+        if hidden:
+            block.update(_user=u, _item=item, _device=device, _page=page, _is_repeat=is_repeat)
         # Advance user state: impressions seen, and clicked items into the history ring buffer (time order).
         np.add.at(seen, u, 1)
         cu, ci = u[click], item[click]
