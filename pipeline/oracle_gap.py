@@ -25,6 +25,7 @@ one part replaced, so the drops do not add up to the last row's.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from typing import Dict
 
@@ -36,8 +37,7 @@ from pipeline.metrics import auc
 
 def collect(cfg: datagen.GeneratorConfig) -> Dict[str, np.ndarray]:
     """The columns the breakdown needs, for every generated row (time order)."""
-    keep = ("timestamp", "click", "true_ctr", "true_scenario", "true_stage", "_user", "_item", "_device", "_page",
-            "_is_repeat")
+    keep = ("timestamp", "click", "true_scenario", "true_stage", "_user", "_item", "_device", "_page", "_is_repeat")
     parts: Dict[str, list] = {k: [] for k in keep}
     for block in datagen.generate_blocks(cfg, hidden=True):
         for k in keep:
@@ -65,17 +65,12 @@ def breakdown(cfg: datagen.GeneratorConfig, eval_fraction: float = 0.2) -> Dict[
     device, page = c["_device"][ev], c["_page"][ev]
     hour = (ts[ev] // 3600) % 24
     cat = world.category[item]
-    d = world.taste.shape[1]
 
-    def logit(taste=None, item_vec=None, quality=None):
-        saved = world.taste, world.item_vec, world.quality
-        world.taste = world.taste if taste is None else taste
-        world.item_vec = world.item_vec if item_vec is None else item_vec
-        world.quality = world.quality if quality is None else quality
-        try:
-            return world.logits(u, item, scen, stage, rep)[0]
-        finally:
-            world.taste, world.item_vec, world.quality = saved
+    def logit(**replaced):
+        """The click logit of the eval rows in a copy of the world with some of its arrays replaced."""
+        variant = copy.copy(world)
+        variant.__dict__.update(replaced)
+        return variant.logits(u, item, scen, stage, rep)[0]
 
     full = logit()
     post = scenario_posterior(world, hour, device, page)
@@ -86,7 +81,7 @@ def breakdown(cfg: datagen.GeneratorConfig, eval_fraction: float = 0.2) -> Dict[
     group_taste = world.group_taste[world.group]
     user_delta = logit(taste=group_taste) - full
     counts = np.bincount(world.category, minlength=cfg.categories)
-    cat_mean = np.zeros((cfg.categories, d))
+    cat_mean = np.zeros((cfg.categories, cfg.taste_dim))
     np.add.at(cat_mean, world.category, world.item_vec)
     cat_mean /= np.maximum(counts, 1)[:, None]
     item_delta = logit(item_vec=cat_mean[world.category], quality=np.zeros_like(world.quality)) - full
@@ -106,15 +101,16 @@ def breakdown(cfg: datagen.GeneratorConfig, eval_fraction: float = 0.2) -> Dict[
 
 
 def main(argv=None) -> int:
+    from pipeline.run import add_builtin_data_args
+
     p = argparse.ArgumentParser(prog="python -m pipeline.oracle_gap", description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=200_000)
-    p.add_argument("--users", type=int, default=None)
-    p.add_argument("--items", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    add_builtin_data_args(p)
+    p.add_argument("--seed", type=int, default=0, help="data generation seed")
     p.add_argument("--eval-fraction", type=float, default=0.2)
     args = p.parse_args(argv)
     try:
-        cfg = datagen.GeneratorConfig(rows=args.rows, seed=args.seed, users=args.users, items=args.items)
+        cfg = datagen.GeneratorConfig(rows=args.rows, seed=args.seed, users=args.users, items=args.items,
+                                      daction_informative=not args.uninformative_daction)
         if not 0.0 < args.eval_fraction < 1.0:
             raise ValueError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
     except ValueError as exc:
