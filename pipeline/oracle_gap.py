@@ -33,6 +33,7 @@ import numpy as np
 
 from pipeline import datagen
 from pipeline.metrics import auc
+from pipeline.split import time_cutoffs
 
 
 def collect(cfg: datagen.GeneratorConfig) -> Dict[str, np.ndarray]:
@@ -58,7 +59,8 @@ def breakdown(cfg: datagen.GeneratorConfig, eval_fraction: float = 0.2) -> Dict[
     world = datagen._World(cfg, np.random.default_rng(cfg.seed))  # the same world generate_blocks builds
     c = collect(cfg)
     ts = c["timestamp"]
-    ev = ts >= ts.min() + (ts.max() - ts.min()) * (1.0 - eval_fraction)
+    eval_cut, _ = time_cutoffs((ts.min(), ts.max(), len(ts)), eval_fraction)  # as the preprocessing splits
+    ev = ts >= eval_cut
     u, item, scen, stage = c["_user"][ev], c["_item"][ev], c["true_scenario"][ev], c["true_stage"][ev]
     rep = c["_is_repeat"][ev].astype(np.float64)
     y = c["click"][ev]

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from pipeline import sources
 from pipeline.beam_runner import make_pipeline
 from pipeline.files import write_json_atomically
+from pipeline.split import time_cutoffs
 from transforms import features as F
 from transforms.features import FeatureContract
 from transforms.schema import DatasetSchema
@@ -139,20 +140,11 @@ class _TimeRange(beam.CombineFn):
         return acc
 
 
-def _cutoffs(time_range, eval_fraction: float, test_fraction: float):
-    lo, hi, n = time_range
-    if n == 0:
-        return (float("inf"), float("inf"))
-    span = hi - lo
-    return (lo + span * (1.0 - eval_fraction - test_fraction), lo + span * (1.0 - test_fraction) + 1e-9
-            if test_fraction > 0 else float("inf"))
-
-
 def _time_cutoffs(rows, contract: FeatureContract, split):
     """Rows -> singleton PCollection of the (eval, test) timestamp cutoffs of the time split."""
     time_range = (rows | "BatchTimeRange" >> beam.Map(sources.batch_time_range, contract.timestamp)
                   | "TimeRange" >> beam.CombineGlobally(_TimeRange()))
-    return time_range | "Cutoffs" >> beam.Map(_cutoffs, split.eval_fraction, split.test_fraction)
+    return time_range | "Cutoffs" >> beam.Map(time_cutoffs, split.eval_fraction, split.test_fraction)
 
 
 class _WriteBatchFile(beam.DoFn):

@@ -295,7 +295,8 @@ def _print_summary(summary: Dict, report_text: str) -> None:
     pp = summary["preprocess"]
     print(f"model: {summary['model']}   rows in {pp['rows_in']}: train {pp['rows_train']}  eval {pp['rows_eval']}  "
           f"test {pp['rows_test']}  rejected {pp['rows_rejected']}"
-          + ("   (preprocessing reused from an earlier run)" if pp.get("reused") else ""), file=out)
+          + ("   (preprocessing reused from an earlier run; --no-reuse-preprocessed redoes it)" if pp.get("reused")
+             else ""), file=out)
     print(report_text, file=out)
     print(f"export: {summary['export']}", file=out)
     if summary["scored"]:  # one column per [B] output (wider ones, e.g. a scenario distribution, are in summary.json)

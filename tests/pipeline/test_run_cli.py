@@ -91,3 +91,13 @@ def test_users_and_items_reach_the_generator(tmp_path):
     default, _ = run_mod.build_parser().parse_known_args(["--rows", "1000"])
     _, default_info = run_mod.resolve_schema(default, str(tmp_path), {})
     assert default_info["dir"] != info["dir"]
+
+
+@pytest.mark.parametrize("reused", [False, True])
+def test_summary_says_when_preprocessing_was_reused_and_how_to_redo_it(capsys, reused):
+    pp = dict(rows_in=10, rows_train=7, rows_eval=2, rows_test=0, rows_rejected=1, reused=reused)
+    run_mod._print_summary({"model": "esm2", "preprocess": pp, "export": "/x", "scored": [],
+                            "timings_s": {"train": 1.0}, "total_s": 2.0}, "report")
+    line = capsys.readouterr().out.splitlines()[2]
+    assert "rows in 10: train 7  eval 2  test 0  rejected 1" in line
+    assert ("--no-reuse-preprocessed" in line) is reused
