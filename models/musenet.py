@@ -37,7 +37,7 @@ import tensorflow as tf
 from models.base import MultiTaskModel
 from models.config import ModelConfig
 from models.keras import keras
-from models.layers.scenario import ASSIGNMENTS, RepeatIntention, ScenarioLearner
+from models.layers.scenario import ASSIGNMENTS, PROTOTYPE_INITS, RepeatIntention, ScenarioLearner
 from models.tasks import BinaryTask
 from transforms.features import CLICK, CTR, HOUR_ID, REPEAT_RATIO_LABEL, UF_IN_HISTORY, flag, zscore
 
@@ -52,6 +52,7 @@ class MUSENETConfig(ModelConfig):
     assignment: str = "soft"          # "soft" (Eq. 3) or "hard" (Eqs. 4, 7)
     temperature: float = 0.1          # tau of the Gumbel-softmax (Eq. 7)
     prototype_momentum: float = 0.2   # alpha of Eq. 14
+    prototype_init: str = "random"    # "random" N(0, 1) or "kmeans++" seeds from the first training batch
     beta: float = 0.5                 # weight of L_A (Eq. 13)
     w_kl: float = 1.0                 # weight of D_KL (Eq. 13 uses 1)
     normalize_scenario_input: bool = True  # standardise x per sample before f_omega
@@ -83,6 +84,9 @@ class MUSENETConfig(ModelConfig):
             raise ValueError(f"MUSENETConfig.assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
         if not self.temperature > 0:
             raise ValueError(f"MUSENETConfig.temperature must be > 0, got {self.temperature}")
+        if self.prototype_init not in PROTOTYPE_INITS:
+            raise ValueError(f"MUSENETConfig.prototype_init must be one of {PROTOTYPE_INITS}, "
+                             f"got {self.prototype_init!r}")
         if not 0.0 <= self.prototype_momentum <= 1.0:
             raise ValueError(f"MUSENETConfig.prototype_momentum must be in [0, 1], got {self.prototype_momentum}")
         for f in ("beta", "w_kl"):
@@ -100,6 +104,11 @@ PRESETS: Dict[str, MUSENETConfig] = {
     "log_odds": MUSENETConfig(repeat_combination="log_odds"),
     "context_log_odds": MUSENETConfig(scenario_side="context", repeat_combination="log_odds"),
     "hard_context_log_odds": MUSENETConfig(assignment="hard", scenario_side="context", repeat_combination="log_odds"),
+    # The same, with the prototypes placed by k-means++ on the first batch's projected samples.
+    "context_log_odds_pp": MUSENETConfig(scenario_side="context", repeat_combination="log_odds",
+                                         prototype_init="kmeans++"),
+    "hard_context_log_odds_pp": MUSENETConfig(assignment="hard", scenario_side="context",
+                                              repeat_combination="log_odds", prototype_init="kmeans++"),
     # §4.1 Implementations: Adam 1e-3, K = 4, beta = 0.5.
     "paper": MUSENETConfig(learning_rate=1e-3, num_scenarios=4, beta=0.5),
 }
@@ -161,7 +170,8 @@ class MUSENET(MultiTaskModel):
         k = c.num_scenarios if c.use_scenarios else 1
         self.num_scenarios = k
         self.scenarios = (ScenarioLearner(k, c.projection_dim, c.assignment, c.temperature, c.prototype_momentum,
-                                          c.normalize_scenario_input, name="scenario_learner")
+                                          c.normalize_scenario_input, prototype_init=c.prototype_init,
+                                          name="scenario_learner")
                           if c.use_scenarios else None)
         self.repeat = RepeatIntention(k, c.hidden_units, dropout=c.dropout, l2=c.l2, use_repeat=c.use_repeat,
                                       combination=c.repeat_combination, name="repeat_intention")
@@ -214,6 +224,8 @@ class MUSENET(MultiTaskModel):
                 if not self.scenarios.built:
                     self.scenarios.build(xs.shape)
                 projected = tf.stop_gradient(self.scenarios.project(xs))
+                with tf.control_dependencies([self.scenarios.seed_prototypes(projected)]):
+                    projected = tf.identity(projected)
                 a_fixed, _ = self.scenarios.assign(projected, training=True)
                 self.scenarios.update_prototypes(projected, a_fixed)                         # Eq. 14
             a, q, _ = self.scenarios(xs, training=training)

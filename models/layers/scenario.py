@@ -14,6 +14,24 @@ import tensorflow as tf
 from models.keras import keras
 
 ASSIGNMENTS = ("soft", "hard")
+PROTOTYPE_INITS = ("random", "kmeans++")
+
+
+def kmeans_pp_seeds(points: tf.Tensor, k: int, seed=None) -> tf.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): k rows of points [B, P] -> [k, P]. The first row is drawn
+    uniformly, each next one with probability proportional to its squared distance to the nearest row drawn so
+    far (a row already drawn has distance 0, so it is drawn again only when fewer than k rows are distinct)."""
+    points = tf.cast(points, tf.float32)
+    n = tf.shape(points)[0]
+    first = tf.random.uniform([], 0, n, dtype=tf.int32, seed=seed)
+    seeds = [tf.gather(points, first)]
+    d2 = tf.reduce_sum(tf.square(points - seeds[0]), axis=1)                           # [B]
+    for i in range(1, int(k)):
+        logits = tf.where(d2 > 0, tf.math.log(tf.maximum(d2, 1e-30)), tf.fill(tf.shape(d2), -1e30))
+        pick = tf.random.categorical(logits[None, :], 1, dtype=tf.int32, seed=None if seed is None else seed + i)
+        seeds.append(tf.gather(points, pick[0, 0]))
+        d2 = tf.minimum(d2, tf.reduce_sum(tf.square(points - seeds[-1]), axis=1))
+    return tf.stack(seeds)
 
 
 @keras.utils.register_keras_serializable(package="rankline")
@@ -32,12 +50,16 @@ class ScenarioLearner(keras.layers.Layer):
       projected sample is averaged). The prototypes Lambda [K, P] are a non-trainable weight: only this
       moving average changes them, never a gradient (Step 1 of the alternating optimisation of Eq. 13).
     * ``kl_to_uniform``: (1/B) sum_i sum_k a_ki (log a_ki + log K) (Eq. 12, P(C) = 1/K).
+    * ``prototype_init``: the paper does not say how Lambda starts. "random": N(0, 1) entries. "kmeans++": the
+      first ``update_prototypes`` call first places them by k-means++ seeding on that batch's f_omega(x)
+      (``kmeans_pp_seeds``), so that every prototype starts where the projected data is; a non-trainable flag
+      records that it happened (saved with the weights).
 
     ``call(x, training)`` returns ``(a, q_soft, projected)``: [B, K], [B, K], [B, P].
     """
 
     def __init__(self, num_scenarios: int, projection_dim: int, assignment: str = "soft", temperature: float = 0.1,
-                 momentum: float = 0.2, normalize_input: bool = True, **kwargs):
+                 momentum: float = 0.2, normalize_input: bool = True, prototype_init: str = "random", **kwargs):
         super().__init__(**kwargs)
         if int(num_scenarios) < 1 or int(projection_dim) < 1:
             raise ValueError(f"ScenarioLearner: num_scenarios and projection_dim must be >= 1, got "
@@ -46,6 +68,8 @@ class ScenarioLearner(keras.layers.Layer):
             raise ValueError(f"ScenarioLearner: assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
         if not temperature > 0:
             raise ValueError(f"ScenarioLearner: temperature must be > 0, got {temperature}")
+        if prototype_init not in PROTOTYPE_INITS:
+            raise ValueError(f"ScenarioLearner: prototype_init must be one of {PROTOTYPE_INITS}, got {prototype_init!r}")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"ScenarioLearner: momentum (alpha) must be in [0, 1], got {momentum}")
         self.num_scenarios = int(num_scenarios)
@@ -54,6 +78,7 @@ class ScenarioLearner(keras.layers.Layer):
         self.temperature = float(temperature)
         self.momentum = float(momentum)
         self.normalize_input = bool(normalize_input)
+        self.prototype_init = prototype_init
 
     def build(self, input_shape):
         n = int(input_shape[-1])
@@ -62,6 +87,10 @@ class ScenarioLearner(keras.layers.Layer):
         self.prototypes = self.add_weight(name="prototypes", shape=(self.num_scenarios, self.projection_dim),
                                           initializer=keras.initializers.RandomNormal(stddev=1.0), trainable=False,
                                           aggregation=tf.VariableAggregation.MEAN)
+        self.seeded = None
+        if self.prototype_init == "kmeans++":
+            self.seeded = self.add_weight(name="prototypes_seeded", shape=(), dtype=tf.bool, trainable=False,
+                                          initializer="zeros", aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         super().build(input_shape)
 
     def project(self, x: tf.Tensor) -> tf.Tensor:
@@ -109,6 +138,20 @@ class ScenarioLearner(keras.layers.Layer):
         means = tf.matmul(a, projected, transpose_a=True) / tf.maximum(mass, 1e-12)[:, None]
         return tf.where((mass > 1e-6)[:, None], means, tf.convert_to_tensor(self.prototypes))
 
+    def seed_prototypes(self, projected: tf.Tensor):
+        """With ``prototype_init='kmeans++'``: on the first call, Lambda <- k-means++ seeds of f_omega(x) [B, P]
+        (a no-op afterwards, and always with "random"). Returns whether this call seeded."""
+        if self.seeded is None:
+            return tf.constant(False)
+        projected = tf.stop_gradient(projected)
+
+        def seed():
+            self.prototypes.assign(kmeans_pp_seeds(projected, self.num_scenarios))
+            self.seeded.assign(True)
+            return tf.constant(True)
+
+        return tf.cond(self.seeded, lambda: tf.constant(False), seed)
+
     def update_prototypes(self, projected: tf.Tensor, a: tf.Tensor):
         """Eq. 14 in place; returns the assign op's value [K, P]."""
         target = self.prototype_targets(projected, a)
@@ -123,7 +166,8 @@ class ScenarioLearner(keras.layers.Layer):
     def get_config(self):
         cfg = super().get_config()
         cfg.update(num_scenarios=self.num_scenarios, projection_dim=self.projection_dim, assignment=self.assignment,
-                   temperature=self.temperature, momentum=self.momentum, normalize_input=self.normalize_input)
+                   temperature=self.temperature, momentum=self.momentum, normalize_input=self.normalize_input,
+                   prototype_init=self.prototype_init)
         return cfg
 
 

@@ -6,6 +6,7 @@ import tensorflow as tf
 from models import registry
 from models.keras import keras
 from models.layers import ParallelMLP, RepeatIntention, ScenarioLearner
+from models.layers.scenario import kmeans_pp_seeds
 from models.musenet import MUSENET, PRESETS, PRESETS_BASE, MUSENETConfig
 from transforms import features as F
 
@@ -162,6 +163,71 @@ def test_eq14_prototype_moving_average_against_numpy():
     assert not layer.prototypes.trainable
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_kmeans_pp_seeds_take_one_row_from_each_separated_cluster(seed):
+    # 4 tight clusters 100 apart: D^2 sampling picks a second row of an already seeded cluster with probability
+    # ~ (0.01 / 100)^2 per draw, so the seeds are one row of each cluster.
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0, 0], [100, 0], [0, 100], [100, 100]], np.float32)
+    labels = rng.integers(0, 4, 60)
+    labels[:4] = np.arange(4)
+    points = (centres[labels] + rng.normal(0, 0.01, (60, 2))).astype(np.float32)
+    tf.random.set_seed(seed)
+    seeds = kmeans_pp_seeds(tf.constant(points), 4).numpy()
+    rows = [int(np.flatnonzero((points == s).all(1))[0]) for s in seeds]    # every seed is a row of points
+    assert sorted(labels[rows]) == [0, 1, 2, 3]
+
+
+def test_kmeans_pp_seeds_with_fewer_distinct_rows_than_k_repeat_rows():
+    points = np.array([[1.0, 2.0]] * 5 + [[3.0, -1.0]] * 5, np.float32)
+    seeds = kmeans_pp_seeds(tf.constant(points), 3).numpy()
+    assert np.isfinite(seeds).all()
+    assert {tuple(s) for s in seeds} == {(1.0, 2.0), (3.0, -1.0)}
+
+
+def test_kmeans_pp_init_seeds_the_prototypes_once_from_projected_samples():
+    layer = ScenarioLearner(3, 2, prototype_init="kmeans++")
+    layer.build((None, 4))
+    random_start = layer.prototypes.numpy().copy()
+    rng = np.random.default_rng(1)
+    first, second = (tf.constant(rng.normal(size=(20, 2)).astype(np.float32)) for _ in range(2))
+    assert bool(layer.seed_prototypes(first)) and bool(layer.seeded.numpy())
+    seeded = layer.prototypes.numpy().copy()
+    assert not np.allclose(seeded, random_start)
+    for row in seeded:                                                  # each prototype is a projected sample
+        assert np.isclose(first.numpy(), row).all(1).any()
+    assert not bool(layer.seed_prototypes(second))                      # only the first call seeds
+    np.testing.assert_array_equal(layer.prototypes.numpy(), seeded)
+    plain = ScenarioLearner(3, 2)
+    plain.build((None, 4))
+    before = plain.prototypes.numpy().copy()
+    assert not bool(plain.seed_prototypes(first)) and plain.seeded is None
+    np.testing.assert_array_equal(plain.prototypes.numpy(), before)
+
+
+def test_train_step_with_kmeans_pp_init_seeds_then_applies_eq14():
+    m = _model(prototype_init="kmeans++")
+    m.compile(optimizer=keras.optimizers.SGD(0.1))
+    feats, labels = _batch()
+    layer = m.scenarios
+    x = m.embedding(feats).numpy()
+    f = ((x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-6)) @ layer.omega.numpy()
+    start = layer.prototypes.numpy().astype(np.float64)
+    a = _softmax(-((f[:, None, :] - start[None]) ** 2).sum(-1))
+    from_random_start = 0.8 * start + 0.2 * (a.T @ f) / a.sum(0)[:, None]
+    m.train_on_batch(feats, labels)
+    assert bool(layer.seeded.numpy())
+    c = layer.prototypes.numpy()
+    assert np.abs(c - from_random_start).max() > 1e-2                   # Eq. 14 started from the seeds instead
+    # the second step is Eq. 14 from the current prototypes (no re-seeding)
+    x = m.embedding(feats).numpy()
+    f = ((x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-6)) @ layer.omega.numpy()
+    a = _softmax(-((f[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1))
+    expected = 0.8 * c + 0.2 * (a.T @ f) / a.sum(0)[:, None]
+    m.train_on_batch(feats, labels)
+    np.testing.assert_allclose(layer.prototypes.numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
 # ---- the model ------------------------------------------------------------------------------------------
 def test_outputs_follow_section_3_2_3_and_intention_sees_no_item_features():
     m = _model()
@@ -252,7 +318,8 @@ def _fitted(**kw):
     return m
 
 
-@pytest.mark.parametrize("kw", [{}, {"assignment": "hard"}, {"repeat_combination": "log_odds"}])
+@pytest.mark.parametrize("kw", [{}, {"assignment": "hard"}, {"repeat_combination": "log_odds"},
+                                {"prototype_init": "kmeans++"}])
 def test_config_round_trip_gives_identical_predictions(kw):
     m = _fitted(**kw)
     feats, _ = _batch(seed=3)
@@ -264,8 +331,9 @@ def test_config_round_trip_gives_identical_predictions(kw):
         np.testing.assert_array_equal(v.numpy(), clone(feats)[k].numpy())
 
 
-def test_save_and_reload_gives_identical_predictions_and_prototypes(tmp_path):
-    m = _fitted()
+@pytest.mark.parametrize("kw", [{}, {"prototype_init": "kmeans++"}])
+def test_save_and_reload_gives_identical_predictions_and_prototypes(tmp_path, kw):
+    m = _fitted(**kw)
     feats, _ = _batch(seed=4)
     expected = {k: v.numpy() for k, v in m(feats, training=False).items()}
     path = str(tmp_path / "musenet")
@@ -275,12 +343,15 @@ def test_save_and_reload_gives_identical_predictions_and_prototypes(tmp_path):
     assert set(got) == set(expected)
     for k, v in expected.items():
         np.testing.assert_array_equal(v, got[k].numpy())
-    protos = [w for w in reloaded.weights if "prototypes" in w.name]
+    protos = [w for w in reloaded.weights if w.name.split("/")[-1].startswith("prototypes:")]
     np.testing.assert_array_equal(protos[0].numpy(), m.scenarios.prototypes.numpy())
+    flags = [w for w in reloaded.weights if "prototypes_seeded" in w.name]
+    assert [bool(w.numpy()) for w in flags] == ([True] if kw else [])  # a resumed run does not seed again
 
 
 @pytest.mark.parametrize("layer,n_inputs", [
     (ScenarioLearner(4, 3, assignment="hard", temperature=0.5, momentum=0.3, normalize_input=False), 1),
+    (ScenarioLearner(2, 3, prototype_init="kmeans++"), 1),
     (ParallelMLP(3, [5, 4], output_units=2, dropout=0.1, l2=1e-4), 1),
     (RepeatIntention(2, [3], combination="log_odds"), 3),
 ])
@@ -341,10 +412,12 @@ def test_registry_presets_and_config_validation():
     assert not b.use_scenarios and not b.use_repeat
     assert PRESETS["hard"].assignment == "hard" and set(PRESETS) == set(PRESETS_BASE)
     assert registry.resolve_config("musenet", "log_odds").repeat_combination == "log_odds"
+    assert registry.resolve_config("musenet", "hard_context_log_odds_pp").prototype_init == "kmeans++"
     for kwargs, field in [({"assignment": "medium"}, "assignment"), ({"num_scenarios": 0}, "num_scenarios"),
                           ({"temperature": 0.0}, "temperature"), ({"prototype_momentum": 1.5}, "prototype_momentum"),
                           ({"beta": -1.0}, "beta"), ({"scenario_side": "items"}, "scenario_side"),
-                          ({"repeat_combination": "sum"}, "repeat_combination")]:
+                          ({"repeat_combination": "sum"}, "repeat_combination"),
+                          ({"prototype_init": "zeros"}, "prototype_init")]:
         with pytest.raises(ValueError, match=field):
             MUSENETConfig(**kwargs)
 
