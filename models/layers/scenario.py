@@ -143,14 +143,13 @@ class ScenarioLearner(keras.layers.Layer):
         (a no-op afterwards, and always with "random"). Returns whether this call seeded."""
         if self.seeded is None:
             return tf.constant(False)
-        projected = tf.stop_gradient(projected)
-
-        def seed():
-            self.prototypes.assign(kmeans_pp_seeds(projected, self.num_scenarios))
-            self.seeded.assign(True)
-            return tf.constant(True)
-
-        return tf.cond(self.seeded, lambda: tf.constant(False), seed)
+        # Unconditional assigns of selected values instead of a tf.cond around them: under a distribution
+        # strategy a variable assign is a cross-replica synchronisation point, which may not sit inside a cond.
+        done = tf.convert_to_tensor(self.seeded)
+        seeds = kmeans_pp_seeds(tf.stop_gradient(projected), self.num_scenarios)
+        self.prototypes.assign(tf.where(done, tf.convert_to_tensor(self.prototypes), seeds))
+        self.seeded.assign(tf.constant(True))
+        return tf.logical_not(done)
 
     def update_prototypes(self, projected: tf.Tensor, a: tf.Tensor):
         """Eq. 14 in place; returns the assign op's value [K, P]."""

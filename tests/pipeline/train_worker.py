@@ -3,7 +3,8 @@
     python -m tests.pipeline.train_worker MODE DATA_DIR OUT_JSON [options as JSON]
 
 MODE: ``fit`` (train ESM² on DATA_DIR, optionally SIGKILL-ing itself after a step), ``mirrored``
-(ESM² and STAN under MirroredStrategy on 2 logical CPUs against the default strategy), ``multiworker``.
+(ESM² and STAN under MirroredStrategy on 2 logical CPUs against the default strategy, and MUSENET's
+k-means++ seeding under it), ``multiworker``.
 """
 from __future__ import annotations
 
@@ -150,8 +151,33 @@ def mode_mirrored(data_dir, out, opts):
             metric_vars = {id(v) for m in model.metrics for v in m.variables}
             runs[strategy_name] = {v.name: v.numpy().tolist() for v in model.weights if id(v) not in metric_vars}
         result[name] = runs
+    result["musenet"] = musenet_kmeans_pp_under(mirrored)
     with open(out, "w") as fh:
         json.dump(result, fh)
+
+
+def musenet_kmeans_pp_under(strategy):
+    """MUSENET with k-means++ prototype seeding, trained for 2 steps under ``strategy``: the seeding assigns
+    variables inside the replica function, a cross-replica synchronisation point."""
+    from models.keras import keras
+    from models.musenet import MUSENET, MUSENETConfig
+    from transforms.features import REPEAT_RATIO_LABEL, UF_IN_HISTORY, flag
+
+    cols = arrays(128, 6)
+    feats = {k: cols[k].reshape(-1, 1) for k in tuple(CATEGORICAL) + DENSE}
+    feats[flag(UF_IN_HISTORY)] = (cols["a_id"] % 2).astype(np.float32).reshape(-1, 1)
+    labels = {"click": cols["click"].reshape(-1, 1), REPEAT_RATIO_LABEL: cols["pl_click"].reshape(-1, 1)}
+    cfg = MUSENETConfig(hidden_units=(4,), embedding_dim=4, projection_dim=3, dropout=0.0, prototype_init="kmeans++",
+                        intention_inputs=("user_id_id", "b_id", "x_z"))
+    with strategy.scope():
+        model = MUSENET(CATEGORICAL, DENSE, cfg, name="musenet")
+        model({k: v[:2] for k, v in feats.items()})
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+    before = model.scenarios.prototypes.numpy()
+    model.fit(tf.data.Dataset.from_tensor_slices((feats, labels)).batch(64), epochs=1, verbose=0)
+    after = model.scenarios.prototypes.numpy()
+    return {"seeded": bool(model.scenarios.seeded.numpy()), "finite": bool(np.isfinite(after).all()),
+            "moved": float(np.abs(after - before).max())}
 
 
 def mode_multiworker(data_dir, out, opts):
