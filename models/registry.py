@@ -17,6 +17,8 @@ MODELS = {
     "gprec_dcn": (gprec.GPRec, gprec.PRESETS_DCN),
     "musenet": (musenet.MUSENET, musenet.PRESETS),
     "musenet_base": (musenet.MUSENET, musenet.PRESETS_BASE),
+    "musenet_no_scenarios": (musenet.MUSENET, musenet.PRESETS_NO_SCENARIOS),
+    "musenet_no_repeat": (musenet.MUSENET, musenet.PRESETS_NO_REPEAT),
     "ussr": (ussr.USSR, ussr.PRESETS),
     "autoint": (autoint.AutoInt, autoint.PRESETS),
 }

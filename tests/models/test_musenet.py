@@ -1,4 +1,6 @@
 """MUSENET: Eqs. 3, 4, 7, 9, 10, 12, 13, 14 against numpy; serving outputs; alternating training; persistence."""
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -271,6 +273,27 @@ def test_ablation_without_scenarios_and_repeat_is_a_plain_mlp_with_ctr_only():
     inner = m.forward(feats)
     np.testing.assert_allclose(out["ctr"].numpy(), _sigmoid(inner["z"].numpy()), rtol=1e-5)
     assert float(m.compute_loss(feats, labels)) == pytest.approx(_bce(labels["click"], out["ctr"]), rel=1e-5)
+
+
+def test_single_ablations_drop_one_module_each():
+    feats, labels = _batch()
+    # "w/o M1": one scenario (a = 1), the repeat module kept: ctr = sigma(z) with z from Eq. 9.
+    m = MUSENET(CATEGORICAL, DENSE, dataclasses.replace(registry.resolve_config("musenet_no_scenarios"),
+        hidden_units=(8,), embedding_dim=4, dropout=0.0, intention_inputs=INTENTION), SEQUENCES)
+    out = m.forward(feats)
+    assert set(m(feats)) == {"ctr", "repeat_intention"} and m.scenarios is None and out["z"].shape == (48, 1)
+    np.testing.assert_allclose(out["ctr"].numpy(), _sigmoid(out["z"].numpy()), rtol=1e-5)
+    np.testing.assert_allclose(out["repeat_intention"].numpy(), out["p_r"].numpy(), rtol=1e-6)
+    # "w/o M2": K scorers mixed by the scenario assignment, no intention: the in-history flag is not used.
+    m = MUSENET(CATEGORICAL, DENSE, dataclasses.replace(registry.resolve_config("musenet_no_repeat"),
+        hidden_units=(8,), embedding_dim=4, dropout=0.0, projection_dim=3), SEQUENCES)
+    out = m.forward(feats)
+    assert set(m(feats)) == {"ctr", "scenario"} and "p_r" not in out and out["z"].shape == (48, 4)
+    np.testing.assert_allclose(out["ctr"].numpy(), _sigmoid((out["a"] * out["z"]).numpy().sum(1, keepdims=True)),
+                               rtol=1e-5)
+    flipped = dict(feats, **{FLAG: 1.0 - feats[FLAG]})
+    np.testing.assert_allclose(m(flipped)["ctr"].numpy(), out["ctr"].numpy(), rtol=1e-6)
+    assert float(m.compute_loss(feats, labels)) > 0
 
 
 def test_train_step_moves_prototypes_by_eq14_then_steps_theta_with_them_fixed():
