@@ -37,22 +37,33 @@ def test_scenario_posterior_by_hand():
     np.testing.assert_allclose(post, np.stack([expected0 / expected0.sum(), expected1 / expected1.sum()]), rtol=1e-12)
 
 
-def test_breakdown_starts_from_the_oracle_auc_of_the_eval_split():
-    result = oracle_gap.breakdown(CFG, eval_fraction=0.25)
-    blocks = list(datagen.generate_blocks(CFG))
-    ts = np.concatenate([b["timestamp"] for b in blocks])
-    y = np.concatenate([b["click"] for b in blocks])
-    p = np.concatenate([b["true_ctr"] for b in blocks])
+@pytest.mark.parametrize("task,label,column", [("ctr", "click", "true_ctr"), ("cvr", "purchase", "true_cvr")])
+def test_breakdown_starts_from_the_oracle_auc_of_the_eval_split(task, label, column):
+    cfg = CFG if task == "ctr" else datagen.GeneratorConfig(rows=200_000, seed=3)  # ~30 purchases
+    result = oracle_gap.breakdown(cfg, eval_fraction=0.25, task=task)
+    blocks = list(datagen.generate_blocks(cfg))
+    col = {k: np.concatenate([b[k] for b in blocks]) for k in ("timestamp", "click", label, column)}
+    ts = col["timestamp"]
     ev = ts >= ts.min() + 0.75 * (ts.max() - ts.min())
-    assert result["eval_rows"] == ev.sum()
-    assert result["oracle"] == pytest.approx(auc(y[ev], p[ev]), abs=1e-4)  # float32 column vs float64 logit
-    assert all(0.5 < v < 1.0 for k, v in result.items() if k != "eval_rows")
-    assert result["all of the above"] < result["oracle"]
+    if task == "cvr":
+        ev &= col["click"] == 1
+    y, p = col[label][ev], col[column][ev]
+    assert result["eval_rows"] == ev.sum() and result["positives"] == y.sum() > 10
+    assert result["oracle"] == pytest.approx(auc(y, p), abs=1e-4)  # float32 column vs float64 logit
+    scores = {k: v for k, v in result.items() if k not in ("eval_rows", "positives")}
+    assert all(0.5 < v < 1.0 for v in scores.values())
+    assert scores["all of the above"] < scores["oracle"]
+    if task == "cvr":  # scenarios move clicks only
+        assert scores["scenario -> posterior given hour, device, page"] == scores["oracle"]
+    with pytest.raises(ValueError, match="task"):
+        oracle_gap.breakdown(CFG, task="ctcvr")
 
 
 def test_cli_prints_the_table_and_refuses_bad_sizes(capsys):
     assert oracle_gap.main(["--rows", "3000", "--users", "100"]) == 0
     out = capsys.readouterr().out
     assert "| oracle | " in out and "| all of the above | " in out
+    assert oracle_gap.main(["--rows", "3000", "--task", "cvr"]) == 0
+    assert "CVR AUC on the clicked impressions" in capsys.readouterr().out
     assert oracle_gap.main(["--rows", "3000", "--items", "0"]) == 2
     assert "items" in capsys.readouterr().err
