@@ -17,18 +17,21 @@ ASSIGNMENTS = ("soft", "hard")
 PROTOTYPE_INITS = ("random", "kmeans++")
 
 
-def kmeans_pp_seeds(points: tf.Tensor, k: int, seed=None) -> tf.Tensor:
+def kmeans_pp_seeds(points: tf.Tensor, k: int, seed=(0, 0)) -> tf.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007): k rows of points [B, P] -> [k, P]. The first row is drawn
     uniformly, each next one with probability proportional to its squared distance to the nearest row drawn so
-    far (a row already drawn has distance 0, so it is drawn again only when fewer than k rows are distinct)."""
+    far (a row already drawn has distance 0, so it is drawn again only when fewer than k rows are distinct).
+    Stateless draws from ``seed`` (a pair of ints): the same points and seed give the same rows on any device."""
     points = tf.cast(points, tf.float32)
     n = tf.shape(points)[0]
-    first = tf.random.uniform([], 0, n, dtype=tf.int32, seed=seed)
+    seed = tf.cast(tf.convert_to_tensor(seed), tf.int64)
+    first = tf.random.stateless_uniform([], seed, minval=0, maxval=n, dtype=tf.int32)
     seeds = [tf.gather(points, first)]
     d2 = tf.reduce_sum(tf.square(points - seeds[0]), axis=1)                           # [B]
     for i in range(1, int(k)):
         logits = tf.where(d2 > 0, tf.math.log(tf.maximum(d2, 1e-30)), tf.fill(tf.shape(d2), -1e30))
-        pick = tf.random.categorical(logits[None, :], 1, dtype=tf.int32, seed=None if seed is None else seed + i)
+        pick = tf.random.stateless_categorical(logits[None, :], 1, seed + tf.constant([0, i], tf.int64),
+                                               dtype=tf.int32)
         seeds.append(tf.gather(points, pick[0, 0]))
         d2 = tf.minimum(d2, tf.reduce_sum(tf.square(points - seeds[-1]), axis=1))
     return tf.stack(seeds)
@@ -53,10 +56,13 @@ class ScenarioLearner(keras.layers.Layer):
     * ``prototype_init``: the paper does not say how Lambda starts. "random": N(0, 1) entries. "kmeans++": the
       first ``update_prototypes`` call first places them by k-means++ seeding on that batch's f_omega(x)
       (``kmeans_pp_seeds``), so that every prototype starts where the projected data is; a non-trainable flag
-      records that it happened (saved with the weights).
+      records that it happened (saved with the weights). Under a distribution strategy the seeds come from the
+      all-gathered global batch, with the same stateless draws on every replica.
 
     ``call(x, training)`` returns ``(a, q_soft, projected)``: [B, K], [B, K], [B, P].
     """
+
+    SEED = 2023  # stateless seed of the k-means++ draws (the points differ from run to run, not this)
 
     def __init__(self, num_scenarios: int, projection_dim: int, assignment: str = "soft", temperature: float = 0.1,
                  momentum: float = 0.2, normalize_input: bool = True, prototype_init: str = "random", **kwargs):
@@ -145,8 +151,14 @@ class ScenarioLearner(keras.layers.Layer):
             return tf.constant(False)
         # Unconditional assigns of selected values instead of a tf.cond around them: under a distribution
         # strategy a variable assign is a cross-replica synchronisation point, which may not sit inside a cond.
+        # Every replica seeds from the global batch with the same stateless draws, so all replicas assign the
+        # same seeds (the MEAN-aggregated prototypes then hold exactly them, as on one device).
+        projected = tf.stop_gradient(projected)
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and ctx.num_replicas_in_sync > 1:
+            projected = ctx.all_gather(projected, axis=0)
         done = tf.convert_to_tensor(self.seeded)
-        seeds = kmeans_pp_seeds(tf.stop_gradient(projected), self.num_scenarios)
+        seeds = kmeans_pp_seeds(projected, self.num_scenarios, seed=(self.SEED, 0))
         self.prototypes.assign(tf.where(done, tf.convert_to_tensor(self.prototypes), seeds))
         self.seeded.assign(tf.constant(True))
         return tf.logical_not(done)
