@@ -17,7 +17,8 @@ Planted structures (each hidden from the columns the models see, but inferable f
   (purchase after a DAction is ~12x likelier), so DAction labels, ~8x as many as purchases, carry signal
   that a purchase-only model must learn from far fewer positives;
 * lifecycle stages (STAN): a user's stage advances with the number of impressions they have had so far,
-  and shifts click, DAction and purchase propensities;
+  and shifts click, DAction and purchase propensities (``lifecycle_stages=False``, the control: every user
+  stays in the first stage);
 * K latent scenarios (MUSENET): drawn per impression from hour of day, then expressed in the observable
   ``device`` and ``page``; each scenario has its own category preferences and repeat propensity;
 * repeat consumption (MUSENET): in repeat-prone scenarios the impressed item is drawn from the items the
@@ -73,6 +74,7 @@ class GeneratorConfig:
     taste_dim: int = 8
     history_len: int = 20
     daction_informative: bool = True
+    lifecycle_stages: bool = True  # False: the control for STAN: every user stays in stage 0 (no stage effects)
     missing_rate: float = 0.03
     # Target rates (the intercepts are calibrated to them, see _World.calibrate).
     target_ctr: float = 0.05
@@ -102,8 +104,15 @@ class GeneratorConfig:
 
     def fingerprint(self) -> str:
         """Identifies the data: the config plus ``GENERATOR_VERSION`` (so a changed label process is regenerated)."""
-        blob = json.dumps(dict(asdict(self), generator_version=GENERATOR_VERSION), sort_keys=True).encode()
+        fields = asdict(self)
+        for name, default in _LATER_FIELDS.items():  # fields added later count only when not at their default,
+            if fields[name] == default:             # so data generated before they existed keeps its fingerprint
+                del fields[name]
+        blob = json.dumps(dict(fields, generator_version=GENERATOR_VERSION), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+_LATER_FIELDS = {"lifecycle_stages": True}
 
 
 def _sigmoid(x):
@@ -201,12 +210,15 @@ class _World:
 
         Targets: CTR, DAction|click, purchase|DAction, purchase|no DAction (or purchase|click when DAction
         is uninformative). The pilot draws users by activity, items by popularity, scenarios uniformly,
-        stages uniformly and repeats at the scenario's rate, close to the distribution of the real log.
+        stages uniformly (all in stage 0 without lifecycle stages) and repeats at the scenario's rate, close to
+        the distribution of the real log.
         """
         u = rng.choice(len(self.activity), n, p=self.activity)
         item = rng.choice(len(self.popularity), n, p=self.popularity)
         scen = rng.integers(0, cfg.scenarios, n)
         stage = rng.integers(0, STAGES, n)
+        if not cfg.lifecycle_stages:
+            stage = np.zeros_like(stage)
         is_repeat = rng.random(n) < self.scen_repeat_p[scen] * 0.8
         l1, l2, l_buy, _ = self.logits(u, item, scen, stage, is_repeat)
         self.b1 = _solve_intercept(l1, np.ones(n), cfg.target_ctr)
@@ -286,6 +298,8 @@ def generate_blocks(cfg: GeneratorConfig, hidden: bool = False) -> Iterator[Dict
         # Lifecycle stage from the user's impressions so far (including earlier rows of this block).
         count_before = seen[u] + _cumcount(u)
         stage = np.minimum(count_before // w.stage_span[u], STAGES - 1)
+        if not cfg.lifecycle_stages:
+            stage = np.zeros_like(stage)
         y1, y2, y3, y4, affinity = w.probabilities(u, item, scen, stage, is_repeat)
         seg, cat = w.segment[u], w.category[item]
         click = rng.random(n) < y1
@@ -461,11 +475,14 @@ def main(argv=None) -> int:
     parser.add_argument("--rows-per-file", type=int, default=GeneratorConfig.rows_per_file)
     parser.add_argument("--uninformative-daction", action="store_true",
                         help="make purchase independent of DAction (ESM² should then not beat ESMM)")
+    parser.add_argument("--no-lifecycle-stages", action="store_true",
+                        help="every user stays in the first lifecycle stage (the control for STAN)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         cfg = GeneratorConfig(rows=args.rows, seed=args.seed, users=args.users, items=args.items, days=args.days,
-                              rows_per_file=args.rows_per_file, daction_informative=not args.uninformative_daction)
+                              rows_per_file=args.rows_per_file, daction_informative=not args.uninformative_daction,
+                              lifecycle_stages=not args.no_lifecycle_stages)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

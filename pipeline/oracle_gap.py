@@ -133,7 +133,7 @@ def breakdown(cfg: datagen.GeneratorConfig, eval_fraction: float = 0.2, task: st
 
 
 def main(argv=None) -> int:
-    from pipeline.run import add_builtin_data_args
+    from pipeline.run import add_builtin_data_args, builtin_generator_config
 
     p = argparse.ArgumentParser(prog="python -m pipeline.oracle_gap", description=__doc__.splitlines()[0])
     add_builtin_data_args(p)
@@ -143,8 +143,7 @@ def main(argv=None) -> int:
                    help="ctr: clicks over all eval impressions; cvr: purchases over the clicked ones")
     args = p.parse_args(argv)
     try:
-        cfg = datagen.GeneratorConfig(rows=args.rows, seed=args.seed, users=args.users, items=args.items,
-                                      daction_informative=not args.uninformative_daction)
+        cfg = builtin_generator_config(args)
         if not 0.0 < args.eval_fraction < 1.0:
             raise ValueError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
     except ValueError as exc:

@@ -87,6 +87,17 @@ def add_builtin_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--items", type=int, default=None, help="built-in data only: number of items (default rows/40)")
     p.add_argument("--uninformative-daction", action="store_true",
                    help="built-in data only: make purchase independent of DAction")
+    p.add_argument("--no-lifecycle-stages", action="store_true",
+                   help="built-in data only: every user stays in the first lifecycle stage (the control for STAN)")
+
+
+def builtin_generator_config(args):
+    """The ``datagen.GeneratorConfig`` of the options above (and ``--seed``); ValueError names a bad one."""
+    from pipeline import datagen
+
+    return datagen.GeneratorConfig(rows=args.rows, seed=args.seed, users=args.users, items=args.items,
+                                   daction_informative=not args.uninformative_daction,
+                                   lifecycle_stages=not args.no_lifecycle_stages)
 
 
 def split_beam_args(rest: Sequence[str]) -> List[str]:
@@ -125,8 +136,7 @@ def resolve_schema(args, work_dir: str, timings: Dict[str, float]):
     input_path = args.data
     if args.schema is None and input_path is None:
         try:
-            cfg = datagen.GeneratorConfig(rows=args.rows, seed=args.seed, users=args.users, items=args.items,
-                                          daction_informative=not args.uninformative_daction)
+            cfg = builtin_generator_config(args)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         out = os.path.join(work_dir, "builtin-data", f"rows{args.rows}-seed{args.seed}-{cfg.fingerprint()}")

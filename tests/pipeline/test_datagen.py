@@ -155,3 +155,26 @@ def test_fingerprint_changes_with_the_generator_version(monkeypatch):
     assert GeneratorConfig(rows=1000).fingerprint() == before
     monkeypatch.setattr(datagen, "GENERATOR_VERSION", datagen.GENERATOR_VERSION + 1)
     assert GeneratorConfig(rows=1000).fingerprint() != before
+
+
+def test_without_lifecycle_stages_every_user_stays_in_the_first_stage():
+    cfg = GeneratorConfig(rows=20_000, seed=3, lifecycle_stages=False)
+    world = datagen._World(cfg, np.random.default_rng(cfg.seed))
+    blocks = list(datagen.generate_blocks(cfg, hidden=True))
+    for b in blocks:
+        assert not b["true_stage"].any()
+        # the label process is the first stage's for every row, however many impressions the user has had
+        y1, y2, y3, y4, _ = world.probabilities(b["_user"], b["_item"], b["true_scenario"],
+                                                np.zeros(len(b["_user"]), np.int64), b["_is_repeat"])
+        np.testing.assert_allclose(b["true_ctr"], y1, rtol=1e-6)
+        np.testing.assert_allclose(b["true_cvr"], y2 * y3 + (1 - y2) * y4, rtol=1e-5)
+    click = np.concatenate([b["click"] for b in blocks])
+    assert 0.03 < click.mean() < 0.09  # the intercepts are calibrated without stages too
+    staged = list(datagen.generate_blocks(GeneratorConfig(rows=20_000, seed=3), hidden=True))
+    assert set(np.concatenate([b["true_stage"] for b in staged])) == {0, 1, 2, 3}
+
+
+def test_fingerprint_of_data_generated_before_lifecycle_stages_was_an_option_is_unchanged():
+    # the built-in data directory of the default 200k rows, seed 0, as named before the option existed
+    assert GeneratorConfig(rows=200_000, seed=0).fingerprint() == "352702eab973"
+    assert GeneratorConfig(rows=200_000, seed=0, lifecycle_stages=False).fingerprint() != "352702eab973"

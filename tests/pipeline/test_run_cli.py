@@ -101,3 +101,11 @@ def test_summary_says_when_preprocessing_was_reused_and_how_to_redo_it(capsys, r
     line = capsys.readouterr().out.splitlines()[2]
     assert "rows in 10: train 7  eval 2  test 0  rejected 1" in line
     assert ("--no-reuse-preprocessed" in line) is reused
+
+
+def test_no_lifecycle_stages_reaches_the_generator_config():
+    args, _ = run_mod.build_parser().parse_known_args(["--rows", "1000", "--no-lifecycle-stages", "--users", "40"])
+    cfg = run_mod.builtin_generator_config(args)
+    assert (cfg.rows, cfg.users, cfg.lifecycle_stages, cfg.daction_informative) == (1000, 40, False, True)
+    default, _ = run_mod.build_parser().parse_known_args(["--rows", "1000"])
+    assert run_mod.builtin_generator_config(default).lifecycle_stages
