@@ -45,6 +45,7 @@ from models.tasks import BinaryTask
 from transforms.features import CLICK, CTR, HOUR_ID, REPEAT_RATIO_LABEL, UF_IN_HISTORY, flag, zscore
 
 SCENARIO = "scenario"
+KL_TERMS = ("sample", "marginal")
 REPEAT_INTENTION = "repeat_intention"
 
 
@@ -58,6 +59,9 @@ class MUSENETConfig(ModelConfig):
     prototype_init: str = "random"    # "random" N(0, 1) or "kmeans++" seeds from the first training batch
     beta: float = 0.5                 # weight of L_A (Eq. 13)
     w_kl: float = 1.0                 # weight of D_KL (Eq. 13 uses 1)
+    # "sample": Eq. 12 as printed, mean_i KL(a_i || 1/K). "marginal": KL(mean_i a_i || 1/K), Eq. 12 less the
+    # mutual information between sample and scenario that the per-sample form also charges (see ScenarioLearner).
+    kl_term: str = "sample"
     normalize_scenario_input: bool = True  # standardise x per sample before f_omega
     use_scenarios: bool = True        # False: no scenario learner (K = 1, a = 1): ablation "w/o M1"
     use_repeat: bool = True           # False: z_k = s_k, one scorer per scenario: ablation "w/o M2"
@@ -83,6 +87,8 @@ class MUSENETConfig(ModelConfig):
         if self.repeat_combination not in RepeatIntention.COMBINATIONS:
             raise ValueError(f"MUSENETConfig.repeat_combination must be one of {RepeatIntention.COMBINATIONS}, "
                              f"got {self.repeat_combination!r}")
+        if self.kl_term not in KL_TERMS:
+            raise ValueError(f"MUSENETConfig.kl_term must be one of {KL_TERMS}, got {self.kl_term!r}")
         if self.assignment not in ASSIGNMENTS:
             raise ValueError(f"MUSENETConfig.assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
         if not self.temperature > 0:
@@ -112,6 +118,13 @@ PRESETS: Dict[str, MUSENETConfig] = {
                                          prototype_init="kmeans++"),
     "hard_context_log_odds_pp": MUSENETConfig(assignment="hard", scenario_side="context",
                                               repeat_combination="log_odds", prototype_init="kmeans++"),
+    # The same with the KL of the batch's mean assignment to the prior instead of Eq. 12's per-sample KL (which also
+    # charges the information an assignment carries about its sample): the scenarios are recovered (README).
+    "context_log_odds_pp_marginal": MUSENETConfig(scenario_side="context", repeat_combination="log_odds",
+                                                  prototype_init="kmeans++", kl_term="marginal"),
+    "hard_context_log_odds_pp_marginal": MUSENETConfig(assignment="hard", scenario_side="context",
+                                                       repeat_combination="log_odds", prototype_init="kmeans++",
+                                                       kl_term="marginal"),
     # §4.1 Implementations: Adam 1e-3, K = 4, beta = 0.5.
     "paper": MUSENETConfig(learning_rate=1e-3, num_scenarios=4, beta=0.5),
 }
@@ -263,7 +276,12 @@ class MUSENET(MultiTaskModel):
         """(L_T, D_KL, L_A) of Eq. 13; L_T also feeds the task's metrics."""
         out = self.forward(features, training=training, update_prototypes=update_prototypes)
         l_t = self._tasks[0].compute_loss(labels, out)                                       # Eq. 11
-        kl = ScenarioLearner.kl_to_uniform(out["a"]) if self.scenarios is not None else tf.constant(0.0)  # Eq. 12
+        if self.scenarios is None:
+            kl = tf.constant(0.0)
+        elif self.config.kl_term == "marginal":
+            kl = ScenarioLearner.marginal_kl_to_uniform(out["a"])
+        else:
+            kl = ScenarioLearner.kl_to_uniform(out["a"])                                    # Eq. 12
         if self.config.use_repeat:
             r = tf.reshape(tf.cast(labels[REPEAT_RATIO_LABEL], tf.float32), [-1, 1])
             l_a = tf.reduce_mean(tf.square(r - out[REPEAT_INTENTION]))                      # Eq. 10

@@ -20,7 +20,9 @@ Planted structures (each hidden from the columns the models see, but inferable f
   and shifts click, DAction and purchase propensities (``lifecycle_stages=False``, the control: every user
   stays in the first stage);
 * K latent scenarios (MUSENET): drawn per impression from hour of day, then expressed in the observable
-  ``device`` and ``page``; each scenario has its own category preferences and repeat propensity;
+  ``device`` and ``page``; each scenario has its own category preferences and repeat propensity, and with
+  ``scenario_taste > 0`` its own taste of each user group for each category (a three-way interaction of scenario,
+  group and category; 0, the default, leaves the data of earlier versions unchanged);
 * repeat consumption (MUSENET): in repeat-prone scenarios the impressed item is drawn from the items the
   user clicked before, and such repeats are clicked more;
 * user groups (GPRec): users share a group taste vector (groups shape age/gender/power), plus a per-user
@@ -75,6 +77,9 @@ class GeneratorConfig:
     history_len: int = 20
     daction_informative: bool = True
     lifecycle_stages: bool = True  # False: the control for STAN: every user stays in stage 0 (no stage effects)
+    # Weight of the scenario-specific taste term g_u . v_{scenario, category} / sqrt(D) in the click logit, g_u the
+    # user's group taste (MUSENET's premise: what a user wants depends on the latent scenario). 0: no such term.
+    scenario_taste: float = 0.0
     missing_rate: float = 0.03
     # Target rates (the intercepts are calibrated to them, see _World.calibrate).
     target_ctr: float = 0.05
@@ -91,6 +96,8 @@ class GeneratorConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if not self.scenario_taste >= 0.0:
+            raise ValueError(f"scenario_taste must be >= 0, got {self.scenario_taste}")
         if not 0.0 <= self.missing_rate < 0.5:
             raise ValueError(f"missing_rate must be in [0, 0.5), got {self.missing_rate}")
 
@@ -112,7 +119,7 @@ class GeneratorConfig:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-_LATER_FIELDS = {"lifecycle_stages": True}
+_LATER_FIELDS = {"lifecycle_stages": True, "scenario_taste": 0.0}
 
 
 def _sigmoid(x):
@@ -181,6 +188,10 @@ class _World:
         # category or brand term), so many DAction labels teach it long before the few purchases do (ESM²).
         self.cat_da = rng.normal(0, 1.0, C)
         self.brand_da = rng.normal(0, 1.0, cfg.brands)
+        # Scenario-specific taste vectors of the categories [K, C, D], from their own stream so that the rest of
+        # the world (and every earlier dataset) is the same whatever ``scenario_taste`` is.
+        self.scenario_taste = float(cfg.scenario_taste)
+        self.scen_cat_vec = np.random.default_rng([cfg.seed, 11]).normal(0, 1.0, (K, C, D))
         self.calibrate(cfg, np.random.default_rng([cfg.seed, 7]))
 
 
@@ -190,7 +201,7 @@ class _World:
         seg, cat = self.segment[u], self.category[item]
         lp = self.log_price[item] - 3.5
         affinity = (self.taste[u] * self.item_vec[item]).sum(1) / np.sqrt(self.taste.shape[1])
-        l1 = (0.6 * affinity + self.scen_cat[scen, cat] + self.scen_repeat_boost[scen] * is_repeat
+        l1 = (0.6 * affinity + self.scenario_logit(u, item, scen, is_repeat)
               + self.stage_ctr[stage] + self.seg_price_ctr[seg] * lp + self.seg_bias[seg] + self.quality[item])
         affinity2 = (self.taste[u] * self.item_vec2[item]).sum(1) / np.sqrt(self.taste.shape[1])
         power = self.power[u] - 2.0
@@ -198,6 +209,18 @@ class _World:
               + self.brand_da[self.brand[item]])
         l_buy = 0.3 * power + self.stage_buy[stage] + self.seg_price_buy[seg] * lp + 0.5 * self.quality[item]
         return l1, l2, l_buy, affinity
+
+    def scenario_logit(self, u, item, scen, is_repeat):
+        """The click logit's scenario part [N]: the scenario x category preference, the scenario's repeat boost
+        and ``scenario_taste`` * g_u . v_{scenario, category} / sqrt(D), g_u the taste of the user's group (which
+        the demographics reveal, so a model can learn the term from a few hundred thousand rows)."""
+        cat = self.category[item]
+        out = self.scen_cat[scen, cat] + self.scen_repeat_boost[scen] * is_repeat
+        if self.scenario_taste:
+            group_taste = self.group_taste[self.group[u]]
+            taste = (group_taste * self.scen_cat_vec[scen, cat]).sum(1) / np.sqrt(group_taste.shape[1])
+            out = out + self.scenario_taste * taste
+        return out
 
     def probabilities(self, u, item, scen, stage, is_repeat):
         """(y1, y2, y3, y4, affinity); y3 == y4 when DAction is made uninformative."""
@@ -477,12 +500,15 @@ def main(argv=None) -> int:
                         help="make purchase independent of DAction (ESM² should then not beat ESMM)")
     parser.add_argument("--no-lifecycle-stages", action="store_true",
                         help="every user stays in the first lifecycle stage (the control for STAN)")
+    parser.add_argument("--scenario-taste", type=float, default=0.0,
+                        help="weight of the scenario-specific user-group x category taste in the click logit "
+                             "(default 0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         cfg = GeneratorConfig(rows=args.rows, seed=args.seed, users=args.users, items=args.items, days=args.days,
                               rows_per_file=args.rows_per_file, daction_informative=not args.uninformative_daction,
-                              lifecycle_stages=not args.no_lifecycle_stages)
+                              lifecycle_stages=not args.no_lifecycle_stages, scenario_taste=args.scenario_taste)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

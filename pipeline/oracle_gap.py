@@ -11,7 +11,8 @@ built-in data) with hidden parts replaced by what the columns can reveal of them
 all eval impressions by the true click probability; ``--task cvr`` ranks the clicked ones by the true purchase
 probability after a click, y2 y3 + (1 - y2) y4.
 
-* ``scenario``: the scenario x category term and the scenario's repeat boost -> their expectation under the
+* ``scenario``: the scenario x category term, the scenario's repeat boost (and the scenario-specific taste, with
+  ``--scenario-taste``) -> their expectation under the
   Bayes posterior of the scenario given hour, device and page (what a model that infers scenarios perfectly
   knows). Scenarios move clicks only, so for CVR this row is the oracle;
 * ``stage``: the lifecycle stage's click, DAction and purchase terms -> their means. The stage follows the
@@ -80,7 +81,6 @@ def breakdown(cfg: datagen.GeneratorConfig, eval_fraction: float = 0.2, task: st
     y = c["click" if task == "ctr" else "purchase"][ev]
     device, page = c["_device"][ev], c["_page"][ev]
     hour = (ts[ev] // 3600) % 24
-    cat = world.category[item]
 
     def logits(**replaced) -> np.ndarray:
         """[3, N]: the click, DAction and purchase logits of the eval rows in a copy of the world with some of
@@ -98,8 +98,9 @@ def breakdown(cfg: datagen.GeneratorConfig, eval_fraction: float = 0.2, task: st
     full = logits()
     zero = np.zeros_like(full)
     post = scenario_posterior(world, hour, device, page)
-    scen_term = world.scen_cat[scen, cat] + world.scen_repeat_boost[scen] * rep
-    scen_expected = (post * (world.scen_cat[:, cat].T + world.scen_repeat_boost[None, :] * rep[:, None])).sum(1)
+    scen_term = world.scenario_logit(u, item, scen, rep)
+    scen_expected = sum(post[:, k] * world.scenario_logit(u, item, np.full_like(scen, k), rep)
+                        for k in range(cfg.scenarios))
     scen_delta = zero.copy()
     scen_delta[0] = scen_expected - scen_term                     # scenarios move clicks only
     stage_delta = np.stack([effect[stage].mean() - effect[stage]

@@ -89,6 +89,9 @@ def add_builtin_data_args(p: argparse.ArgumentParser) -> None:
                    help="built-in data only: make purchase independent of DAction")
     p.add_argument("--no-lifecycle-stages", action="store_true",
                    help="built-in data only: every user stays in the first lifecycle stage (the control for STAN)")
+    p.add_argument("--scenario-taste", type=float, default=0.0, metavar="W",
+                   help="built-in data only: weight of a scenario-specific user-group x category taste in the "
+                        "click logit (MUSENET's premise; default 0: scenarios shift clicks additively only)")
 
 
 def builtin_generator_config(args):
@@ -97,7 +100,8 @@ def builtin_generator_config(args):
 
     return datagen.GeneratorConfig(rows=args.rows, seed=args.seed, users=args.users, items=args.items,
                                    daction_informative=not args.uninformative_daction,
-                                   lifecycle_stages=not args.no_lifecycle_stages)
+                                   lifecycle_stages=not args.no_lifecycle_stages,
+                                   scenario_taste=args.scenario_taste)
 
 
 def split_beam_args(rest: Sequence[str]) -> List[str]:

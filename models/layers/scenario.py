@@ -53,6 +53,10 @@ class ScenarioLearner(keras.layers.Layer):
       projected sample is averaged). The prototypes Lambda [K, P] are a non-trainable weight: only this
       moving average changes them, never a gradient (Step 1 of the alternating optimisation of Eq. 13).
     * ``kl_to_uniform``: (1/B) sum_i sum_k a_ki (log a_ki + log K) (Eq. 12, P(C) = 1/K).
+    * ``marginal_kl_to_uniform``: sum_k abar_k (log abar_k + log K), abar = (1/B) sum_i a_i [K]: the KL of the batch's
+      aggregate assignment to the prior. Eq. 12's per-sample KL is this plus the mutual information between sample
+      and scenario under a (mean_i KL(a_i || P) = I_a(X; C) + KL(abar || P)), so the marginal form keeps the
+      scenarios in use at the prior's shares without charging an assignment for the information it carries.
     * ``prototype_init``: the paper does not say how Lambda starts. "random": N(0, 1) entries. "kmeans++": the
       first ``update_prototypes`` call first places them by k-means++ seeding on that batch's f_omega(x)
       (``kmeans_pp_seeds``), so that every prototype starts where the projected data is; a non-trainable flag
@@ -173,6 +177,13 @@ class ScenarioLearner(keras.layers.Layer):
         """Eq. 12: mean_i sum_k a_ki (log a_ki + log K), with 0 log 0 = 0; a [B, K] -> scalar."""
         k = tf.cast(tf.shape(a)[-1], a.dtype)
         return tf.reduce_mean(tf.reduce_sum(tf.math.xlogy(a, a) + a * tf.math.log(k), axis=-1))
+
+    @staticmethod
+    def marginal_kl_to_uniform(a: tf.Tensor) -> tf.Tensor:
+        """KL(abar || 1/K) of the batch's mean assignment abar = mean_i a_i; a [B, K] -> scalar."""
+        abar = tf.reduce_mean(a, axis=0)
+        k = tf.cast(tf.shape(a)[-1], a.dtype)
+        return tf.reduce_sum(tf.math.xlogy(abar, abar) + abar * tf.math.log(k))
 
     def get_config(self):
         cfg = super().get_config()

@@ -175,6 +175,36 @@ def test_without_lifecycle_stages_every_user_stays_in_the_first_stage():
 
 
 def test_fingerprint_of_data_generated_before_lifecycle_stages_was_an_option_is_unchanged():
-    # the built-in data directory of the default 200k rows, seed 0, as named before the option existed
+    # the built-in data directory of the default 200k rows, seed 0, as named before the options existed
     assert GeneratorConfig(rows=200_000, seed=0).fingerprint() == "352702eab973"
+    assert GeneratorConfig(rows=200_000, seed=0, scenario_taste=0.0).fingerprint() == "352702eab973"
     assert GeneratorConfig(rows=200_000, seed=0, lifecycle_stages=False).fingerprint() != "352702eab973"
+    assert GeneratorConfig(rows=200_000, seed=0, scenario_taste=0.5).fingerprint() != "352702eab973"
+
+
+def test_scenario_taste_adds_the_user_groups_scenario_specific_taste_for_the_category_to_the_click_logit():
+    w = 0.8
+    plain = next(datagen.generate_blocks(GeneratorConfig(rows=4_000, seed=5), hidden=True))
+    tasted = next(datagen.generate_blocks(GeneratorConfig(rows=4_000, seed=5, scenario_taste=w), hidden=True))
+    # the first block's impressions precede any history, so only the labels differ
+    for k in ("_user", "_item", "true_scenario", "true_stage", "device", "page", "timestamp"):
+        np.testing.assert_array_equal(plain[k], tasted[k])
+    world = datagen._World(GeneratorConfig(rows=4_000, seed=5), np.random.default_rng(5))
+    # the scenario-specific category vectors come from their own stream: seed (5, 11), N(0, 1), [K, C, D]
+    vectors = np.random.default_rng([5, 11]).normal(0, 1.0, (4, 40, 8))
+    u, scen, cat = plain["_user"], plain["true_scenario"], world.category[plain["_item"]]
+    group_taste = world.group_taste[world.group[u]]
+    term = w * np.einsum("nd,nd->n", group_taste, vectors[scen, cat]) / np.sqrt(8)
+    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
+    shift = logit(tasted["true_ctr"].astype(np.float64)) - logit(plain["true_ctr"].astype(np.float64)) - term
+    # what remains is the re-calibrated intercept, the same for every row
+    assert np.ptp(shift) < 1e-3, np.ptp(shift)
+    # DAction after a click moves only by its re-calibrated intercept too: the term enters clicks only
+    y2 = lambda b: b["true_ctavr"].astype(np.float64) / b["true_ctr"]  # noqa: E731
+    assert np.ptp(logit(y2(tasted)) - logit(y2(plain))) < 1e-3
+    assert term.std() > 0.5
+    # the same group and category are liked in one scenario and disliked in another
+    per_scenario = np.einsum("d,kd->k", group_taste[0], vectors[:, cat[0]])
+    assert per_scenario.max() - per_scenario.min() > 0.5
+    with pytest.raises(ValueError, match="scenario_taste"):
+        GeneratorConfig(scenario_taste=-1.0)

@@ -59,6 +59,16 @@ def test_breakdown_starts_from_the_oracle_auc_of_the_eval_split(task, label, col
         oracle_gap.breakdown(CFG, task="ctcvr")
 
 
+def test_scenario_row_expects_the_scenario_specific_taste_under_the_posterior():
+    # with the scenario-specific taste the scenario carries more of the click logit, so replacing it by its
+    # posterior expectation loses more of the oracle's AUC
+    base = datagen.GeneratorConfig(rows=40_000, seed=3)
+    tasted = datagen.GeneratorConfig(rows=40_000, seed=3, scenario_taste=1.5)
+    row = "scenario -> posterior given hour, device, page"
+    plain, with_taste = oracle_gap.breakdown(base), oracle_gap.breakdown(tasted)
+    assert plain["oracle"] - plain[row] < with_taste["oracle"] - with_taste[row]
+
+
 def test_cli_prints_the_table_and_refuses_bad_sizes(capsys):
     assert oracle_gap.main(["--rows", "3000", "--users", "100"]) == 0
     out = capsys.readouterr().out

@@ -109,3 +109,6 @@ def test_no_lifecycle_stages_reaches_the_generator_config():
     assert (cfg.rows, cfg.users, cfg.lifecycle_stages, cfg.daction_informative) == (1000, 40, False, True)
     default, _ = run_mod.build_parser().parse_known_args(["--rows", "1000"])
     assert run_mod.builtin_generator_config(default).lifecycle_stages
+    assert run_mod.builtin_generator_config(default).scenario_taste == 0.0
+    tasted, _ = run_mod.build_parser().parse_known_args(["--rows", "1000", "--scenario-taste", "0.7"])
+    assert run_mod.builtin_generator_config(tasted).scenario_taste == 0.7
