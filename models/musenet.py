@@ -11,7 +11,10 @@ width, N = F * D + dense inputs (the data-sample embedding x), P = projected wid
     Prediction (§3.2.3): ctr = sigma(sum_k a_k z_k) (soft; hard: a is one-hot, so sigma(z_k) of the assigned k).
     Loss (Eq. 13):       L_T (Eq. 11) + D_KL(a || 1/K) (Eq. 12) + beta * L_A, L_A = mean_i (r_i - sum_k p_r^k a_ki)^2
                          (Eq. 10 without its sign typo: the squared error is minimised), r_i = the user's running
-                         repeat ratio (``pl_repeat_ratio``).
+                         repeat ratio (``pl_repeat_ratio``). ``kl_term='marginal'`` replaces Eq. 12's per-sample
+                         KL by KL(mean_i a_i || 1/K): Eq. 12 = I_a(X; C) + that marginal KL, so the per-sample
+                         form also penalises the information the assignment carries about its sample, which is
+                         what scenario recovery needs. Under a distribution strategy the mean is per replica.
     Optimisation:        each training step first moves the prototypes by Eq. 14 (alpha = 0.2) with Theta fixed,
                          then takes a gradient step on Theta (omega, embeddings, MLPs) with the new prototypes
                          fixed: the alternating scheme of Eq. 13. Prototypes receive no gradient.
@@ -21,8 +24,9 @@ its products in odds space (``repeat_combination='log_odds'``) and the context-o
 ~0.001 ahead of ``musenet_base`` at 200k rows (4 of 5 seeds) and ~0.002 behind at 600k. The hard context-only
 learner reaches NMI >= 0.5 with the hidden scenarios in 2 of 5 seeds (0.48 +- 0.13), 3 of 5 with k-means++
 seeded prototypes (``prototype_init='kmeans++'``, 0.45 +- 0.21); the soft learner stays near uniform under
-Eq. 12's KL at weight 1. With more events per user and item (600k rows, 6000 users, 600 items) the ablation
-leads by 0.0016.
+Eq. 12's KL at weight 1. With the marginal KL (presets ``*_marginal``) both learners recover the scenarios in
+5 of 5 seeds at 200k rows (soft 0.70 +- 0.05, hard 0.67 +- 0.05), at the ablation's CTR AUC. With more events
+per user and item (600k rows, 6000 users, 600 items) the ablation leads by 0.0016.
 
 Outputs of ``call``: ``ctr`` [B, 1]; ``scenario`` [B, K] (Q_s, the scenario distribution) and
 ``repeat_intention`` [B, 1] (sum_k a_k p_r^k) when those modules are on. Ablation "w/o M1 & M2"
