@@ -253,18 +253,26 @@ class RepeatIntention(keras.layers.Layer):
       z_k = I[t in B_u] (log p_r^k + s_r^k) + (1 - I[t in B_u]) (log(1 - p_r^k) + s_e^k), i.e. the odds of a click
       are p_r e^{s_r} (repeat) or (1 - p_r) e^{s_e} (explore): the intention shifts the logit instead of scaling it.
 
+    * ``scorers='separate'`` (the paper): s_r and s_e are two MLPs, each trained only on the impressions its
+      indicator selects. ``'shared'``: one MLP per scenario with two outputs (s_r^k, s_e^k), so the hidden layers
+      learn from every impression and only the output units are mode-specific.
+
     ``call(intention_x [B, Ni], sample_x [B, N], in_history [B, 1] or [B])`` returns a dict of [B, K] tensors
     ``p_r``, ``s_r``, ``s_e``, ``z``. With ``use_repeat=False`` (the "w/o M2" ablation) there is one scorer
     per scenario and z_k = s_k (``p_r`` is then absent).
     """
 
     COMBINATIONS = ("paper", "log_odds")
+    SCORERS = ("separate", "shared")
 
     def __init__(self, num_scenarios: int, hidden_units: Sequence[int], dropout: float = 0.0, l2: float = 0.0,
-                 use_repeat: bool = True, combination: str = "paper", **kwargs):
+                 use_repeat: bool = True, combination: str = "paper", scorers: str = "separate", **kwargs):
         super().__init__(**kwargs)
         if combination not in self.COMBINATIONS:
             raise ValueError(f"RepeatIntention: combination must be one of {self.COMBINATIONS}, got {combination!r}")
+        if scorers not in self.SCORERS:
+            raise ValueError(f"RepeatIntention: scorers must be one of {self.SCORERS}, got {scorers!r}")
+        self.scorers = scorers
         self.combination = combination
         self.num_scenarios = int(num_scenarios)
         self.hidden_units = [int(u) for u in hidden_units]
@@ -274,8 +282,11 @@ class RepeatIntention(keras.layers.Layer):
         mlp = dict(heads=self.num_scenarios, hidden_units=self.hidden_units, dropout=self.dropout, l2=self.l2)
         if self.use_repeat:
             self.intention = ParallelMLP(**mlp, name="intention")
-            self.repeat = ParallelMLP(**mlp, name="repeat")
-            self.explore = ParallelMLP(**mlp, name="explore")
+            if scorers == "shared":
+                self.repeat_explore = ParallelMLP(**mlp, output_units=2, name="repeat_explore")
+            else:
+                self.repeat = ParallelMLP(**mlp, name="repeat")
+                self.explore = ParallelMLP(**mlp, name="explore")
         else:
             self.scorer = ParallelMLP(**mlp, name="scorer")
 
@@ -295,13 +306,17 @@ class RepeatIntention(keras.layers.Layer):
             s = self.scorer(sample_x, training=training)[..., 0]
             return {"z": s}
         p_r = tf.sigmoid(self.intention(intention_x, training=training)[..., 0])
-        s_r = self.repeat(sample_x, training=training)[..., 0]
-        s_e = self.explore(sample_x, training=training)[..., 0]
+        if self.scorers == "shared":
+            scores = self.repeat_explore(sample_x, training=training)                       # [B, K, 2]
+            s_r, s_e = scores[..., 0], scores[..., 1]
+        else:
+            s_r = self.repeat(sample_x, training=training)[..., 0]
+            s_e = self.explore(sample_x, training=training)[..., 0]
         return {"p_r": p_r, "s_r": s_r, "s_e": s_e,
                 "z": self.combine(in_history, p_r, s_r, s_e, self.combination)}
 
     def get_config(self):
         cfg = super().get_config()
         cfg.update(num_scenarios=self.num_scenarios, hidden_units=self.hidden_units, dropout=self.dropout,
-                   l2=self.l2, use_repeat=self.use_repeat, combination=self.combination)
+                   l2=self.l2, use_repeat=self.use_repeat, combination=self.combination, scorers=self.scorers)
         return cfg

@@ -142,6 +142,33 @@ def test_eq9_in_odds_space_shifts_the_logit_by_the_log_intention():
         RepeatIntention(3, [4], combination="sum")
 
 
+def test_shared_scorers_are_one_mlp_with_two_outputs_trained_by_every_impression():
+    rng = np.random.default_rng(7)
+    xi, x = tf.constant(rng.normal(size=(6, 5)), tf.float32), tf.constant(rng.normal(size=(6, 4)), tf.float32)
+    repeats = tf.ones([6, 1])                                           # every target is in the history
+    shared = RepeatIntention(3, [8], combination="log_odds", scorers="shared")
+    out = shared(xi, x, repeats)
+    k1, b1, k2, b2 = (w.numpy() for w in shared.repeat_explore.weights)
+    for k in range(3):                                                  # s_r, s_e = outputs 0, 1 of head k
+        scores = np.maximum(x.numpy() @ k1[k] + b1[k], 0) @ k2[k] + b2[k]
+        np.testing.assert_allclose(out["s_r"].numpy()[:, k], scores[:, 0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out["s_e"].numpy()[:, k], scores[:, 1], rtol=1e-5, atol=1e-6)
+
+    def grads(layer):
+        with tf.GradientTape() as tape:
+            z = layer(xi, x, repeats)["z"]
+            loss = tf.reduce_sum(tf.square(z))
+        return dict(zip([w.name for w in layer.trainable_weights], tape.gradient(loss, layer.trainable_weights)))
+
+    # repeat impressions only: the paper's separate explore MLP learns nothing from them; the shared hidden layer does
+    separate = grads(RepeatIntention(3, [8], combination="log_odds"))
+    assert all(g is None or not np.any(g.numpy()) for n, g in separate.items() if "explore" in n)
+    hidden = [g for n, g in grads(shared).items() if "repeat_explore" in n and "dense_0_kernel" in n]
+    assert hidden and np.abs(hidden[0].numpy()).sum() > 0
+    with pytest.raises(ValueError, match="scorers"):
+        RepeatIntention(3, [4], scorers="tied")
+
+
 def test_eq12_kl_to_uniform_prior_by_hand():
     a = np.array([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]], np.float32)
     # row 0: 0; row 1: 1 * (0 + log 4); row 2: 2 * 0.5 * (log 0.5 + log 4) = log 2
@@ -344,7 +371,8 @@ def test_train_step_moves_prototypes_by_eq14_then_steps_theta_with_them_fixed():
     np.testing.assert_array_equal(layer.prototypes.numpy(), before)
 
 
-@pytest.mark.parametrize("kw", [{}, {"assignment": "hard"}, {"use_scenarios": False, "use_repeat": False}])
+@pytest.mark.parametrize("kw", [{}, {"assignment": "hard"}, {"use_scenarios": False, "use_repeat": False},
+                                {"repeat_scorers": "shared", "kl_term": "marginal"}])
 def test_gradients_reach_every_trainable_variable(kw):
     m = _model(**kw)
     feats, labels = _batch()
@@ -379,7 +407,7 @@ def test_config_round_trip_gives_identical_predictions(kw):
         np.testing.assert_array_equal(v.numpy(), clone(feats)[k].numpy())
 
 
-@pytest.mark.parametrize("kw", [{}, {"prototype_init": "kmeans++"}])
+@pytest.mark.parametrize("kw", [{}, {"prototype_init": "kmeans++", "repeat_scorers": "shared"}])
 def test_save_and_reload_gives_identical_predictions_and_prototypes(tmp_path, kw):
     m = _fitted(**kw)
     feats, _ = _batch(seed=4)
@@ -402,6 +430,7 @@ def test_save_and_reload_gives_identical_predictions_and_prototypes(tmp_path, kw
     (ScenarioLearner(2, 3, prototype_init="kmeans++"), 1),
     (ParallelMLP(3, [5, 4], output_units=2, dropout=0.1, l2=1e-4), 1),
     (RepeatIntention(2, [3], combination="log_odds"), 3),
+    (RepeatIntention(2, [3], combination="log_odds", scorers="shared"), 3),
 ])
 def test_layer_config_round_trip(layer, n_inputs):
     x = [tf.random.normal([6, 7]), tf.random.normal([6, 5]), tf.constant([[0.0], [1.0]] * 3)][:n_inputs]
@@ -462,13 +491,17 @@ def test_registry_presets_and_config_validation():
     assert registry.resolve_config("musenet", "log_odds").repeat_combination == "log_odds"
     assert registry.resolve_config("musenet", "hard_context_log_odds_pp").prototype_init == "kmeans++"
     assert d.kl_term == "sample"                                        # Eq. 12 as printed
-    for name in ("context_log_odds_pp_marginal", "hard_context_log_odds_pp_marginal"):
+    for name in ("context_log_odds_pp_marginal", "hard_context_log_odds_pp_marginal",
+                 "context_log_odds_pp_marginal_shared"):
         assert registry.resolve_config("musenet", name).kl_term == "marginal"
+    assert registry.resolve_config("musenet", "context_log_odds_pp_marginal_shared").repeat_scorers == "shared"
+    assert d.repeat_scorers == "separate"                               # two MLPs, as printed
     for kwargs, field in [({"assignment": "medium"}, "assignment"), ({"num_scenarios": 0}, "num_scenarios"),
                           ({"temperature": 0.0}, "temperature"), ({"prototype_momentum": 1.5}, "prototype_momentum"),
                           ({"beta": -1.0}, "beta"), ({"scenario_side": "items"}, "scenario_side"),
                           ({"repeat_combination": "sum"}, "repeat_combination"),
-                          ({"prototype_init": "zeros"}, "prototype_init"), ({"kl_term": "batch"}, "kl_term")]:
+                          ({"prototype_init": "zeros"}, "prototype_init"), ({"kl_term": "batch"}, "kl_term"),
+                          ({"repeat_scorers": "tied"}, "repeat_scorers")]:
         with pytest.raises(ValueError, match=field):
             MUSENETConfig(**kwargs)
 
