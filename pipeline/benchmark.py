@@ -33,7 +33,7 @@ def parse_spec(spec: str, default_preset: str = "default") -> Tuple[str, str]:
 
 def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, epochs: int, preset: str = "default",
                   batch_size=None, beam_args=None, preprocess: bool = True, baseline: Optional[str] = None,
-                  plots: bool = True) -> Dict:
+                  plots: bool = True, deterministic: bool = False) -> Dict:
     """Trains every (model, seed) on the same preprocessed data; writes the report; returns its aggregate."""
     import tensorflow_transform as tft
 
@@ -59,7 +59,7 @@ def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, ep
             logger.info("[%d/%d] training %s, seed %d", len(sum(runs.values(), [])) + 1, total, spec, seed)
             model, history = train_model(model_name, cfg, schema.contract, tft_output,
                                          transformed_pattern(pp_dir, "train"), transformed_pattern(pp_dir, "eval"),
-                                         TrainConfig(epochs=epochs, seed=seed))
+                                         TrainConfig(epochs=epochs, seed=seed, deterministic=deterministic))
             report = ev.evaluate_model(model, schema.contract, tft_output, transformed_pattern(pp_dir, "eval"))
             eval_rows = max([eval_rows] + [r["n"] for r in report.values()])
             diagnostics = model.diagnostics()
@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default="artifacts/benchmark")
     p.add_argument("--baseline", default=None, help="model RelaImpr is measured against (default: the first)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--deterministic", action="store_true",
+                   help="ordered input pipeline and deterministic ops: a seed's figures repeat exactly (slower)")
     p.add_argument("--reuse-preprocessed", action="store_true",
                    help="skip preprocessing when the work directory holds a completed run of the same inputs, "
                         "schema, options and preprocessing code")
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
         return 2
     result = run_benchmark(models, list(range(args.seeds)), schema, work_dir, args.epochs, args.preset,
                            args.batch_size, beam_args, preprocess=not args.reuse_preprocessed,
-                           baseline=args.baseline, plots=not args.no_plots)
+                           baseline=args.baseline, plots=not args.no_plots, deterministic=args.deterministic)
     print(format_table(result))
     print(f"report: {os.path.join(work_dir, 'report.md')} (and report.json, plots)")
     return 0

@@ -95,6 +95,21 @@ def test_benchmark_command_writes_report_on_preprocessed_data(e2e_run, tmp_path,
     assert os.path.exists(tmp_path / "roc_cvr_entire.png") and os.path.exists(tmp_path / "training_curves.png")
 
 
+def test_benchmark_with_deterministic_repeats_a_seeds_figures_exactly(e2e_run, tmp_path):
+    from pipeline import benchmark
+
+    work = tmp_path
+    for sub in ("builtin-data", "preprocessed"):
+        shutil.copytree(os.path.join(e2e_run["work_dir"], sub), work / sub)
+    reports = []
+    for _ in range(2):  # the second run reuses the first one's preprocessing (the copy's paths differ)
+        assert benchmark.main(["--models", "dnn", "--seeds", "1", "--epochs", "1", "--rows", "6000",
+                               "--batch-size", "256", "--work-dir", str(work), "--reuse-preprocessed",
+                               "--no-plots", "--deterministic"]) == 0
+        reports.append(json.loads((work / "report.json").read_text())["per_seed"]["dnn"][0]["ctr"])
+    assert reports[0]["auc"] == reports[1]["auc"] and reports[0]["logloss"] == reports[1]["logloss"]
+
+
 def test_benchmark_rejects_a_baseline_outside_the_models(capsys):
     from pipeline import benchmark
 
