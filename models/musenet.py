@@ -25,11 +25,12 @@ its products in odds space (``repeat_combination='log_odds'``) and the context-o
 learner reaches NMI >= 0.5 with the hidden scenarios in 2 of 5 seeds (0.48 +- 0.13), 3 of 5 with k-means++
 seeded prototypes (``prototype_init='kmeans++'``, 0.45 +- 0.21); the soft learner stays near uniform under
 Eq. 12's KL at weight 1. With the marginal KL (presets ``*_marginal``) both learners recover the scenarios in
-5 of 5 seeds at 200k rows (soft 0.70 +- 0.05, hard 0.67 +- 0.05), at the ablation's CTR AUC. With s_r and s_e
-sharing one MLP (``repeat_scorers='shared'``) soft MUSENET leads the ablation at 200k rows in 5 of 5 seeds
-(+0.0012). With more events per user and item (600k rows, 6000 users, 600 items) the ablation leads every
-variant (by 0.0015 the shared one): the data has no scenario effect that the ablation's MLP cannot read from
-the context, so heads that each learn from one scenario's share of the data only cost.
+5 of 5 seeds at 200k rows (soft 0.70 +- 0.05, hard 0.67 +- 0.05; a ``--deterministic`` rerun 0.75 and 0.68),
+at about the ablation's CTR AUC (+0.0004 to +0.0012 over two runs, a lead the deterministic run does not
+hold beyond the spreads; s_r and s_e sharing one MLP, ``repeat_scorers='shared'``, is the best variant). With
+more events per user and item (600k rows, 6000 users, 600 items) the ablation leads every variant (by 0.0015
+the shared one): the data has no scenario effect that the ablation's MLP cannot read from the context, so
+heads that each learn from one scenario's share of the data only cost.
 
 Outputs of ``call``: ``ctr`` [B, 1]; ``scenario`` [B, K] (Q_s, the scenario distribution) and
 ``repeat_intention`` [B, 1] (sum_k a_k p_r^k) when those modules are on. Ablation "w/o M1 & M2"
