@@ -84,7 +84,8 @@ def format_table(result: Dict) -> str:
 
 
 def main(argv=None) -> int:
-    from pipeline.run import UsageError, _Parser, add_builtin_data_args, resolve_schema, split_beam_args
+    from pipeline.datagen import add_builtin_data_args
+    from pipeline.run import UsageError, _Parser, resolve_schema, split_beam_args
 
     p = _Parser(prog="python -m pipeline.benchmark", description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--models", default="esm2,esmm", help="name[:preset], comma separated")

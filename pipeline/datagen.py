@@ -487,28 +487,42 @@ def ensure_builtin(cfg: GeneratorConfig, out_dir: str) -> Dict:
     return manifest
 
 
+def add_builtin_data_args(p: argparse.ArgumentParser) -> None:
+    """The generator's options shared by every command that generates built-in data (``pipeline.run``,
+    ``pipeline.benchmark``, ``pipeline.oracle_gap`` and this module's CLI; ``--seed`` each adds itself)."""
+    p.add_argument("--rows", type=int, default=GeneratorConfig.rows,
+                   help=f"rows of built-in data to generate (default {GeneratorConfig.rows})")
+    p.add_argument("--users", type=int, default=None,
+                   help="built-in data only: number of users (default rows/10; fewer users = more events per user)")
+    p.add_argument("--items", type=int, default=None, help="built-in data only: number of items (default rows/40)")
+    p.add_argument("--uninformative-daction", action="store_true",
+                   help="built-in data only: make purchase independent of DAction (ESM² should then not beat ESMM)")
+    p.add_argument("--no-lifecycle-stages", action="store_true",
+                   help="built-in data only: every user stays in the first lifecycle stage (the control for STAN)")
+    p.add_argument("--scenario-taste", type=float, default=0.0, metavar="W",
+                   help="built-in data only: weight of a scenario-specific user-group x category taste in the "
+                        "click logit (MUSENET's premise; default 0: scenarios shift clicks additively only)")
+
+
+def builtin_generator_config(args, **fields) -> GeneratorConfig:
+    """The ``GeneratorConfig`` of the options above, ``--seed`` and ``fields``; ValueError names a bad one."""
+    return GeneratorConfig(rows=args.rows, seed=args.seed, users=args.users, items=args.items,
+                           daction_informative=not args.uninformative_daction,
+                           lifecycle_stages=not args.no_lifecycle_stages, scenario_taste=args.scenario_taste,
+                           **fields)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.datagen", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output directory for part-*.parquet")
-    parser.add_argument("--rows", type=int, default=GeneratorConfig.rows)
+    add_builtin_data_args(parser)
     parser.add_argument("--seed", type=int, default=GeneratorConfig.seed)
-    parser.add_argument("--users", type=int, default=None)
-    parser.add_argument("--items", type=int, default=None)
     parser.add_argument("--days", type=int, default=GeneratorConfig.days)
     parser.add_argument("--rows-per-file", type=int, default=GeneratorConfig.rows_per_file)
-    parser.add_argument("--uninformative-daction", action="store_true",
-                        help="make purchase independent of DAction (ESM² should then not beat ESMM)")
-    parser.add_argument("--no-lifecycle-stages", action="store_true",
-                        help="every user stays in the first lifecycle stage (the control for STAN)")
-    parser.add_argument("--scenario-taste", type=float, default=0.0,
-                        help="weight of the scenario-specific user-group x category taste in the click logit "
-                             "(default 0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        cfg = GeneratorConfig(rows=args.rows, seed=args.seed, users=args.users, items=args.items, days=args.days,
-                              rows_per_file=args.rows_per_file, daction_informative=not args.uninformative_daction,
-                              lifecycle_stages=not args.no_lifecycle_stages, scenario_taste=args.scenario_taste)
+        cfg = builtin_generator_config(args, days=args.days, rows_per_file=args.rows_per_file)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -134,17 +134,15 @@ def breakdown(cfg: datagen.GeneratorConfig, eval_fraction: float = 0.2, task: st
 
 
 def main(argv=None) -> int:
-    from pipeline.run import add_builtin_data_args, builtin_generator_config
-
     p = argparse.ArgumentParser(prog="python -m pipeline.oracle_gap", description=__doc__.splitlines()[0])
-    add_builtin_data_args(p)
+    datagen.add_builtin_data_args(p)
     p.add_argument("--seed", type=int, default=0, help="data generation seed")
     p.add_argument("--eval-fraction", type=float, default=0.2)
     p.add_argument("--task", choices=TASKS, default="ctr",
                    help="ctr: clicks over all eval impressions; cvr: purchases over the clicked ones")
     args = p.parse_args(argv)
     try:
-        cfg = builtin_generator_config(args)
+        cfg = datagen.builtin_generator_config(args)
         if not 0.0 < args.eval_fraction < 1.0:
             raise ValueError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
     except ValueError as exc:

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Dict, List, Sequence
 
+from pipeline.datagen import add_builtin_data_args, builtin_generator_config
+
 logger = logging.getLogger("rankline")
 
 
@@ -77,31 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "job is started again (--no-reuse-preprocessed: always preprocess)")
     p.add_argument("--score-rows", type=int, default=5, help="raw rows scored through the export at the end")
     return p
-
-
-def add_builtin_data_args(p: argparse.ArgumentParser) -> None:
-    """The built-in data generator's options (used when neither --schema nor --data is given)."""
-    p.add_argument("--rows", type=int, default=200_000, help="rows of built-in data to generate (default 200000)")
-    p.add_argument("--users", type=int, default=None,
-                   help="built-in data only: number of users (default rows/10; fewer users = more events per user)")
-    p.add_argument("--items", type=int, default=None, help="built-in data only: number of items (default rows/40)")
-    p.add_argument("--uninformative-daction", action="store_true",
-                   help="built-in data only: make purchase independent of DAction")
-    p.add_argument("--no-lifecycle-stages", action="store_true",
-                   help="built-in data only: every user stays in the first lifecycle stage (the control for STAN)")
-    p.add_argument("--scenario-taste", type=float, default=0.0, metavar="W",
-                   help="built-in data only: weight of a scenario-specific user-group x category taste in the "
-                        "click logit (MUSENET's premise; default 0: scenarios shift clicks additively only)")
-
-
-def builtin_generator_config(args):
-    """The ``datagen.GeneratorConfig`` of the options above (and ``--seed``); ValueError names a bad one."""
-    from pipeline import datagen
-
-    return datagen.GeneratorConfig(rows=args.rows, seed=args.seed, users=args.users, items=args.items,
-                                   daction_informative=not args.uninformative_daction,
-                                   lifecycle_stages=not args.no_lifecycle_stages,
-                                   scenario_taste=args.scenario_taste)
 
 
 def split_beam_args(rest: Sequence[str]) -> List[str]:

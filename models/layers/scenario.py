@@ -180,10 +180,9 @@ class ScenarioLearner(keras.layers.Layer):
 
     @staticmethod
     def marginal_kl_to_uniform(a: tf.Tensor) -> tf.Tensor:
-        """KL(abar || 1/K) of the batch's mean assignment abar = mean_i a_i; a [B, K] -> scalar."""
-        abar = tf.reduce_mean(a, axis=0)
-        k = tf.cast(tf.shape(a)[-1], a.dtype)
-        return tf.reduce_sum(tf.math.xlogy(abar, abar) + abar * tf.math.log(k))
+        """KL(abar || 1/K) of the batch's mean assignment abar = mean_i a_i; a [B, K] -> scalar (Eq. 12's sum for
+        the single row abar)."""
+        return ScenarioLearner.kl_to_uniform(tf.reduce_mean(a, axis=0, keepdims=True))
 
     def get_config(self):
         cfg = super().get_config()
