@@ -1,5 +1,6 @@
 import glob
 import hashlib
+import json
 import os
 import tracemalloc
 
@@ -219,3 +220,15 @@ def test_scenario_taste_adds_the_user_groups_scenario_specific_taste_for_the_cat
     assert per_scenario.max() - per_scenario.min() > 0.5
     with pytest.raises(ValueError, match="scenario_taste"):
         GeneratorConfig(scenario_taste=-1.0)
+
+
+def test_cli_takes_the_shared_generator_options_and_its_own(tmp_path, capsys):
+    out = str(tmp_path / "gen")
+    assert datagen.main(["--out", out, "--rows", "3000", "--rows-per-file", "1000", "--days", "3", "--seed", "4",
+                         "--no-lifecycle-stages", "--scenario-taste", "0.5"]) == 0
+    manifest = json.loads(open(os.path.join(out, "_MANIFEST.json")).read())
+    assert manifest["fingerprint"] == GeneratorConfig(rows=3000, rows_per_file=1000, days=3, seed=4,
+                                                      lifecycle_stages=False, scenario_taste=0.5).fingerprint()
+    assert len(manifest["files"]) == 3
+    assert datagen.main(["--out", out, "--scenario-taste", "-1"]) == 2
+    assert "scenario_taste" in capsys.readouterr().err
