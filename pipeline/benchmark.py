@@ -33,8 +33,10 @@ def parse_spec(spec: str, default_preset: str = "default") -> Tuple[str, str]:
 
 def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, epochs: int, preset: str = "default",
                   batch_size=None, beam_args=None, preprocess: bool = True, baseline: Optional[str] = None,
-                  plots: bool = True, deterministic: bool = False) -> Dict:
-    """Trains every (model, seed) on the same preprocessed data; writes the report; returns its aggregate."""
+                  plots: bool = True, deterministic: bool = False, learning_rate: Optional[float] = None) -> Dict:
+    """Trains every (model, seed) on the same preprocessed data; writes the report; returns its aggregate.
+    ``batch_size`` and ``learning_rate`` (when given) override every model's preset; each model's resolved
+    config goes into the report."""
     import tensorflow_transform as tft
 
     from models import registry
@@ -51,9 +53,12 @@ def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, ep
     histories: Dict[str, List[Dict]] = {}
     eval_rows = 0
     total = len(models) * len(seeds)
+    configs: Dict[str, Dict] = {}
     for spec in models:
         model_name, model_preset = parse_spec(spec, preset)
-        cfg = registry.resolve_config(model_name, model_preset, {"batch_size": batch_size})
+        cfg = registry.resolve_config(model_name, model_preset,
+                                      {"batch_size": batch_size, "learning_rate": learning_rate})
+        configs[spec] = cfg.to_dict()
         for seed in seeds:
             started = time.time()
             logger.info("[%d/%d] training %s, seed %d", len(sum(runs.values(), [])) + 1, total, spec, seed)
@@ -70,7 +75,7 @@ def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, ep
             logger.info("%s seed %d: %s (%.0fs)", spec, seed,
                         {t: round(r["auc"], 4) for t, r in report.items() if "auc" in r}, time.time() - started)
     result = {"dataset": schema.contract.name, "models": models, "seeds": seeds, "epochs": epochs, "preset": preset,
-              "baseline": baseline or models[0], "eval_rows": eval_rows}
+              "baseline": baseline or models[0], "eval_rows": eval_rows, "configs": configs}
     agg = write_report(result, runs, histories, work_dir, plots=plots)
     return dict(result, **agg)
 
@@ -101,6 +106,9 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default="artifacts/benchmark")
     p.add_argument("--baseline", default=None, help="model RelaImpr is measured against (default: the first)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="override every model's learning rate (e.g. a lower one, so that early stopping, which "
+                        "restores the best epoch, finds each model's peak at a finer grid)")
     p.add_argument("--deterministic", action="store_true",
                    help="ordered input pipeline and deterministic ops: a seed's figures repeat exactly (slower)")
     p.add_argument("--reuse-preprocessed", action="store_true",
@@ -122,7 +130,8 @@ def main(argv=None) -> int:
             if name not in registry.available():
                 raise UsageError(f"unknown model {name!r}; available: {', '.join(registry.available())}")
             try:
-                registry.resolve_config(name, preset)
+                registry.resolve_config(name, preset, {"batch_size": args.batch_size,
+                                                       "learning_rate": args.learning_rate})
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
         work_dir = os.path.abspath(args.work_dir)
@@ -133,7 +142,8 @@ def main(argv=None) -> int:
         return 2
     result = run_benchmark(models, list(range(args.seeds)), schema, work_dir, args.epochs, args.preset,
                            args.batch_size, beam_args, preprocess=not args.reuse_preprocessed,
-                           baseline=args.baseline, plots=not args.no_plots, deterministic=args.deterministic)
+                           baseline=args.baseline, plots=not args.no_plots, deterministic=args.deterministic,
+                           learning_rate=args.learning_rate)
     print(format_table(result))
     print(f"report: {os.path.join(work_dir, 'report.md')} (and report.json, plots)")
     return 0

@@ -101,13 +101,29 @@ def test_benchmark_with_deterministic_repeats_a_seeds_figures_exactly(e2e_run, t
     work = tmp_path
     for sub in ("builtin-data", "preprocessed"):
         shutil.copytree(os.path.join(e2e_run["work_dir"], sub), work / sub)
-    reports = []
-    for _ in range(2):  # the second run reuses the first one's preprocessing (the copy's paths differ)
+    reports, configs = [], []
+    # the second run reuses the first one's preprocessing (the copy's paths differ); the third overrides the
+    # learning rate, which must reach the model (a different result) and the report
+    for extra in ([], [], ["--learning-rate", "0.0002"]):
         assert benchmark.main(["--models", "dnn", "--seeds", "1", "--epochs", "1", "--rows", "6000",
                                "--batch-size", "256", "--work-dir", str(work), "--reuse-preprocessed",
-                               "--no-plots", "--deterministic"]) == 0
-        reports.append(json.loads((work / "report.json").read_text())["per_seed"]["dnn"][0]["ctr"])
+                               "--no-plots", "--deterministic"] + extra) == 0
+        payload = json.loads((work / "report.json").read_text())
+        reports.append(payload["per_seed"]["dnn"][0]["ctr"])
+        configs.append(payload["configs"]["dnn"])
     assert reports[0]["auc"] == reports[1]["auc"] and reports[0]["logloss"] == reports[1]["logloss"]
+    assert reports[2]["logloss"] != reports[0]["logloss"]
+    from models import registry
+
+    assert configs[0]["learning_rate"] == registry.resolve_config("dnn").learning_rate != 0.0002
+    assert configs[2]["learning_rate"] == 0.0002 and configs[2]["batch_size"] == 256
+
+
+def test_benchmark_rejects_a_bad_learning_rate(capsys):
+    from pipeline import benchmark
+
+    assert benchmark.main(["--models", "dnn", "--learning-rate", "-1"]) == 2
+    assert "learning_rate must be > 0" in capsys.readouterr().err
 
 
 def test_benchmark_rejects_a_baseline_outside_the_models(capsys):
