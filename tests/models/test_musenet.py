@@ -506,6 +506,26 @@ def test_registry_presets_and_config_validation():
             MUSENETConfig(**kwargs)
 
 
+def test_wide_ablation_matches_the_default_models_tower_capacity():
+    # the built-in data's widths: x has 360 inputs, the intention inputs (user, history, context) 261
+    categorical = {f"f{i}": 10 for i in range(20)}                       # 20 x 16 = 320 embedded
+    dense = tuple(f"d{i}" for i in range(40))                           # + 40 dense = 360
+    intention = tuple(list(categorical)[:14]) + dense[:37]              # 14 x 16 + 37 = 261
+    feats = {k: tf.zeros([2, 1], tf.int64) for k in categorical}
+    feats.update({k: tf.zeros([2, 1]) for k in dense}, **{FLAG: tf.zeros([2, 1])})
+
+    def tower_params(model_name, preset):
+        cfg = dataclasses.replace(registry.resolve_config(model_name, preset), intention_inputs=intention,
+                                  scenario_inputs=intention[:3])
+        m = MUSENET(categorical, dense, cfg)
+        m(feats)
+        return sum(int(v.shape.num_elements()) for v in m.trainable_variables if "embedding" not in v.name)
+
+    full = tower_params("musenet", "context_log_odds_pp_marginal")
+    base, wide = tower_params("musenet_base", "default"), tower_params("musenet_base", "wide")
+    assert 0.9 < wide / full < 1.1 and full > 10 * base, (full, base, wide)
+
+
 # ---- planted truth (light): the scenario learner recovers hidden scenarios from the context ------------------
 def _planted(n, seed):
     """4 hidden scenarios seen only through noisy device/page (0.9 emission); clicks depend on scenario x
