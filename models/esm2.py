@@ -30,6 +30,9 @@ PRESETS: Dict[str, ESM2Config] = {
     "default": ESM2Config(),
     # The paper's setting (§4.1.3): MLP 512-256-128-32, dropout 0.5, Adam 5e-4, batch 1000.
     "paper": ESM2Config(hidden_units=(512, 256, 128, 32), dropout=0.5, learning_rate=5e-4, batch_size=1000),
+    # Wide towers: ``dnn:wide`` (1.03M parameters outside the embeddings on the built-in data) is the capacity
+    # control for models that add many towers to an MLP of the default width (GPRec: 1.31M, README).
+    "wide": ESM2Config(hidden_units=(1024, 512, 256)),
 }
 
 

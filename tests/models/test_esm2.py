@@ -141,3 +141,21 @@ def test_config_validation_and_paper_preset():
     paper = PRESETS["paper"]
     assert paper.hidden_units == (512, 256, 128, 32) and paper.dropout == 0.5
     assert paper.learning_rate == 5e-4 and paper.batch_size == 1000
+
+
+def test_wide_preset_gives_dnn_about_a_million_tower_parameters_at_the_builtin_width():
+    from models import registry
+
+    categorical = {f"f{i}": 10 for i in range(20)}                       # 20 x 16 + 40 dense = 360 inputs
+    dense = tuple(f"d{i}" for i in range(40))
+    feats = {k: tf.zeros([2, 1], tf.int64) for k in categorical}
+    feats.update({k: tf.zeros([2, 1]) for k in dense})
+
+    def tower_params(preset):
+        m = registry.build("dnn", categorical, dense, registry.resolve_config("dnn", preset))
+        m(feats)
+        return sum(int(v.shape.num_elements()) for v in m.trainable_variables if "embedding" not in v.name)
+
+    # 360 x 1024 + 1024 x 512 + 512 x 256 + 256 x 1 weights and 1024 + 512 + 256 + 1 biases
+    assert tower_params("wide") == 360 * 1024 + 1024 * 512 + 512 * 256 + 256 + 1024 + 512 + 256 + 1
+    assert tower_params("default") == 360 * 128 + 128 * 64 + 64 * 32 + 32 + 128 + 64 + 32 + 1
