@@ -31,6 +31,16 @@ def parse_spec(spec: str, default_preset: str = "default") -> Tuple[str, str]:
     return name, preset or default_preset
 
 
+def resolve_spec(spec: str, preset: str = "default", batch_size=None, learning_rate=None):
+    """(registry name, resolved config) of ``name[:preset]`` with the run's ``--batch-size`` / ``--learning-rate``
+    overrides (None: the preset's); ValueError names an unknown preset or a bad value."""
+    from models import registry
+
+    name, model_preset = parse_spec(spec, preset)
+    return name, registry.resolve_config(name, model_preset,
+                                         {"batch_size": batch_size, "learning_rate": learning_rate})
+
+
 def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, epochs: int, preset: str = "default",
                   batch_size=None, beam_args=None, preprocess: bool = True, baseline: Optional[str] = None,
                   plots: bool = True, deterministic: bool = False, learning_rate: Optional[float] = None) -> Dict:
@@ -39,7 +49,6 @@ def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, ep
     config goes into the report."""
     import tensorflow_transform as tft
 
-    from models import registry
     from pipeline import evaluate as ev
     from pipeline.preprocess import TRANSFORM_DIR, PreprocessConfig, preprocess_or_reuse, transformed_pattern
     from pipeline.report import DIAGNOSTICS, write_report
@@ -55,9 +64,7 @@ def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, ep
     total = len(models) * len(seeds)
     configs: Dict[str, Dict] = {}
     for spec in models:
-        model_name, model_preset = parse_spec(spec, preset)
-        cfg = registry.resolve_config(model_name, model_preset,
-                                      {"batch_size": batch_size, "learning_rate": learning_rate})
+        model_name, cfg = resolve_spec(spec, preset, batch_size, learning_rate)
         configs[spec] = cfg.to_dict()
         for seed in seeds:
             started = time.time()
@@ -126,12 +133,11 @@ def main(argv=None) -> int:
         if args.baseline and args.baseline not in models:
             raise UsageError(f"--baseline {args.baseline!r} is not among --models {models}")
         for spec in models:
-            name, preset = parse_spec(spec, args.preset)
+            name, _ = parse_spec(spec, args.preset)
             if name not in registry.available():
                 raise UsageError(f"unknown model {name!r}; available: {', '.join(registry.available())}")
             try:
-                registry.resolve_config(name, preset, {"batch_size": args.batch_size,
-                                                       "learning_rate": args.learning_rate})
+                resolve_spec(spec, args.preset, args.batch_size, args.learning_rate)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
         work_dir = os.path.abspath(args.work_dir)

@@ -5,6 +5,7 @@ import tensorflow as tf
 from models.esm2 import ESM2, PRESETS, ESM2Config
 from models.keras import keras
 from models.layers import MLP, SharedEmbedding
+from tests.models import capacity
 
 CATEGORICAL = {"a_id": 7, "b_id": 3, "hour_id": 24}
 DENSE = ("x_z",)
@@ -146,15 +147,9 @@ def test_config_validation_and_paper_preset():
 def test_wide_preset_gives_dnn_about_a_million_tower_parameters_at_the_builtin_width():
     from models import registry
 
-    categorical = {f"f{i}": 10 for i in range(20)}                       # 20 x 16 + 40 dense = 360 inputs
-    dense = tuple(f"d{i}" for i in range(40))
-    feats = {k: tf.zeros([2, 1], tf.int64) for k in categorical}
-    feats.update({k: tf.zeros([2, 1]) for k in dense})
-
-    def tower_params(preset):
-        m = registry.build("dnn", categorical, dense, registry.resolve_config("dnn", preset))
-        m(feats)
-        return sum(int(v.shape.num_elements()) for v in m.trainable_variables if "embedding" not in v.name)
+    def tower_params(preset):                                           # 20 x 16 + 40 dense = 360 inputs
+        model = registry.build("dnn", capacity.CATEGORICAL, capacity.DENSE, registry.resolve_config("dnn", preset))
+        return capacity.tower_params(model, capacity.features())
 
     # 360 x 1024 + 1024 x 512 + 512 x 256 + 256 x 1 weights and 1024 + 512 + 256 + 1 biases
     assert tower_params("wide") == 360 * 1024 + 1024 * 512 + 512 * 256 + 256 + 1024 + 512 + 256 + 1

@@ -10,6 +10,7 @@ from models.keras import keras
 from models.layers import ParallelMLP, RepeatIntention, ScenarioLearner
 from models.layers.scenario import kmeans_pp_seeds
 from models.musenet import MUSENET, PRESETS, PRESETS_BASE, MUSENETConfig
+from tests.models import capacity
 from transforms import features as F
 
 CATEGORICAL = {"user_id": 6, "device_id": 3, "hour_id": 24, "item_id": 5}
@@ -508,18 +509,12 @@ def test_registry_presets_and_config_validation():
 
 def test_wide_ablation_matches_the_default_models_tower_capacity():
     # the built-in data's widths: x has 360 inputs, the intention inputs (user, history, context) 261
-    categorical = {f"f{i}": 10 for i in range(20)}                       # 20 x 16 = 320 embedded
-    dense = tuple(f"d{i}" for i in range(40))                           # + 40 dense = 360
-    intention = tuple(list(categorical)[:14]) + dense[:37]              # 14 x 16 + 37 = 261
-    feats = {k: tf.zeros([2, 1], tf.int64) for k in categorical}
-    feats.update({k: tf.zeros([2, 1]) for k in dense}, **{FLAG: tf.zeros([2, 1])})
+    intention = tuple(list(capacity.CATEGORICAL)[:14]) + capacity.DENSE[:37]   # 14 x 16 + 37 = 261
 
     def tower_params(model_name, preset):
         cfg = dataclasses.replace(registry.resolve_config(model_name, preset), intention_inputs=intention,
                                   scenario_inputs=intention[:3])
-        m = MUSENET(categorical, dense, cfg)
-        m(feats)
-        return sum(int(v.shape.num_elements()) for v in m.trainable_variables if "embedding" not in v.name)
+        return capacity.tower_params(MUSENET(capacity.CATEGORICAL, capacity.DENSE, cfg), capacity.features(FLAG))
 
     full = tower_params("musenet", "context_log_odds_pp_marginal")
     base, wide = tower_params("musenet_base", "default"), tower_params("musenet_base", "wide")
