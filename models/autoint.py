@@ -42,6 +42,10 @@ PRESETS: Dict[str, AutoIntConfig] = {
     # AutoInt paper §5.1.4: 3 interacting layers, 2 heads, d' = 32 (embedding 16).
     "paper": AutoIntConfig(attention_layers=3, attention_heads=2, attention_units=32, hidden_units=(400, 400),
                            dropout=0.0),
+    # The capacity control for USSR: USSR's cluster posterior, K Gaussian heads and M + 1 decoders hold ~410k
+    # parameters outside the embeddings on the built-in data, AutoInt's default decoder ~130k; a 200-100
+    # decoder brings AutoInt to USSR's size.
+    "wide": AutoIntConfig(hidden_units=(200, 100)),
 }
 
 

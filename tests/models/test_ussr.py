@@ -1,5 +1,6 @@
 """USSR (and its AutoInt baseline): the equations against independent numpy, serialization, gradients and §3.4
 expansion (existing segments bit-identical)."""
+import dataclasses
 import os
 
 import numpy as np
@@ -217,6 +218,26 @@ def test_autoint_baseline_gradients_and_output():
     assert set(model(feats)) == {"ctr"}
     for var, grad in zip(model.trainable_variables, grads):
         assert grad is not None and float(tf.reduce_sum(tf.abs(tf.convert_to_tensor(grad)))) > 0, var.name
+
+
+def test_wide_autoint_matches_ussrs_capacity_at_the_builtin_width():
+    """``autoint:wide`` is the capacity control for USSR's gain: within 10% of USSR's parameters outside the
+    embeddings, where the default AutoInt has about a third of them (20 + 40 fields, 5 segments)."""
+    from models import registry
+    from tests.models import capacity
+
+    categorical = dict(capacity.CATEGORICAL, f0=5)
+
+    def tower_params(model, preset):
+        config = registry.resolve_config(model, preset)
+        if model == "ussr":
+            config = dataclasses.replace(config, segment_feature="f0")
+        return capacity.tower_params(registry.build(model, categorical, capacity.DENSE, config),
+                                     capacity.features())
+
+    ussr, default, wide = tower_params("ussr", "default"), tower_params("autoint", "default"), \
+        tower_params("autoint", "wide")
+    assert 0.9 < wide / ussr < 1.1 and default < ussr / 3 + 1000, (ussr, default, wide)
 
 
 # ---- serialization ------------------------------------------------------------------------------------------
