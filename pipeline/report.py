@@ -2,7 +2,8 @@
 
 Input: per (model, seed) the evaluation report of ``pipeline.evaluate.evaluate`` and the Keras training
 history. Output (in one directory): ``report.json`` (every scalar per seed, the aggregates, the oracle),
-``report.md`` (tables a person reads, plots embedded) and the plots:
+``report.md`` (tables a person reads, among them the AUC of every segment and which segment was the worst in how
+many seeds; plots embedded) and the plots:
 
 * ``roc_<task>.png``: ROC curve per model (first seed) with the oracle's;
 * ``reliability_<task>.png``: reliability curve per model (first seed) with the oracle's;
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -82,7 +82,53 @@ def aggregate(runs: Dict[str, List[Dict]], baseline: Optional[str]) -> Dict:
                             and base[m]["mean"] != 0.5:
                         rela.setdefault(model, {}).setdefault(task, {})[m] = rela_impr(
                             per_metric[m]["mean"], base[m]["mean"])
-    return {"summary": summary, "oracle": oracle, "rela_impr": rela}
+    return {"summary": summary, "oracle": oracle, "rela_impr": rela, "segments": segment_summary(runs)}
+
+
+def segment_summary(runs: Dict[str, List[Dict]]) -> Dict[str, Dict]:
+    """Per task with a segment column: {"names": sorted segments, "rows": segment -> eval rows, "auc": model ->
+    segment -> {mean, std, values} over seeds, "worst": model -> segment -> seeds in which it was the worst
+    eligible segment, "oracle": segment -> the oracle's AUC}."""
+    out: Dict[str, Dict] = {}
+    for task in TASK_ORDER:
+        names = sorted({s for reports in runs.values() for r in reports if task in r
+                        for s in r[task].get("segment_auc", {})})
+        if not names:
+            continue
+        entry: Dict = {"names": names, "rows": {}, "auc": {}, "worst": {}, "oracle": {}}
+        for model, reports in runs.items():
+            seeds = [r[task] for r in reports if task in r]
+            if not seeds:
+                continue
+            entry["rows"].update(seeds[0].get("segment_rows", {}))
+            entry["auc"][model] = {s: _mean_std([r.get("segment_auc", {}).get(s, float("nan")) for r in seeds])
+                                   for s in names}
+            worst = [r["worst_segment"][0] for r in seeds if r.get("worst_segment")]
+            entry["worst"][model] = {s: worst.count(s) for s in sorted(set(worst))}
+            if not entry["oracle"] and "segment_auc" in seeds[0].get("oracle", {}):
+                entry["oracle"] = dict(seeds[0]["oracle"]["segment_auc"])
+        out[task] = entry
+    return out
+
+
+def segment_tables(agg: Dict) -> List[str]:
+    """Markdown: per task, AUC per segment (mean ± std over seeds) and which segment was the worst in how many
+    seeds, with the oracle's row."""
+    out: List[str] = []
+    for task, entry in agg.get("segments", {}).items():
+        names = entry["names"]
+        rows = ", ".join(f"{s} {entry['rows'][s]:,}" for s in names if s in entry["rows"])
+        out += [f"## AUC per segment: {task}", "", f"Eval rows per segment: {rows}.", "",
+                "| model | " + " | ".join(names) + " | worst (seeds) |", "|---|" + "---|" * (len(names) + 1)]
+        for model, per_segment in entry["auc"].items():
+            worst = ", ".join(f"{s} ×{n}" for s, n in entry["worst"].get(model, {}).items()) or "-"
+            out.append(f"| {model} | " + " | ".join(_cell(per_segment.get(s)) for s in names) + f" | {worst} |")
+        if entry["oracle"]:
+            out.append("| *oracle* | " + " | ".join(
+                "-" if math.isnan(entry["oracle"].get(s, float("nan"))) else f"{entry['oracle'][s]:.4f}"
+                for s in names) + " | |")
+        out.append("")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- markdown
@@ -119,6 +165,7 @@ def markdown(result: Dict, agg: Dict, plots: Sequence[str]) -> str:
     for metric, title in titles.items():
         if any(metric in per_metric for per_task in agg["summary"].values() for per_metric in per_task.values()):
             out += [f"## {title}", ""] + metric_table(agg, metric, tasks) + [""]
+    out += segment_tables(agg)
     if agg["rela_impr"]:
         out += [f"## RelaImpr vs {result.get('baseline')} (%, STAN Eq. 15)", "",
                 "| model | " + " | ".join(f"{t} {m.upper()}" for t in tasks for m in RELA_IMPR_METRICS) + " |",
@@ -203,21 +250,18 @@ def plot_all(runs: Dict[str, List[Dict]], histories: Dict[str, List[Dict]], agg:
         ax.legend(fontsize=8, loc="upper left")
         save(fig, f"reliability_{task}.png")
 
-        seg_names = sorted({s for reports in runs.values() for r in reports if task in r
-                            for s in r[task].get("segment_auc", {})})
-        if seg_names:
+        segments = agg.get("segments", {}).get(task)
+        if segments:
+            seg_names = segments["names"]
             fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(seg_names) * (len(runs) + 1) / 2), 4))
             width = 0.8 / (len(runs) + 1)
             x = np.arange(len(seg_names))
-            for i, (model, reports) in enumerate(runs.items()):
-                vals = np.array([[r[task]["segment_auc"].get(s, np.nan) for s in seg_names]
-                                 for r in reports if task in r])
-                with warnings.catch_warnings():          # a segment holding one class has no AUC: a gap
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    mean, std = np.nanmean(vals, axis=0), np.nanstd(vals, axis=0)
-                ax.bar(x + i * width, mean, width, yerr=std, label=model)
-            if oracle_curve and "segment_auc" in oracle_curve:
-                ax.bar(x + len(runs) * width, [oracle_curve["segment_auc"].get(s, np.nan) for s in seg_names], width,
+            for i, (model, per_segment) in enumerate(segments["auc"].items()):
+                # a segment holding one class has no AUC: a gap
+                ax.bar(x + i * width, [per_segment[s]["mean"] for s in seg_names], width,
+                       yerr=[per_segment[s]["std"] for s in seg_names], label=model)
+            if segments["oracle"]:
+                ax.bar(x + len(runs) * width, [segments["oracle"].get(s, np.nan) for s in seg_names], width,
                        color="0.3", label="oracle")
             ax.set_xticks(x + width * len(runs) / 2, seg_names)
             ax.set_ylim(0.5, 1.0)

@@ -37,6 +37,26 @@ def test_aggregate_means_stds_and_rela_impr():
     assert agg["oracle"]["ctr"]["auc"] == pytest.approx(runs["base"][0]["ctr"]["oracle_auc"])
 
 
+def test_segments_are_aggregated_with_the_worst_segment_counted_per_seed():
+    runs = {"base": [_eval_report(s, 0.3) for s in range(4)], "better": [_eval_report(s, 0.9) for s in range(2)]}
+    seg = rp.aggregate(runs, baseline=None)["segments"]["ctr"]
+    assert seg["names"] == ["x", "y"] and seg["rows"] == runs["better"][0]["ctr"]["segment_rows"]
+    for model, reports in runs.items():
+        for s in ("x", "y"):
+            values = [r["ctr"]["segment_auc"][s] for r in reports]
+            stat = seg["auc"][model][s]
+            assert stat["mean"] == pytest.approx(np.mean(values)) and stat["std"] == pytest.approx(np.std(values))
+        names = [r["ctr"]["worst_segment"][0] for r in reports]
+        assert seg["worst"][model] == {s: names.count(s) for s in set(names)} and sum(seg["worst"][model].values()) \
+            == len(reports)
+    assert seg["oracle"] == runs["base"][0]["ctr"]["oracle"]["segment_auc"]
+    md = rp.markdown({"models": list(runs), "seeds": [0, 1, 2, 3], "epochs": 1}, rp.aggregate(runs, None), [])
+    table = md.split("## AUC per segment: ctr")[1].split("\n## ")[0]
+    x = seg["auc"]["base"]["x"]
+    assert f"| base | {x['mean']:.4f} ± {x['std']:.4f} |" in table and "*oracle*" in table, table
+    assert f"x {seg['rows']['x']:,}" in table
+
+
 def test_model_diagnostics_are_aggregated_and_tabled(tmp_path):
     runs = {"gprec": [dict(_eval_report(s, 0.8), diagnostics={"pair_cosine": c}) for s, c in enumerate((0.1, 0.3))],
             "dnn": [_eval_report(s, 0.5) for s in range(2)]}
