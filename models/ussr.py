@@ -26,10 +26,11 @@ over their own M ("storing h^_m", §3.4), so their predictions stay bit-identica
 A new cluster K+1 copies the head, prior and posterior logit of l* = argmax_l sum_{x in D_new} q(c=l|x) (Eq. 8)
 and trains those with L_ed (Eq. 7) on D_new.
 
-Measured (``python -m pipeline.benchmark --models ussr,autoint --seeds 5 --rows 600000 --epochs 2``, default
-presets, CPU): ctr AUC 0.8882 ± 0.0011 vs AutoInt 0.8863 ± 0.0004; worst-segment AUC (b2b, ~200 eval clicks)
-0.7779 ± 0.0113 vs 0.7614 ± 0.0068, ahead in 4 of 5 seeds. At 100k rows (~70 b2b eval clicks) the
-difference was within noise (0.7936 ± 0.0020 vs 0.7985 ± 0.0055).
+Measured (``python -m pipeline.benchmark --models ussr,autoint,autoint:wide --seeds 5 --rows 600000 --epochs 2``,
+default presets, CPU; README): worst-segment AUC (b2b, ~5,000 eval rows) 0.7769 +- 0.0065 against AutoInt's
+0.7608 +- 0.0036 (5 of 5 seeds), but against ``autoint:wide`` (AutoInt at USSR's ~410k parameters outside the
+embeddings) 0.7683 +- 0.0069, a lead of +0.0086 inside the spreads; on a second data seed (``--seed 1``) USSR is
+level with both. At 100k rows the difference was within noise.
 """
 from __future__ import annotations
 
