@@ -27,7 +27,9 @@ Planted structures (each hidden from the columns the models see, but inferable f
   user clicked before, and such repeats are clicked more;
 * user groups (GPRec): users share a group taste vector (groups shape age/gender/power), plus a per-user
   idiosyncratic vector tied to the user id;
-* business ``segment`` (USSR): segments of unequal size whose price sensitivity differs.
+* business ``segment`` (USSR): segments of unequal size whose price sensitivity differs, and with
+  ``segment_taste > 0`` each segment's own taste of each user group for each category (segment x group x
+  category; 0, the default, leaves the data unchanged).
 """
 from __future__ import annotations
 
@@ -80,6 +82,9 @@ class GeneratorConfig:
     # Weight of the scenario-specific taste term g_u . v_{scenario, category} / sqrt(D) in the click logit, g_u the
     # user's group taste (MUSENET's premise: what a user wants depends on the latent scenario). 0: no such term.
     scenario_taste: float = 0.0
+    # Weight of the segment-specific taste term g_u . v_{segment, category} / sqrt(D) in the click logit (USSR's
+    # premise: each business segment has its own preferences on top of what all users share). 0: no such term.
+    segment_taste: float = 0.0
     missing_rate: float = 0.03
     # Target rates (the intercepts are calibrated to them, see _World.calibrate).
     target_ctr: float = 0.05
@@ -96,8 +101,9 @@ class GeneratorConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        if not self.scenario_taste >= 0.0:
-            raise ValueError(f"scenario_taste must be >= 0, got {self.scenario_taste}")
+        for name in ("scenario_taste", "segment_taste"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.missing_rate < 0.5:
             raise ValueError(f"missing_rate must be in [0, 0.5), got {self.missing_rate}")
 
@@ -119,7 +125,7 @@ class GeneratorConfig:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-_LATER_FIELDS = {"lifecycle_stages": True, "scenario_taste": 0.0}
+_LATER_FIELDS = {"lifecycle_stages": True, "scenario_taste": 0.0, "segment_taste": 0.0}
 
 
 def _sigmoid(x):
@@ -192,6 +198,9 @@ class _World:
         # the world (and every earlier dataset) is the same whatever ``scenario_taste`` is.
         self.scenario_taste = float(cfg.scenario_taste)
         self.scen_cat_vec = np.random.default_rng([cfg.seed, 11]).normal(0, 1.0, (K, C, D))
+        # Segment-specific taste vectors of the categories [S, C, D], likewise from their own stream.
+        self.segment_taste = float(cfg.segment_taste)
+        self.seg_cat_vec = np.random.default_rng([cfg.seed, 13]).normal(0, 1.0, (len(SEGMENTS), C, D))
         self.calibrate(cfg, np.random.default_rng([cfg.seed, 7]))
 
 
@@ -201,7 +210,7 @@ class _World:
         seg, cat = self.segment[u], self.category[item]
         lp = self.log_price[item] - 3.5
         affinity = (self.taste[u] * self.item_vec[item]).sum(1) / np.sqrt(self.taste.shape[1])
-        l1 = (0.6 * affinity + self.scenario_logit(u, item, scen, is_repeat)
+        l1 = (0.6 * affinity + self.scenario_logit(u, item, scen, is_repeat) + self.segment_logit(u, item)
               + self.stage_ctr[stage] + self.seg_price_ctr[seg] * lp + self.seg_bias[seg] + self.quality[item])
         affinity2 = (self.taste[u] * self.item_vec2[item]).sum(1) / np.sqrt(self.taste.shape[1])
         power = self.power[u] - 2.0
@@ -221,6 +230,15 @@ class _World:
             taste = (group_taste * self.scen_cat_vec[scen, cat]).sum(1) / np.sqrt(group_taste.shape[1])
             out = out + self.scenario_taste * taste
         return out
+
+    def segment_logit(self, u, item):
+        """The click logit's segment-specific taste [N]: ``segment_taste`` * g_u . v_{segment, category} / sqrt(D),
+        g_u the taste of the user's group; the segment is a column and the demographics reveal the group."""
+        if not self.segment_taste:
+            return 0.0
+        group_taste = self.group_taste[self.group[u]]
+        vectors = self.seg_cat_vec[self.segment[u], self.category[item]]
+        return self.segment_taste * (group_taste * vectors).sum(1) / np.sqrt(group_taste.shape[1])
 
     def probabilities(self, u, item, scen, stage, is_repeat):
         """(y1, y2, y3, y4, affinity); y3 == y4 when DAction is made uninformative."""
@@ -502,6 +520,9 @@ def add_builtin_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario-taste", type=float, default=0.0, metavar="W",
                    help="built-in data only: weight of a scenario-specific user-group x category taste in the "
                         "click logit (MUSENET's premise; default 0: scenarios shift clicks additively only)")
+    p.add_argument("--segment-taste", type=float, default=0.0, metavar="W",
+                   help="built-in data only: weight of a segment-specific user-group x category taste in the "
+                        "click logit (USSR's premise; default 0: segments differ by price sensitivity only)")
 
 
 def builtin_generator_config(args, **fields) -> GeneratorConfig:
@@ -509,7 +530,7 @@ def builtin_generator_config(args, **fields) -> GeneratorConfig:
     return GeneratorConfig(rows=args.rows, seed=args.seed, users=args.users, items=args.items,
                            daction_informative=not args.uninformative_daction,
                            lifecycle_stages=not args.no_lifecycle_stages, scenario_taste=args.scenario_taste,
-                           **fields)
+                           segment_taste=args.segment_taste, **fields)
 
 
 def main(argv=None) -> int:

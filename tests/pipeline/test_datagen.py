@@ -222,13 +222,36 @@ def test_scenario_taste_adds_the_user_groups_scenario_specific_taste_for_the_cat
         GeneratorConfig(scenario_taste=-1.0)
 
 
+def test_segment_taste_adds_the_user_groups_segment_specific_taste_for_the_category_to_the_click_logit():
+    w = 1.5
+    plain = next(datagen.generate_blocks(GeneratorConfig(rows=4_000, seed=5), hidden=True))
+    tasted = next(datagen.generate_blocks(GeneratorConfig(rows=4_000, seed=5, segment_taste=w), hidden=True))
+    for k in ("_user", "_item", "true_scenario", "segment", "timestamp"):
+        np.testing.assert_array_equal(plain[k], tasted[k])
+    world = datagen._World(GeneratorConfig(rows=4_000, seed=5), np.random.default_rng(5))
+    # the segment-specific category vectors come from their own stream: seed (5, 13), N(0, 1), [S, C, D]
+    vectors = np.random.default_rng([5, 13]).normal(0, 1.0, (4, 40, 8))
+    u, cat = plain["_user"], world.category[plain["_item"]]
+    segment = np.array([list(datagen.SEGMENTS).index(s) for s in plain["segment"]])
+    group_taste = world.group_taste[world.group[u]]
+    term = w * np.einsum("nd,nd->n", group_taste, vectors[segment, cat]) / np.sqrt(8)
+    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
+    shift = logit(tasted["true_ctr"].astype(np.float64)) - logit(plain["true_ctr"].astype(np.float64)) - term
+    assert np.ptp(shift) < 1e-3, np.ptp(shift)       # the rest is the re-calibrated intercept
+    assert term.std() > 1.0
+    with pytest.raises(ValueError, match="segment_taste"):
+        GeneratorConfig(segment_taste=-0.5)
+    assert GeneratorConfig(rows=200_000, seed=0, segment_taste=0.0).fingerprint() == "352702eab973"
+
+
 def test_cli_takes_the_shared_generator_options_and_its_own(tmp_path, capsys):
     out = str(tmp_path / "gen")
     assert datagen.main(["--out", out, "--rows", "3000", "--rows-per-file", "1000", "--days", "3", "--seed", "4",
-                         "--no-lifecycle-stages", "--scenario-taste", "0.5"]) == 0
+                         "--no-lifecycle-stages", "--scenario-taste", "0.5", "--segment-taste", "0.25"]) == 0
     manifest = json.loads(open(os.path.join(out, "_MANIFEST.json")).read())
     assert manifest["fingerprint"] == GeneratorConfig(rows=3000, rows_per_file=1000, days=3, seed=4,
-                                                      lifecycle_stages=False, scenario_taste=0.5).fingerprint()
+                                                      lifecycle_stages=False, scenario_taste=0.5,
+                                                      segment_taste=0.25).fingerprint()
     assert len(manifest["files"]) == 3
     assert datagen.main(["--out", out, "--scenario-taste", "-1"]) == 2
     assert "scenario_taste" in capsys.readouterr().err
