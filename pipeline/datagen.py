@@ -226,9 +226,7 @@ class _World:
         cat = self.category[item]
         out = self.scen_cat[scen, cat] + self.scen_repeat_boost[scen] * is_repeat
         if self.scenario_taste:
-            group_taste = self.group_taste[self.group[u]]
-            taste = (group_taste * self.scen_cat_vec[scen, cat]).sum(1) / np.sqrt(group_taste.shape[1])
-            out = out + self.scenario_taste * taste
+            out = out + self.scenario_taste * self.group_taste_for(u, self.scen_cat_vec[scen, cat])
         return out
 
     def segment_logit(self, u, item):
@@ -236,9 +234,12 @@ class _World:
         g_u the taste of the user's group; the segment is a column and the demographics reveal the group."""
         if not self.segment_taste:
             return 0.0
+        return self.segment_taste * self.group_taste_for(u, self.seg_cat_vec[self.segment[u], self.category[item]])
+
+    def group_taste_for(self, u, vectors):
+        """g_u . v / sqrt(D) [N]: the taste of each row's user group for that row's category vector v [N, D]."""
         group_taste = self.group_taste[self.group[u]]
-        vectors = self.seg_cat_vec[self.segment[u], self.category[item]]
-        return self.segment_taste * (group_taste * vectors).sum(1) / np.sqrt(group_taste.shape[1])
+        return (group_taste * vectors).sum(1) / np.sqrt(group_taste.shape[1])
 
     def probabilities(self, u, item, scen, stage, is_repeat):
         """(y1, y2, y3, y4, affinity); y3 == y4 when DAction is made uninformative."""
