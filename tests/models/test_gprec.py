@@ -417,3 +417,88 @@ def test_diagnostics_report_the_mean_pair_cosine_of_the_group_embeddings():
     p, n = (np.asarray(a, np.float64) for a in m.groups.get_weights())
     cos = (p * n).sum(1) / np.linalg.norm(p, axis=1) / np.linalg.norm(n, axis=1)
     assert m.diagnostics() == {"pair_cosine": pytest.approx(cos.mean(), rel=1e-5)}
+
+
+# ---- planted truth (light): multi-membership user groups with dual (positive / negative) tastes ------------------
+PLANT_TRAITS, PLANT_CATS, PLANT_USERS = 4, 12, 100
+PLANT_VOCAB = {"user_id_id": PLANT_USERS, **{f"user_d{j}_id": 4 for j in range(PLANT_TRAITS)},
+               "item_cat_id": PLANT_CATS}
+PLANT_USER_FIELDS = ("user_id_id",) + tuple(f"user_d{j}_id" for j in range(PLANT_TRAITS))
+
+
+def _planted_world(seed):
+    """100 users with 4 independent binary traits (a user can be in several groups). Trait k gives its members
+    the taste p_k over 12 item categories and everyone else n_k = -p_k (equal norms, fixed): no category is
+    liked on average, only group x category carries the group signal. The user fields user_d{j} = 2 t_j +
+    t_{j+1} (each bit flipped with p = 0.05) show the traits; an idiosyncratic user x category taste
+    N(0, 0.5) is tied to the user id."""
+    z = np.random.default_rng(99).normal(size=(PLANT_TRAITS, PLANT_CATS))
+    pos = 1.2 * z / np.linalg.norm(z, axis=1, keepdims=True) * np.sqrt(PLANT_CATS)   # RMS of p_k[c]: 1.2
+    rng = np.random.default_rng(seed)
+    traits = (rng.random((PLANT_USERS, PLANT_TRAITS)) < 0.5).astype(np.int64)
+    flip = lambda t: np.where(rng.random(PLANT_USERS) < 0.05, 1 - t, t)  # noqa: E731
+    fields = [2 * flip(traits[:, j]) + flip(traits[:, (j + 1) % PLANT_TRAITS]) for j in range(PLANT_TRAITS)]
+    return {"traits": traits, "pos": pos, "fields": fields, "own": rng.normal(0, 0.5, (PLANT_USERS, PLANT_CATS))}
+
+
+def _planted_rows(world, n, seed):
+    """n (user, category) rows; logit = -0.5 + sum_k (t_k p_k + (1 - t_k) n_k)[c] + own[u, c]. Returns
+    features, labels, the traits [n, K] and the group part of the logit [n]."""
+    rng = np.random.default_rng(seed)
+    u, c = rng.integers(0, PLANT_USERS, n), rng.integers(0, PLANT_CATS, n)
+    t = world["traits"][u]
+    group = ((2 * t - 1) * world["pos"].T[c]).sum(1)                      # t p + (1 - t) (-p)
+    click = rng.random(n) < _sigmoid(-0.5 + group + world["own"][u, c])
+    col = lambda v: tf.constant(np.asarray(v, np.int64).reshape(-1, 1))  # noqa: E731
+    feats = {"user_id_id": col(u), "item_cat_id": col(c),
+             **{f"user_d{j}_id": col(f[u]) for j, f in enumerate(world["fields"])}}
+    return feats, {"click": col(click)}, t, group
+
+
+def _auc(y, s):
+    pos, neg = s[y == 1], s[y == 0]
+    return np.mean(pos[:, None] > neg[None, :]) + 0.5 * np.mean(pos[:, None] == neg[None, :])
+
+
+def _train_planted(world_seed=0, seed=0, **kw):
+    """GPRec (paper layout: dp strategy, one classifier per group, G = K) on 8000 planted rows, 8 epochs."""
+    world = _planted_world(world_seed)
+    feats, labels, _, _ = _planted_rows(world, 8000, 2 * world_seed + 100)
+    keras.utils.set_random_seed(seed)
+    cfg = GPRecConfig(**dict(dict(
+        num_groups=PLANT_TRAITS, strategy="dp", group_reduce="sum", embedding_dim=8, hidden_units=(16,),
+        classifier_units=(16,), prediction_units=(16, 8), personal_units=(16,), dp_units=(16,), dropout=0.0,
+        user_fields=PLANT_USER_FIELDS, personal_fields=("user_id_id",)), **kw))
+    m = GPRec(PLANT_VOCAB, (), cfg)
+    m(feats)
+    cos_init = m.diagnostics()["pair_cosine"]
+    m.compile(optimizer=keras.optimizers.Adam(1e-2))
+    m.fit(tf.data.Dataset.from_tensor_slices((feats, labels)).shuffle(8000, seed=seed).batch(200), epochs=8,
+          verbose=0)
+    return m, world, cos_init
+
+
+def test_planted_groups_reach_the_group_pathway_and_dual_embeddings_end_apart():
+    """Eqs. 2-8 on planted groups: y^_1 = f1(r_G, E_v) sees the user only through the G masks, and the category
+    alone carries no signal (n_k = -p_k), so its AUC measures how much group taste r_G holds; the masks must
+    line up with the hidden traits, and the dual embeddings p_i, n_i must end apart (paper Fig. 4)."""
+    m, world, cos_init = _train_planted()
+    feats, labels, traits, group = _planted_rows(world, 4000, 1)
+    y = labels["click"].numpy().reshape(-1)
+    out = m(feats, training=False)
+    auc_group = _auc(y, out["ctr_group"].numpy().reshape(-1))
+    masks = m.representations(feats, training=False)["masks"].numpy()[:, 0]              # m^1 [N, G]
+    corr = np.nan_to_num(np.corrcoef(masks.T, traits.T)[:PLANT_TRAITS, PLANT_TRAITS:])    # [G, K]
+    recovered = np.abs(corr).max(axis=0)                                                  # best group per trait
+    cos = m.diagnostics()["pair_cosine"]
+    # worlds 0-1 x seeds 0-4: y^_1 AUC 0.77-0.84 = 0.71-0.88 of the true group logit's lift over chance (AUC
+    # 0.88-0.89); best |corr| per trait, mean 0.52-0.89; mean cos(p_i, n_i) fell from init in every run, by
+    # 0.06-0.25, to at most 0.04. Sabotage (classifier input constant, lambda_1 = lambda_2 = 0): y^_1 AUC 0.47-0.54
+    # (lift <= 0.11), |corr| 0, cos rose in every run, by 0.07-0.30 (to -0.08 .. 0.41). No claim on y^ (ctr): here
+    # it does not beat ``dnn`` with the same inputs, width (16,) and training (AUC 0.849-0.874 vs 0.852-0.875,
+    # per-seed gain -0.010 .. +0.002), nor a width-matched dnn (144, 32), 0.859-0.880; the sabotaged GPRec scores
+    # the same ctr AUC as the intact one.
+    lift, lift_true = auc_group - 0.5, _auc(y, group) - 0.5
+    assert lift > 0.5 * lift_true, (auc_group, _auc(y, group))
+    assert recovered.mean() > 0.4, corr.round(2)
+    assert cos < 0.3 and cos < cos_init, (cos_init, cos)
