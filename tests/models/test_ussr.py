@@ -373,3 +373,83 @@ def test_shared_decoder_expansion_trains_only_the_new_segment_embedding():
     feats, _ = _batch(200, seed=11)
     keep = feats["segment_id"].numpy().reshape(-1) != 3
     np.testing.assert_array_equal(expanded(feats)["ctr"].numpy()[keep], model(feats)["ctr"].numpy()[keep])
+
+
+# ---- planted truth (light): a small segment with the opposite taste --------------------------------------------
+# USSR's premise (§1, §3.3): segments of very unequal size share a universal representation learned from all data
+# but read it differently. Here the 5% segment reverses the majority's taste; USSR reads the shared representation
+# through its own segment decoder, where a plain AutoInt has to learn the reversal as an interaction of the
+# segment field with every item effect, from that segment's ~200 rows.
+
+PLANTED_CATEGORICAL = {"segment_id": 4, "item_id": 20}
+PLANTED_DENSE = ("x1", "x2")
+PLANTED_SIZES = (0.6, 0.25, 0.1, 0.05)
+PLANTED_BASE = dict(hidden_units=(16,), embedding_dim=8, dropout=0.0, attention_layers=1, attention_heads=2,
+                    attention_units=8)
+PLANTED_USSR = dict(num_clusters=3, latent_dim=8, cluster_units=(16,), interaction_units=16, segment_dim=8)
+
+
+def _planted(n, seed):
+    """Segments of 60/25/10/5% over 20 items and two user features x1, x2. One universal score
+    f = 2 q_i + 2.5 a_i x1 + 2.5 b_i x2 (item i's appeal q_i and its item-specific slopes a_i, b_i, fixed across
+    draws); segments 0-2 click with logit -0.5 + f, segment 3 (5%) with -0.5 - f: the opposite taste on every
+    item effect. Returns features ([N, 1] each), labels and each row's segment."""
+    rng = np.random.default_rng(seed)
+    seg = rng.choice(4, n, p=PLANTED_SIZES)
+    item = rng.integers(0, 20, n)
+    x1, x2 = rng.normal(size=n), rng.normal(size=n)
+    q, a, b = (np.random.default_rng(s).normal(0, 1, 20) for s in (123, 456, 789))
+    sign = np.where(seg == 3, -1.0, 1.0)
+    logit = -0.5 + sign * (2.0 * q[item] + 2.5 * a[item] * x1 + 2.5 * b[item] * x2)
+    click = rng.random(n) < 1 / (1 + np.exp(-logit))
+    col = lambda v, dtype: tf.constant(v.reshape(-1, 1).astype(dtype))  # noqa: E731
+    feats = {"segment_id": col(seg, np.int64), "item_id": col(item, np.int64), "x1": col(x1, np.float32),
+             "x2": col(x2, np.float32)}
+    return feats, {"click": col(click, np.int64)}, seg
+
+
+def _auc(y, s):
+    pos, neg = s[y == 1], s[y == 0]
+    return np.mean(pos[:, None] > neg[None, :]) + 0.5 * np.mean(pos[:, None] == neg[None, :])
+
+
+def _worst_segment_auc(y, s, seg, min_class=30):
+    """Lowest per-segment AUC among segments with >= min_class positives and negatives."""
+    aucs = [_auc(y[seg == m], s[seg == m]) for m in np.unique(seg)
+            if min_class <= y[seg == m].sum() <= (seg == m).sum() - min_class]
+    return min(aucs)
+
+
+def _train_planted(model_name, seed, **overrides):
+    """(worst-segment AUC, overall AUC) on a fresh 20,000-row draw after 14 epochs on 4,000 rows (data seed 0)."""
+    keras.utils.set_random_seed(seed)
+    feats, labels, _ = _planted(4000, 0)
+    if model_name == "ussr":
+        config = USSRConfig(segment_feature="segment_id", **dict(PLANTED_BASE, **PLANTED_USSR, **overrides))
+        model = USSR(PLANTED_CATEGORICAL, PLANTED_DENSE, config)
+    else:
+        model = AutoInt(PLANTED_CATEGORICAL, PLANTED_DENSE, AutoIntConfig(**dict(PLANTED_BASE, **overrides)))
+    model({k: v[:2] for k, v in feats.items()})
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.fit(tf.data.Dataset.from_tensor_slices((feats, labels)).shuffle(4000, seed=seed).batch(100), epochs=14,
+              verbose=0)
+    test_feats, test_labels, seg = _planted(20_000, 100)
+    y, s = test_labels["click"].numpy().reshape(-1), model(test_feats, training=False)["ctr"].numpy().reshape(-1)
+    return _worst_segment_auc(y, s, seg), _auc(y, s)
+
+
+def test_planted_ussr_beats_autoint_on_the_worst_segment():
+    # Worst-segment AUC (segment 3 in every run; oracle 0.949), training seeds 0-9 (measured
+    # when the test was written):
+    #   data seed 0  ussr    .913 .877 .914 .907 .881 .896 .916 .886 .907 .916
+    #                autoint .828 .840 .862 .766 .675 .755 .878 .847 .662 .890
+    #   data seed 1  ussr    .904 .917 .921 .876 .911 .897 .920 .890 .906 .893
+    #                autoint .743 .820 .821 .658 .732 .852 .497 .766 .692 .823
+    # Over data seeds 0-2 (30 runs): ussr 0.903 +- 0.013, autoint 0.749 +- 0.127 (it learns the reversal in some
+    # seeds only); per-seed gain +0.000 .. +0.45, none negative; the smallest mean over a seed pair is +0.039.
+    # Overall AUC is level (0.929 against 0.926). Not asserted: AutoInt with a (112,) decoder (USSR's ~8k
+    # parameters outside the embeddings) reaches 0.881 +- 0.024; USSR is ahead in 24 of 30 seeds, +0.022 on
+    # average, -0.018 at worst. With segment ids scrambled in training USSR scores 0.08 on segment 3.
+    ussr = [_train_planted("ussr", seed)[0] for seed in (0, 1)]
+    autoint = [_train_planted("autoint", seed)[0] for seed in (0, 1)]
+    assert np.mean(ussr) > np.mean(autoint) + 0.02, (ussr, autoint)
