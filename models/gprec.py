@@ -28,7 +28,9 @@ Measured on the built-in data (README, 3 seeds, CTR AUC): ahead of its MLP backb
 default 200k rows (0.8859 +- 0.0003 vs 0.8838 +- 0.0005), inside the spread at 600k rows. The gain is capacity:
 GPRec's group towers and dynamic-parameter generator hold 1.31M parameters outside the embeddings, the backbone
 57k, and the same MLP at 1024-512-256 (``dnn:wide``, 1.03M) beats GPRec at 200k rows (0.8871 +- 0.0006 vs
-0.8860 +- 0.0009, each model at its best epoch with ``--learning-rate 0.00025``).
+0.8860 +- 0.0009, each model at its best epoch with ``--learning-rate 0.00025``). On planted multi-membership
+groups with dual tastes (``tests/models/test_gprec.py``) the group pathway recovers the groups (f1(r_G) carries
+0.71-0.88 of the true group logit's AUC lift) while GPRec's CTR stays level with ``dnn``.
 """
 from __future__ import annotations
 
