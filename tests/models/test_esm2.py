@@ -6,6 +6,7 @@ from models.esm2 import ESM2, PRESETS, ESM2Config
 from models.keras import keras
 from models.layers import MLP, SharedEmbedding
 from tests.models import capacity
+from tests.models.planted import rank_auc
 
 CATEGORICAL = {"a_id": 7, "b_id": 3, "hour_id": 24}
 DENSE = ("x_z",)
@@ -183,15 +184,6 @@ def _planted_funnel(n, seed, daction_informative):
     return feats, {"click": col(click), "daction": col(daction), "purchase": col(purchase)}
 
 
-def _rank_auc(y, s):
-    """Mann-Whitney AUC with tied scores given their mean rank."""
-    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    ranks = (first + (counts + 1) / 2)[inverse]
-    n_pos = y.sum()
-    return (ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (len(y) - n_pos))
-
-
 def _cvr_auc(model_cls, seed, daction_informative):
     """CVR AUC on the clicked impressions of a 60k test draw, after 3 epochs on 12k rows."""
     keras.utils.set_random_seed(seed)
@@ -204,7 +196,7 @@ def _cvr_auc(model_cls, seed, daction_informative):
     test_feats, test_labels = _planted_funnel(60_000, 999, daction_informative)
     clicked = test_labels["click"].numpy().reshape(-1) == 1
     cvr = model(test_feats)["cvr"].numpy().reshape(-1)[clicked]
-    return _rank_auc(test_labels["purchase"].numpy().reshape(-1)[clicked], cvr)
+    return rank_auc(test_labels["purchase"].numpy().reshape(-1)[clicked], cvr)
 
 
 def test_rank_auc_matches_the_pairwise_definition():
@@ -212,7 +204,7 @@ def test_rank_auc_matches_the_pairwise_definition():
     y, s = rng.random(300) < 0.3, rng.integers(0, 20, 300).astype(float)       # many ties
     pos, neg = s[y], s[~y]
     pairwise = np.mean(pos[:, None] > neg[None, :]) + 0.5 * np.mean(pos[:, None] == neg[None, :])
-    assert _rank_auc(y, s) == pytest.approx(pairwise, abs=1e-12)
+    assert rank_auc(y, s) == pytest.approx(pairwise, abs=1e-12)
 
 
 def test_planted_esm2_beats_esmm_on_cvr_only_when_daction_carries_signal():

@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from models.keras import keras
 from models.stan import STAN, STANConfig
+from tests.models.planted import rank_auc
 
 CATEGORICAL = {"user_id_id": 6, "user_age_id": 3, "item_id_id": 5}
 DENSE = ("x_z",)
@@ -120,3 +121,84 @@ def test_fit_trains_and_save_reload_keeps_predictions_and_state(tmp_path):
 def test_bad_user_fields_are_named():
     with pytest.raises(ValueError, match="nope_id"):
         STAN(CATEGORICAL, DENSE, STANConfig(user_fields=("nope_id",)))
+
+
+# ---- planted truth (light): the Beta stage state keeps the loss weight of users without history ------------------
+# STAN's ablation ("STAN w/o Beta", paper Tables 2-3, Sec. 4.3): with gamma = y~ each task loss of a row is
+# weighted by the user's predicted preference, which Eq. 11 fits to the running label mean over earlier events, 0 for
+# a user without any. Rows of new users thus get ~0 weight on the rare purchase task and the model learns purchases
+# from mature users only. The Beta state of Algorithm 1 starts at Beta(1, 1) and concentrates only as the user's
+# count grows, so a new user's rows keep a weight of the order of the mature users'. Planted here: new users buy by a
+# category taste of their own, uncorrelated with the mature users' one.
+_PL_CATS, _PL_LIGHT, _PL_HEAVY = 20, 8000, 60
+
+
+def _planted_stages(seed):
+    """Time-ordered log of 8,000 one-impression users and 60 heavy users (Poisson(160) impressions each), ~17.7k
+    rows. Click ~ sigmoid(-0.5 + 0.3 x), DAction = click & 30%; purchase | click ~ sigmoid(-1.5 + n[cat]) on a
+    user's first 5 impressions ("new" rows: every light user's row), sigmoid(-2 + m[cat]) later, with n and m
+    centred, uncorrelated category effects of equal norm (N(0, 2.5^2) draws, fixed across draws); ~1,800
+    purchases, ~950 of them on new rows.
+    Returns features, labels (with the leakage-safe ``pl_*`` running means), the new-row mask, the true CVR."""
+    world = np.random.default_rng(123)
+    mature_taste, new_taste = (t - t.mean() for t in world.normal(0, 2.5, (2, _PL_CATS)))
+    new_taste -= (new_taste @ mature_taste) / (mature_taste @ mature_taste) * mature_taste  # uncorrelated tastes
+    new_taste *= np.linalg.norm(mature_taste) / np.linalg.norm(new_taste)
+    rng = np.random.default_rng(seed)
+    users = _PL_LIGHT + _PL_HEAVY
+    user = rng.permutation(np.repeat(np.arange(users), np.r_[np.ones(_PL_LIGHT, int), rng.poisson(160, _PL_HEAVY)]))
+    n = len(user)
+    n_prev, seen = np.zeros(n, np.int64), np.zeros(users, np.int64)
+    for i, u in enumerate(user):
+        n_prev[i], seen[u] = seen[u], seen[u] + 1
+    new = n_prev < 5
+    cat, x = rng.integers(0, _PL_CATS, n), rng.normal(size=n)
+    click = rng.random(n) < 1 / (1 + np.exp(-(-0.5 + 0.3 * x)))
+    cvr = 1 / (1 + np.exp(-np.where(new, -1.5 + new_taste[cat], -2.0 + mature_taste[cat])))
+    labels = {"click": click, "daction": click & (rng.random(n) < 0.3), "purchase": click & (rng.random(n) < cvr)}
+    for name in list(labels):
+        total, pl = np.zeros(users), np.zeros(n)
+        for i, u in enumerate(user):
+            pl[i] = total[u] / n_prev[i] if n_prev[i] else 0.0
+            total[u] += labels[name][i]
+        labels[f"pl_{name}"] = pl
+    col = lambda v, dtype: tf.constant(np.asarray(v).reshape(-1, 1).astype(dtype))  # noqa: E731
+    feats = {"user_id_id": col(user, np.int64), "user_age_id": col(rng.integers(0, 4, users)[user], np.int64),
+             "cat_id": col(cat, np.int64), "x_z": col(x, np.float32)}
+    labels = {k: col(v, np.float32 if k.startswith("pl_") else np.int64) for k, v in labels.items()}
+    return feats, labels, new, cvr
+
+
+def _new_user_cvr_auc(use_beta, seed, data_seed=0):
+    """CVR AUC on the clicked new-user rows of a fresh draw after 4 epochs, in time order, on the training draw."""
+    keras.utils.set_random_seed(seed)
+    feats, labels, _, _ = _planted_stages(100 + data_seed)
+    cfg = STANConfig(hidden_units=(16,), expert_units=(16,), embedding_dim=8, dropout=0.0, use_beta=use_beta,
+                     user_fields=("user_id_id", "user_age_id"))
+    model = STAN({"user_id_id": _PL_LIGHT + _PL_HEAVY, "user_age_id": 4, "cat_id": _PL_CATS}, DENSE, cfg)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    model.fit(tf.data.Dataset.from_tensor_slices((feats, labels)).batch(100), epochs=4, verbose=0)
+    test_feats, test_labels, new, _ = _planted_stages(999)
+    rows = new & (test_labels["click"].numpy().reshape(-1) == 1)
+    cvr = model(test_feats, training=False)["cvr"].numpy().reshape(-1)
+    return rank_auc(test_labels["purchase"].numpy().reshape(-1)[rows], cvr[rows])
+
+
+def test_planted_beta_stage_state_beats_without_beta_on_new_users():
+    """STAN > STAN w/o Beta on the CVR AUC of new users' clicked impressions (the paper's ablation).
+
+    Measured when written (test draw: 3,156 clicked new-user rows, 927 purchases, oracle AUC 0.866), seeds 0-7:
+      data seed 0  beta    .677 .739 .752 .727 .644 .738 .775 .720
+                   w/o     .545 .484 .553 .516 .565 .560 .524 .494
+      data seed 1  beta    .702 .768 .742 .786 .799 .745 .803 .699
+                   w/o     .598 .492 .502 .598 .580 .604 .566 .514
+    Gain +0.079 .. +0.276 (mean +0.19, sd 0.05); w/o Beta stays near 0.5: it learns the purchases of the mature
+    users, whose taste is uncorrelated with the new users'. The margin 0.08 lies below every single-seed gain.
+    Sabotage: gamma = y~ in the Beta path gives a gain of exactly 0; a Beta state concentrated from the first
+    event (counts x1000, so gamma ~ the running y~) gives +0.046, +0.069 (mean +0.058) and fails. Not separated:
+    a Beta state frozen at Beta(1, 1) (uniform random weights) passes too (+0.158, +0.261), since it also keeps
+    new users' weight; what the test pins is that Algorithm 1 does not collapse it to y~ for them.
+    """
+    beta = [_new_user_cvr_auc(True, seed) for seed in (0, 1)]
+    no_beta = [_new_user_cvr_auc(False, seed) for seed in (0, 1)]
+    assert np.mean(beta) > np.mean(no_beta) + 0.08, (beta, no_beta)
