@@ -18,6 +18,9 @@ Eq. 13 scales each task loss to about the task's positive rate; preset ``normali
 mean) closes most of that gap. With more events per user and item (600k rows, 6000 users, 600 items, 5 seeds)
 both beat PLE on CTCVR in every seed (+0.0013, +0.0014) and trail it without lifecycle stages (the control
 ``--no-lifecycle-stages``: -0.0043, -0.0014); on clicks STAN stays behind PLE.
+On a planted log of one-impression users whose purchases follow a taste of their own (the light test in
+``tests/models/test_stan.py``), the Beta state beats "w/o Beta" on new users' CVR AUC by +0.08 to +0.28 (16 runs):
+y~ is fitted to a running purchase rate of 0 for users without history, so "w/o Beta" gives their rows ~0 weight.
 
 Serving: ``call`` is PLE's; the preference module and the Beta state are training-only. The Beta state lives
 in non-trainable variables keyed by the user's vocabulary index, so checkpoints carry it.
