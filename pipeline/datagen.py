@@ -29,7 +29,8 @@ Planted structures (each hidden from the columns the models see, but inferable f
   idiosyncratic vector tied to the user id;
 * business ``segment`` (USSR): segments of unequal size whose price sensitivity differs, and with
   ``segment_taste > 0`` each segment's own taste of each user group for each category (segment x group x
-  category; 0, the default, leaves the data unchanged).
+  category; 0, the default, leaves the data unchanged), and with ``contrary_segment`` the smallest segment (b2b)
+  clicking by the opposite of the shared affinity and item quality.
 """
 from __future__ import annotations
 
@@ -85,6 +86,10 @@ class GeneratorConfig:
     # Weight of the segment-specific taste term g_u . v_{segment, category} / sqrt(D) in the click logit (USSR's
     # premise: each business segment has its own preferences on top of what all users share). 0: no such term.
     segment_taste: float = 0.0
+    # The smallest segment (``b2b``, 5% of users) clicks by the opposite of the user-item affinity and item quality
+    # that every other segment shares (USSR's premise of a small segment that reads the shared representation
+    # differently). False: every segment reads them alike.
+    contrary_segment: bool = False
     missing_rate: float = 0.03
     # Target rates (the intercepts are calibrated to them, see _World.calibrate).
     target_ctr: float = 0.05
@@ -125,7 +130,7 @@ class GeneratorConfig:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-_LATER_FIELDS = {"lifecycle_stages": True, "scenario_taste": 0.0, "segment_taste": 0.0}
+_LATER_FIELDS = {"lifecycle_stages": True, "scenario_taste": 0.0, "segment_taste": 0.0, "contrary_segment": False}
 
 
 def _sigmoid(x):
@@ -190,6 +195,9 @@ class _World:
         self.seg_price_ctr = np.array([-0.5, -1.0, 0.6, 0.1])
         self.seg_price_buy = np.array([-0.4, -0.8, 0.5, 0.0])
         self.seg_bias = np.array([0.0, 0.2, -0.3, -0.5])
+        # Sign with which each segment reads the shared affinity and quality (-1 for b2b with ``contrary_segment``).
+        self.contrary_segment = bool(cfg.contrary_segment)
+        self.seg_sign = np.where((SEGMENTS == "b2b") & self.contrary_segment, -1.0, 1.0)
         # DAction propensity per category and brand: it reaches purchase *only* through DAction (l_buy has no
         # category or brand term), so many DAction labels teach it long before the few purchases do (ESM²).
         self.cat_da = rng.normal(0, 1.0, C)
@@ -212,6 +220,8 @@ class _World:
         affinity = (self.taste[u] * self.item_vec[item]).sum(1) / np.sqrt(self.taste.shape[1])
         l1 = (0.6 * affinity + self.scenario_logit(u, item, scen, is_repeat) + self.segment_logit(u, item)
               + self.stage_ctr[stage] + self.seg_price_ctr[seg] * lp + self.seg_bias[seg] + self.quality[item])
+        if self.contrary_segment:  # the contrary segment reads the shared part with the opposite sign
+            l1 = l1 + (self.seg_sign[seg] - 1.0) * (0.6 * affinity + self.quality[item])
         affinity2 = (self.taste[u] * self.item_vec2[item]).sum(1) / np.sqrt(self.taste.shape[1])
         power = self.power[u] - 2.0
         l2 = (0.4 * affinity2 + 0.35 * power + self.stage_da[stage] - 0.3 * lp + self.cat_da[cat]
@@ -524,6 +534,9 @@ def add_builtin_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--segment-taste", type=float, default=0.0, metavar="W",
                    help="built-in data only: weight of a segment-specific user-group x category taste in the "
                         "click logit (USSR's premise; default 0: segments differ by price sensitivity only)")
+    p.add_argument("--contrary-segment", action="store_true",
+                   help="built-in data only: the smallest segment (b2b, 5%% of users) clicks by the opposite of the "
+                        "user-item affinity and item quality all other segments share (USSR's premise)")
 
 
 def builtin_generator_config(args, **fields) -> GeneratorConfig:
@@ -531,7 +544,7 @@ def builtin_generator_config(args, **fields) -> GeneratorConfig:
     return GeneratorConfig(rows=args.rows, seed=args.seed, users=args.users, items=args.items,
                            daction_informative=not args.uninformative_daction,
                            lifecycle_stages=not args.no_lifecycle_stages, scenario_taste=args.scenario_taste,
-                           segment_taste=args.segment_taste, **fields)
+                           segment_taste=args.segment_taste, contrary_segment=args.contrary_segment, **fields)
 
 
 def main(argv=None) -> int:

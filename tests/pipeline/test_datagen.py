@@ -244,14 +244,36 @@ def test_segment_taste_adds_the_user_groups_segment_specific_taste_for_the_categ
     assert GeneratorConfig(rows=200_000, seed=0, segment_taste=0.0).fingerprint() == "352702eab973"
 
 
+def test_contrary_segment_flips_the_shared_affinity_and_quality_in_the_b2b_click_logit_only():
+    plain = next(datagen.generate_blocks(GeneratorConfig(rows=4_000, seed=5), hidden=True))
+    contrary = next(datagen.generate_blocks(GeneratorConfig(rows=4_000, seed=5, contrary_segment=True), hidden=True))
+    for k in ("_user", "_item", "true_scenario", "segment", "timestamp"):
+        np.testing.assert_array_equal(plain[k], contrary[k])
+    world = datagen._World(GeneratorConfig(rows=4_000, seed=5), np.random.default_rng(5))
+    u, item = plain["_user"], plain["_item"]
+    shared = 0.6 * np.einsum("nd,nd->n", world.taste[u], world.item_vec[item]) / np.sqrt(8) + world.quality[item]
+    b2b = plain["segment"] == "b2b"
+    assert 20 < b2b.sum() < 0.1 * len(b2b)
+    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
+    shift = logit(contrary["true_ctr"].astype(np.float64)) - logit(plain["true_ctr"].astype(np.float64))
+    rest = shift + np.where(b2b, 2.0 * shared, 0.0)   # b2b rows: shared -> -shared; the rest is the intercept
+    assert np.ptp(rest) < 1e-3, np.ptp(rest)
+    assert np.ptp(shift[b2b]) > 1.0
+    # the other segments' click logits move only by the re-calibrated intercept; DAction and purchase not at all
+    y2 = lambda b: b["true_ctavr"].astype(np.float64) / b["true_ctr"]  # noqa: E731
+    assert np.ptp(logit(y2(contrary)) - logit(y2(plain))) < 1e-3
+    assert GeneratorConfig(rows=200_000, seed=0, contrary_segment=False).fingerprint() == "352702eab973"
+
+
 def test_cli_takes_the_shared_generator_options_and_its_own(tmp_path, capsys):
     out = str(tmp_path / "gen")
     assert datagen.main(["--out", out, "--rows", "3000", "--rows-per-file", "1000", "--days", "3", "--seed", "4",
-                         "--no-lifecycle-stages", "--scenario-taste", "0.5", "--segment-taste", "0.25"]) == 0
+                         "--no-lifecycle-stages", "--scenario-taste", "0.5", "--segment-taste", "0.25",
+                         "--contrary-segment"]) == 0
     manifest = json.loads(open(os.path.join(out, "_MANIFEST.json")).read())
     assert manifest["fingerprint"] == GeneratorConfig(rows=3000, rows_per_file=1000, days=3, seed=4,
                                                       lifecycle_stages=False, scenario_taste=0.5,
-                                                      segment_taste=0.25).fingerprint()
+                                                      segment_taste=0.25, contrary_segment=True).fingerprint()
     assert len(manifest["files"]) == 3
     assert datagen.main(["--out", out, "--scenario-taste", "-1"]) == 2
     assert "scenario_taste" in capsys.readouterr().err
