@@ -11,6 +11,7 @@ from models.layers import ParallelMLP, RepeatIntention, ScenarioLearner
 from models.layers.scenario import kmeans_pp_seeds
 from models.musenet import MUSENET, PRESETS, PRESETS_BASE, MUSENETConfig
 from tests.models import capacity
+from tests.models.planted import rank_auc
 from transforms import features as F
 
 CATEGORICAL = {"user_id": 6, "device_id": 3, "hour_id": 24, "item_id": 5}
@@ -564,15 +565,11 @@ def _train_planted(**kw):
     return m(test_feats), test_labels["click"].numpy().reshape(-1), scen
 
 
-def _auc(y, s):
-    pos, neg = s[y == 1], s[y == 0]
-    return np.mean(pos[:, None] > neg[None, :]) + 0.5 * np.mean(pos[:, None] == neg[None, :])
-
-
 def test_planted_soft_musenet_beats_the_ablation_without_scenario_and_repeat_modules():
     soft, y, _ = _train_planted(epochs=8)
     base, _, _ = _train_planted(epochs=8, use_scenarios=False, use_repeat=False)
-    auc_soft, auc_base = _auc(y, soft["ctr"].numpy().reshape(-1)), _auc(y, base["ctr"].numpy().reshape(-1))
+    auc_soft = rank_auc(y, soft["ctr"].numpy().reshape(-1))
+    auc_base = rank_auc(y, base["ctr"].numpy().reshape(-1))
     assert auc_soft > auc_base + 0.01, (auc_soft, auc_base)
 
 

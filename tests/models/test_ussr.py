@@ -13,6 +13,7 @@ from models.layers.autoint import AutoIntEncoder
 from models.layers.bipartite import BipartiteInteraction
 from models.layers.mixture import categorical_kl, gaussian_kl, reparameterize
 from models.ussr import CTR_UNIVERSAL, USSR, USSRConfig
+from tests.models.planted import rank_auc
 
 CATEGORICAL = {"a_id": 7, "segment_id": 4, "hour_id": 24}
 DENSE = ("x_z",)
@@ -408,14 +409,9 @@ def _planted(n, seed):
     return feats, {"click": col(click, np.int64)}, seg
 
 
-def _auc(y, s):
-    pos, neg = s[y == 1], s[y == 0]
-    return np.mean(pos[:, None] > neg[None, :]) + 0.5 * np.mean(pos[:, None] == neg[None, :])
-
-
 def _worst_segment_auc(y, s, seg, min_class=30):
     """Lowest per-segment AUC among segments with >= min_class positives and negatives."""
-    aucs = [_auc(y[seg == m], s[seg == m]) for m in np.unique(seg)
+    aucs = [rank_auc(y[seg == m], s[seg == m]) for m in np.unique(seg)
             if min_class <= y[seg == m].sum() <= (seg == m).sum() - min_class]
     return min(aucs)
 
@@ -435,7 +431,7 @@ def _train_planted(model_name, seed, **overrides):
               verbose=0)
     test_feats, test_labels, seg = _planted(20_000, 100)
     y, s = test_labels["click"].numpy().reshape(-1), model(test_feats, training=False)["ctr"].numpy().reshape(-1)
-    return _worst_segment_auc(y, s, seg), _auc(y, s)
+    return _worst_segment_auc(y, s, seg), rank_auc(y, s)
 
 
 def test_planted_ussr_beats_autoint_on_the_worst_segment():

@@ -194,26 +194,41 @@ def test_default_data_is_unchanged_by_options_added_later():
     assert h.hexdigest()[:16] == "e2a9cb508487c28f"
 
 
+def _logit(p):
+    p = np.asarray(p, np.float64)
+    return np.log(p) - np.log1p(-p)
+
+
+def _first_blocks(**option):
+    """The first block of the default data and of the data with ``option`` (rows=4,000, seed 5, hidden columns).
+    The first block's impressions precede any history, so only the labels may differ; checked here."""
+    plain = next(datagen.generate_blocks(GeneratorConfig(rows=4_000, seed=5), hidden=True))
+    varied = next(datagen.generate_blocks(GeneratorConfig(rows=4_000, seed=5, **option), hidden=True))
+    for k in ("_user", "_item", "true_scenario", "true_stage", "segment", "device", "page", "timestamp"):
+        np.testing.assert_array_equal(plain[k], varied[k])
+    return plain, varied
+
+
+def _daction_logit_shift(plain, varied):
+    """logit P(DAction | click) of ``varied`` minus that of ``plain``, per row."""
+    y2 = lambda b: b["true_ctavr"].astype(np.float64) / b["true_ctr"]  # noqa: E731
+    return _logit(y2(varied)) - _logit(y2(plain))
+
+
 def test_scenario_taste_adds_the_user_groups_scenario_specific_taste_for_the_category_to_the_click_logit():
     w = 0.8
-    plain = next(datagen.generate_blocks(GeneratorConfig(rows=4_000, seed=5), hidden=True))
-    tasted = next(datagen.generate_blocks(GeneratorConfig(rows=4_000, seed=5, scenario_taste=w), hidden=True))
-    # the first block's impressions precede any history, so only the labels differ
-    for k in ("_user", "_item", "true_scenario", "true_stage", "device", "page", "timestamp"):
-        np.testing.assert_array_equal(plain[k], tasted[k])
+    plain, tasted = _first_blocks(scenario_taste=w)
     world = datagen._World(GeneratorConfig(rows=4_000, seed=5), np.random.default_rng(5))
     # the scenario-specific category vectors come from their own stream: seed (5, 11), N(0, 1), [K, C, D]
     vectors = np.random.default_rng([5, 11]).normal(0, 1.0, (4, 40, 8))
     u, scen, cat = plain["_user"], plain["true_scenario"], world.category[plain["_item"]]
     group_taste = world.group_taste[world.group[u]]
     term = w * np.einsum("nd,nd->n", group_taste, vectors[scen, cat]) / np.sqrt(8)
-    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
-    shift = logit(tasted["true_ctr"].astype(np.float64)) - logit(plain["true_ctr"].astype(np.float64)) - term
+    shift = _logit(tasted["true_ctr"]) - _logit(plain["true_ctr"]) - term
     # what remains is the re-calibrated intercept, the same for every row
     assert np.ptp(shift) < 1e-3, np.ptp(shift)
     # DAction after a click moves only by its re-calibrated intercept too: the term enters clicks only
-    y2 = lambda b: b["true_ctavr"].astype(np.float64) / b["true_ctr"]  # noqa: E731
-    assert np.ptp(logit(y2(tasted)) - logit(y2(plain))) < 1e-3
+    assert np.ptp(_daction_logit_shift(plain, tasted)) < 1e-3
     assert term.std() > 0.5
     # the same group and category are liked in one scenario and disliked in another
     per_scenario = np.einsum("d,kd->k", group_taste[0], vectors[:, cat[0]])
@@ -224,10 +239,7 @@ def test_scenario_taste_adds_the_user_groups_scenario_specific_taste_for_the_cat
 
 def test_segment_taste_adds_the_user_groups_segment_specific_taste_for_the_category_to_the_click_logit():
     w = 1.5
-    plain = next(datagen.generate_blocks(GeneratorConfig(rows=4_000, seed=5), hidden=True))
-    tasted = next(datagen.generate_blocks(GeneratorConfig(rows=4_000, seed=5, segment_taste=w), hidden=True))
-    for k in ("_user", "_item", "true_scenario", "segment", "timestamp"):
-        np.testing.assert_array_equal(plain[k], tasted[k])
+    plain, tasted = _first_blocks(segment_taste=w)
     world = datagen._World(GeneratorConfig(rows=4_000, seed=5), np.random.default_rng(5))
     # the segment-specific category vectors come from their own stream: seed (5, 13), N(0, 1), [S, C, D]
     vectors = np.random.default_rng([5, 13]).normal(0, 1.0, (4, 40, 8))
@@ -235,8 +247,7 @@ def test_segment_taste_adds_the_user_groups_segment_specific_taste_for_the_categ
     segment = np.array([list(datagen.SEGMENTS).index(s) for s in plain["segment"]])
     group_taste = world.group_taste[world.group[u]]
     term = w * np.einsum("nd,nd->n", group_taste, vectors[segment, cat]) / np.sqrt(8)
-    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
-    shift = logit(tasted["true_ctr"].astype(np.float64)) - logit(plain["true_ctr"].astype(np.float64)) - term
+    shift = _logit(tasted["true_ctr"]) - _logit(plain["true_ctr"]) - term
     assert np.ptp(shift) < 1e-3, np.ptp(shift)       # the rest is the re-calibrated intercept
     assert term.std() > 1.0
     with pytest.raises(ValueError, match="segment_taste"):
@@ -245,23 +256,18 @@ def test_segment_taste_adds_the_user_groups_segment_specific_taste_for_the_categ
 
 
 def test_contrary_segment_flips_the_shared_affinity_and_quality_in_the_b2b_click_logit_only():
-    plain = next(datagen.generate_blocks(GeneratorConfig(rows=4_000, seed=5), hidden=True))
-    contrary = next(datagen.generate_blocks(GeneratorConfig(rows=4_000, seed=5, contrary_segment=True), hidden=True))
-    for k in ("_user", "_item", "true_scenario", "segment", "timestamp"):
-        np.testing.assert_array_equal(plain[k], contrary[k])
+    plain, contrary = _first_blocks(contrary_segment=True)
     world = datagen._World(GeneratorConfig(rows=4_000, seed=5), np.random.default_rng(5))
     u, item = plain["_user"], plain["_item"]
     shared = 0.6 * np.einsum("nd,nd->n", world.taste[u], world.item_vec[item]) / np.sqrt(8) + world.quality[item]
     b2b = plain["segment"] == "b2b"
     assert 20 < b2b.sum() < 0.1 * len(b2b)
-    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
-    shift = logit(contrary["true_ctr"].astype(np.float64)) - logit(plain["true_ctr"].astype(np.float64))
+    shift = _logit(contrary["true_ctr"]) - _logit(plain["true_ctr"])
     rest = shift + np.where(b2b, 2.0 * shared, 0.0)   # b2b rows: shared -> -shared; the rest is the intercept
     assert np.ptp(rest) < 1e-3, np.ptp(rest)
     assert np.ptp(shift[b2b]) > 1.0
     # the other segments' click logits move only by the re-calibrated intercept; DAction and purchase not at all
-    y2 = lambda b: b["true_ctavr"].astype(np.float64) / b["true_ctr"]  # noqa: E731
-    assert np.ptp(logit(y2(contrary)) - logit(y2(plain))) < 1e-3
+    assert np.ptp(_daction_logit_shift(plain, contrary)) < 1e-3
     assert GeneratorConfig(rows=200_000, seed=0, contrary_segment=False).fingerprint() == "352702eab973"
 
 
