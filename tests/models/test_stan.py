@@ -8,7 +8,7 @@ import tensorflow as tf
 from models.keras import keras
 from models.ple import PLE, PLEConfig
 from models.stan import STAN, STANConfig
-from tests.models.planted import rank_auc
+from tests.models.planted import column, rank_auc, running_means
 
 CATEGORICAL = {"user_id_id": 6, "user_age_id": 3, "item_id_id": 5}
 DENSE = ("x_z",)
@@ -160,16 +160,10 @@ def _planted_stages(seed, stages=True):
     new_logit = -1.5 + new_taste[cat] if stages else -2.0 + mature_taste[cat]
     cvr = 1 / (1 + np.exp(-np.where(new, new_logit, -2.0 + mature_taste[cat])))
     labels = {"click": click, "daction": click & (rng.random(n) < 0.3), "purchase": click & (rng.random(n) < cvr)}
-    for name in list(labels):
-        total, pl = np.zeros(users), np.zeros(n)
-        for i, u in enumerate(user):
-            pl[i] = total[u] / n_prev[i] if n_prev[i] else 0.0
-            total[u] += labels[name][i]
-        labels[f"pl_{name}"] = pl
-    col = lambda v, dtype: tf.constant(np.asarray(v).reshape(-1, 1).astype(dtype))  # noqa: E731
-    feats = {"user_id_id": col(user, np.int64), "user_age_id": col(rng.integers(0, 4, users)[user], np.int64),
-             "cat_id": col(cat, np.int64), "x_z": col(x, np.float32)}
-    labels = {k: col(v, np.float32 if k.startswith("pl_") else np.int64) for k, v in labels.items()}
+    labels.update(running_means(user, labels))
+    feats = {"user_id_id": column(user, np.int64), "user_age_id": column(rng.integers(0, 4, users)[user], np.int64),
+             "cat_id": column(cat, np.int64), "x_z": column(x, np.float32)}
+    labels = {k: column(v, np.float32 if k.startswith("pl_") else np.int64) for k, v in labels.items()}
     return feats, labels, new, cvr
 
 
