@@ -1,5 +1,6 @@
 """Command-line behaviour of pipeline.run: clear one-line errors, Beam options passed through untouched."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -67,11 +68,12 @@ def test_beam_options_reach_beam_untouched():
 
 
 def test_direct_runner_is_local_and_other_runners_are_beams():
-    local = make_pipeline(["--runner=DirectRunner"])
-    assert type(local.runner).__name__ == "FnApiRunner"  # never the network-fetching Prism path
-    assert type(make_pipeline([]).runner).__name__ == "FnApiRunner"
-    flink = make_pipeline(["--runner=FlinkRunner", "--flink_master=localhost:8081"])
-    assert type(flink.runner).__name__ == "FlinkRunner"
+    pipelines = [make_pipeline(["--runner=DirectRunner"]), make_pipeline([]),
+                 make_pipeline(["--runner=FlinkRunner", "--flink_master=localhost:8081"])]
+    for p in pipelines:  # Beam removes a pipeline's local temp dir only when it runs; these never do
+        shutil.rmtree(p.local_tempdir)
+    runners = [type(p.runner).__name__ for p in pipelines]
+    assert runners == ["FnApiRunner", "FnApiRunner", "FlinkRunner"]  # never the network-fetching Prism path
 
 
 def test_users_and_items_reach_the_generator(tmp_path):
