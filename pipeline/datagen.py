@@ -195,9 +195,9 @@ class _World:
         self.seg_price_ctr = np.array([-0.5, -1.0, 0.6, 0.1])
         self.seg_price_buy = np.array([-0.4, -0.8, 0.5, 0.0])
         self.seg_bias = np.array([0.0, 0.2, -0.3, -0.5])
-        # Sign with which each segment reads the shared affinity and quality (-1 for b2b with ``contrary_segment``).
+        # With ``contrary_segment``, b2b reads the shared affinity and quality with the opposite sign.
         self.contrary_segment = bool(cfg.contrary_segment)
-        self.seg_sign = np.where((SEGMENTS == "b2b") & self.contrary_segment, -1.0, 1.0)
+        self.b2b = int(np.flatnonzero(SEGMENTS == "b2b")[0])
         # DAction propensity per category and brand: it reaches purchase *only* through DAction (l_buy has no
         # category or brand term), so many DAction labels teach it long before the few purchases do (ESM²).
         self.cat_da = rng.normal(0, 1.0, C)
@@ -220,8 +220,8 @@ class _World:
         affinity = (self.taste[u] * self.item_vec[item]).sum(1) / np.sqrt(self.taste.shape[1])
         l1 = (0.6 * affinity + self.scenario_logit(u, item, scen, is_repeat) + self.segment_logit(u, item)
               + self.stage_ctr[stage] + self.seg_price_ctr[seg] * lp + self.seg_bias[seg] + self.quality[item])
-        if self.contrary_segment:  # the contrary segment reads the shared part with the opposite sign
-            l1 = l1 + (self.seg_sign[seg] - 1.0) * (0.6 * affinity + self.quality[item])
+        if self.contrary_segment:  # -(shared part) instead of +(shared part) for b2b
+            l1 = l1 - 2.0 * (seg == self.b2b) * (0.6 * affinity + self.quality[item])
         affinity2 = (self.taste[u] * self.item_vec2[item]).sum(1) / np.sqrt(self.taste.shape[1])
         power = self.power[u] - 2.0
         l2 = (0.4 * affinity2 + 0.35 * power + self.stage_da[stage] - 0.3 * lp + self.cat_da[cat]
