@@ -6,7 +6,7 @@ from models.esm2 import ESM2, PRESETS, ESM2Config
 from models.keras import keras
 from models.layers import MLP, SharedEmbedding
 from tests.models import capacity
-from tests.models.planted import rank_auc
+from tests.models.planted import column, rank_auc
 
 CATEGORICAL = {"a_id": 7, "b_id": 3, "hour_id": 24}
 DENSE = ("x_z",)
@@ -180,9 +180,9 @@ def _planted_funnel(n, seed, daction_informative):
     else:
         cvr = (0.08 * y2.mean() + 0.003 * (1 - y2.mean())) * np.exp(0.6 * x - 0.18)
     purchase = click & (rng.random(n) < cvr)
-    col = lambda v, dtype=tf.int64: tf.constant(v.reshape(-1, 1), dtype)  # noqa: E731
-    feats = {"cat_id": col(cat), "brand_id": col(brand), "x_z": col(x.astype(np.float32), tf.float32)}
-    return feats, {"click": col(click), "daction": col(daction), "purchase": col(purchase)}
+    feats = {"cat_id": column(cat, np.int64), "brand_id": column(brand, np.int64), "x_z": column(x, np.float32)}
+    return feats, {name: column(v, np.int64) for name, v in
+                   (("click", click), ("daction", daction), ("purchase", purchase))}
 
 
 def _cvr_auc(model_cls, seed, daction_informative):

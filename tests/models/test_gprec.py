@@ -10,7 +10,7 @@ from models import registry
 from models.gprec import GPRec, GPRecConfig, PRESETS, PRESETS_DCN
 from models.keras import keras
 from models.layers.groups import DualGroupEmbedding, GroupClassifier, GumbelMask, cosine_similarity
-from tests.models.planted import rank_auc
+from tests.models.planted import column, rank_auc
 
 CATEGORICAL = {"user_id_id": 12, "user_age_id": 4, "user_power_id": 3, "item_id_id": 9, "device_id": 3}
 DENSE = ("x_z",)
@@ -450,10 +450,9 @@ def _planted_rows(world, n, seed):
     t = world["traits"][u]
     group = ((2 * t - 1) * world["pos"].T[c]).sum(1)                      # t p + (1 - t) (-p)
     click = rng.random(n) < _sigmoid(-0.5 + group + world["own"][u, c])
-    col = lambda v: tf.constant(np.asarray(v, np.int64).reshape(-1, 1))  # noqa: E731
-    feats = {"user_id_id": col(u), "item_cat_id": col(c),
-             **{f"user_d{j}_id": col(f[u]) for j, f in enumerate(world["fields"])}}
-    return feats, {"click": col(click)}, t, group
+    feats = {"user_id_id": column(u, np.int64), "item_cat_id": column(c, np.int64),
+             **{f"user_d{j}_id": column(f[u], np.int64) for j, f in enumerate(world["fields"])}}
+    return feats, {"click": column(click, np.int64)}, t, group
 
 
 def _train_planted(world_seed=0, seed=0, **kw):

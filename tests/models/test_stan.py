@@ -142,7 +142,7 @@ def _planted_stages(seed, stages=True):
     user's first 5 impressions ("new" rows: every light user's row), sigmoid(-2 + m[cat]) later, with n and m
     centred, uncorrelated category effects of equal norm (N(0, 2.5^2) draws, fixed across draws); ~1,800
     purchases, ~950 of them on new rows. ``stages=False`` is the control: new rows buy as mature ones do.
-    Returns features, labels (with the leakage-safe ``pl_*`` running means), the new-row mask, the true CVR."""
+    Returns features, labels (with the leakage-safe ``pl_*`` running means) and the new-row mask."""
     world = np.random.default_rng(123)
     mature_taste, new_taste = (t - t.mean() for t in world.normal(0, 2.5, (2, _PL_CATS)))
     new_taste -= (new_taste @ mature_taste) / (mature_taste @ mature_taste) * mature_taste  # uncorrelated tastes
@@ -164,7 +164,7 @@ def _planted_stages(seed, stages=True):
     feats = {"user_id_id": column(user, np.int64), "user_age_id": column(rng.integers(0, 4, users)[user], np.int64),
              "cat_id": column(cat, np.int64), "x_z": column(x, np.float32)}
     labels = {k: column(v, np.float32 if k.startswith("pl_") else np.int64) for k, v in labels.items()}
-    return feats, labels, new, cvr
+    return feats, labels, new
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,7 +173,7 @@ def _stage_cvr_aucs(kind, seed, stages=True):
     training draw of data seed 0. ``kind``: "stan", "stan_nobeta" or "ple" (STAN's backbone, same widths).
     Cached: the tests below share runs."""
     keras.utils.set_random_seed(seed)
-    feats, labels, _, _ = _planted_stages(100, stages)
+    feats, labels, _ = _planted_stages(100, stages)
     width = dict(hidden_units=(16,), expert_units=(16,), embedding_dim=8, dropout=0.0)
     vocab = {"user_id_id": _PL_LIGHT + _PL_HEAVY, "user_age_id": 4, "cat_id": _PL_CATS}
     if kind == "ple":
@@ -183,7 +183,7 @@ def _stage_cvr_aucs(kind, seed, stages=True):
         model = STAN(vocab, DENSE, STANConfig(**width, use_beta=kind == "stan", user_fields=user_fields))
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
     model.fit(tf.data.Dataset.from_tensor_slices((feats, labels)).batch(100), epochs=4, verbose=0)
-    test_feats, test_labels, new, _ = _planted_stages(999, stages)
+    test_feats, test_labels, new = _planted_stages(999, stages)
     clicked = test_labels["click"].numpy().reshape(-1) == 1
     bought = test_labels["purchase"].numpy().reshape(-1)
     cvr = model(test_feats, training=False)["cvr"].numpy().reshape(-1)

@@ -13,7 +13,7 @@ from models.layers.autoint import AutoIntEncoder
 from models.layers.bipartite import BipartiteInteraction
 from models.layers.mixture import categorical_kl, gaussian_kl, reparameterize
 from models.ussr import CTR_UNIVERSAL, USSR, USSRConfig
-from tests.models.planted import rank_auc
+from tests.models.planted import column, rank_auc
 
 CATEGORICAL = {"a_id": 7, "segment_id": 4, "hour_id": 24}
 DENSE = ("x_z",)
@@ -403,10 +403,9 @@ def _planted(n, seed):
     sign = np.where(seg == 3, -1.0, 1.0)
     logit = -0.5 + sign * (2.0 * q[item] + 2.5 * a[item] * x1 + 2.5 * b[item] * x2)
     click = rng.random(n) < 1 / (1 + np.exp(-logit))
-    col = lambda v, dtype: tf.constant(v.reshape(-1, 1).astype(dtype))  # noqa: E731
-    feats = {"segment_id": col(seg, np.int64), "item_id": col(item, np.int64), "x1": col(x1, np.float32),
-             "x2": col(x2, np.float32)}
-    return feats, {"click": col(click, np.int64)}, seg
+    feats = {"segment_id": column(seg, np.int64), "item_id": column(item, np.int64), "x1": column(x1, np.float32),
+             "x2": column(x2, np.float32)}
+    return feats, {"click": column(click, np.int64)}, seg
 
 
 def _worst_segment_auc(y, s, seg, min_class=30):
