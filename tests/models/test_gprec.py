@@ -1,12 +1,15 @@
 """GPRec: equation-level checks against numpy (Eqs. 2-4, 6, 9, 13, 14-18, 20), the contrastive term's frozen f1,
 gradients, serialization, SavedModel round trip, contract binding, export through the pipeline."""
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from models import registry
+from models.esm2 import ESM2Config
+from models.esmm import CTRDNN
 from models.gprec import GPRec, GPRecConfig, PRESETS, PRESETS_DCN
 from models.keras import keras
 from models.layers.groups import DualGroupEmbedding, GroupClassifier, GumbelMask, cosine_similarity
@@ -497,3 +500,117 @@ def test_planted_groups_reach_the_group_pathway_and_dual_embeddings_end_apart():
     assert lift > 0.5 * lift_true, (auc_group, rank_auc(y, group))
     assert recovered.mean() > 0.4, corr.round(2)
     assert cos < 0.3 and cos < cos_init, (cos_init, cos)
+
+
+# ---- planted truth (light): group tastes set by a conjunction of user fields ------------------------------------
+CONJ_USERS, CONJ_SEGMENTS, CONJ_GROUPS, CONJ_CATS, CONJ_ITEMS, CONJ_VIEWS = 400, 4, 4, 12, 120, 2
+CONJ_VOCAB = {"user_id_id": CONJ_USERS, "user_segment_id": CONJ_SEGMENTS,
+              **{f"user_d{j}_id": CONJ_GROUPS for j in range(CONJ_VIEWS)},
+              "item_id_id": CONJ_ITEMS, "item_cat_id": CONJ_CATS}
+CONJ_USER_FIELDS = ("user_id_id", "user_segment_id") + tuple(f"user_d{j}_id" for j in range(CONJ_VIEWS))
+
+
+def _conjunction_world(seed):
+    """400 users, each in one of 4 segments (a clean column) and one of 4 hidden groups, seen through two user
+    fields that each show a random group instead with p = 0.1. The taste for each of 12 item categories is a
+    table T[segment, group, category] ~ 2.5 N(0, 1): it depends on the segment and the group together, so the
+    user groups of GPRec's premise are conjunctions of user features. Each user also has an own taste N(0, 0.3)
+    per category; each of 120 items has a category and a bias N(0, 0.5)."""
+    rng = np.random.default_rng(seed)
+    segment, group = rng.integers(0, CONJ_SEGMENTS, CONJ_USERS), rng.integers(0, CONJ_GROUPS, CONJ_USERS)
+    views = [np.where(rng.random(CONJ_USERS) < 0.1, rng.integers(0, CONJ_GROUPS, CONJ_USERS), group)
+             for _ in range(CONJ_VIEWS)]
+    return {"segment": segment, "group": group, "views": views,
+            "table": 2.5 * rng.normal(size=(CONJ_SEGMENTS, CONJ_GROUPS, CONJ_CATS)),
+            "own": rng.normal(0, 0.3, (CONJ_USERS, CONJ_CATS)), "cat": rng.integers(0, CONJ_CATS, CONJ_ITEMS),
+            "item_bias": rng.normal(0, 0.5, CONJ_ITEMS)}
+
+
+def _conjunction_rows(world, n, seed):
+    """n impressions (uniform user, uniform item); logit = -1.5 + T[segment_u, group_u, cat_i] + own[u, cat_i] +
+    bias_i. Returns features, labels and the true logit."""
+    rng = np.random.default_rng(seed)
+    u, i = rng.integers(0, CONJ_USERS, n), rng.integers(0, CONJ_ITEMS, n)
+    c = world["cat"][i]
+    logit = -1.5 + world["table"][world["segment"][u], world["group"][u], c] + world["own"][u, c] \
+        + world["item_bias"][i]
+    click = rng.random(n) < _sigmoid(logit)
+    feats = {"user_id_id": column(u, np.int64), "user_segment_id": column(world["segment"][u], np.int64),
+             **{f"user_d{j}_id": column(v[u], np.int64) for j, v in enumerate(world["views"])},
+             "item_id_id": column(i, np.int64), "item_cat_id": column(c, np.int64)}
+    return feats, {"click": column(click, np.int64)}, logit
+
+
+class _BlindGPRec(GPRec):
+    """Sabotage: the same GPRec with every parameter in place, but the classifier g and f2 see constants, so r_G
+    and r_P carry nothing about the user (with lambda_1 = lambda_2 = 0); what is left is the dp tower on r_b."""
+
+    def representations(self, features, training=None):
+        reps = super().representations(features, training=training)
+        scores = self.classifier(tf.zeros_like(reps["e_u"]))
+        masks = self.gumbel(scores, training=training)
+        reps.update(scores=scores, masks=masks, r_g=self.groups(masks),
+                    r_p=self.f2(tf.zeros_like(reps["e_p"]), training=training))
+        return reps
+
+
+def _conjunction_model(kind):
+    """``dnn``: the backbone alone (embedding 8, MLP 16). ``gprec``: GPRec on that backbone in the paper's layout
+    (dp strategy, one classifier MLP per group, paper lambdas) with G = 16 = segments x groups. ``blind``: that
+    GPRec sabotaged (``_BlindGPRec``)."""
+    if kind == "dnn":
+        return CTRDNN(CONJ_VOCAB, (), ESM2Config(embedding_dim=8, hidden_units=(16,), dropout=0.0))
+    cfg = GPRecConfig(num_groups=CONJ_SEGMENTS * CONJ_GROUPS, strategy="dp", group_reduce="sum", embedding_dim=8,
+                      hidden_units=(16,), classifier_units=(16,), prediction_units=(16, 8), personal_units=(16,),
+                      dp_units=(16,), dropout=0.0, user_fields=CONJ_USER_FIELDS, personal_fields=("user_id_id",))
+    if kind == "blind":
+        return _BlindGPRec(CONJ_VOCAB, (), dataclasses.replace(cfg, lambda_group=0.0, lambda_contrast=0.0))
+    return GPRec(CONJ_VOCAB, (), cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def _conjunction_auc(kind, world_seed=0, seed=0, epochs=14, patience=3):
+    """(model AUC, oracle AUC) on a fresh 60k draw: ``kind`` trained on 20k rows (Adam 1e-2, batch 200) and kept
+    at its best epoch by AUC on a separate 10k validation draw (stopping after ``patience`` epochs without a
+    gain); the oracle scores by the true logit."""
+    world = _conjunction_world(world_seed)
+    feats, labels, _ = _conjunction_rows(world, 20000, 100 + world_seed)
+    (vf, vl, _), (tf_, tl, logit) = _conjunction_rows(world, 10000, 1), _conjunction_rows(world, 60000, 2)
+    keras.utils.set_random_seed(seed)
+    m = _conjunction_model(kind)
+    m(feats)
+    m.compile(optimizer=keras.optimizers.Adam(1e-2))
+    data = tf.data.Dataset.from_tensor_slices((feats, labels)).shuffle(20000, seed=seed).batch(200)
+    best, best_weights, since = -1.0, None, 0
+    for _ in range(epochs):
+        m.fit(data, epochs=1, verbose=0)
+        auc = rank_auc(vl["click"].numpy(), m(vf, training=False)["ctr"].numpy())
+        if auc > best:
+            best, best_weights, since = auc, m.get_weights(), 0
+        else:
+            since += 1
+            if since >= patience:
+                break
+    m.set_weights(best_weights)
+    y = tl["click"].numpy()
+    return rank_auc(y, m(tf_, training=False)["ctr"].numpy()), rank_auc(y, logit)
+
+
+def test_planted_gprec_beats_its_mlp_backbone_through_its_user_pathways_on_conjunction_groups():
+    """GPRec > its MLP backbone (issue #5) where the group taste is set by a conjunction of user fields: GPRec on
+    the same 16-unit backbone ranks clicks better than the backbone alone, and the same GPRec with its classifier
+    and personal tower blinded (every parameter kept) does not; so the gain comes through r_G and r_P.
+
+    CTR AUC on the 60k test draw, world 0 (oracle 0.8996), seeds 0 / 1 / 2:
+        dnn 0.8447 / 0.8423 / 0.8437, gprec 0.8510 / 0.8546 / 0.8593, blinded 0.8390 / 0.8499 / 0.8531.
+    Asserted on the mean of seeds 0-1: gprec - dnn +0.0093, gprec - blinded +0.0084. Sabotage: with the group
+    losses off (lambda_1 = lambda_2 = 0, pathways intact) gprec gets 0.8479 / 0.8476 and the test fails; the input
+    strategy (Eq. 14) in place of dp passes (0.8507 / 0.8527).
+    Not asserted: a width-matched dnn (144, 32) beats GPRec (0.8569 / 0.8603 / 0.8594); on world 1 the blinded
+    GPRec keeps the gain (3-seed means: dnn 0.8501, gprec 0.8596, blinded 0.8589), so there the gain is the extra
+    towers; with additive tastes (A[segment, category] + B[group, category], the same variance) GPRec gains
+    +0.0027 (world 0) and +0.0042 (world 1) over dnn (README, GPRec)."""
+    seeds = (0, 1)
+    auc = {k: np.array([_conjunction_auc(k, seed=s)[0] for s in seeds]) for k in ("dnn", "gprec", "blind")}
+    assert (auc["gprec"] - auc["dnn"]).mean() > 0.005, auc
+    assert (auc["gprec"] - auc["blind"]).mean() > 0.005, auc
