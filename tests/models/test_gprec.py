@@ -1,5 +1,7 @@
 """GPRec: equation-level checks against numpy (Eqs. 2-4, 6, 9, 13, 14-18, 20), the contrastive term's frozen f1,
-gradients, serialization, SavedModel round trip, contract binding, export through the pipeline."""
+gradients, serialization, SavedModel round trip, contract binding, export through the pipeline; two light
+planted-truth checks (the group pathway recovers planted groups; GPRec beats its MLP backbone through r_G and r_P
+where a group's taste is a conjunction of user fields)."""
 import dataclasses
 import functools
 
