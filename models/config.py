@@ -22,6 +22,7 @@ class ModelConfig:
     w_ctavr: float = 1.0
     w_ctcvr: float = 1.0
     learning_rate: float = 1e-3
+    adam_epsilon: float = 1e-7  # Adam's epsilon (tf_keras' default; STAN's paper uses 1e-6)
     batch_size: int = 1000
 
     TUPLE_FIELDS: ClassVar[Tuple[str, ...]] = ("hidden_units",)
@@ -54,6 +55,8 @@ class ModelConfig:
                 raise ValueError(f"{name}.{f} (loss weight) must be >= 0, got {getattr(self, f)}")
         if self.learning_rate <= 0:
             raise ValueError(f"{name}.learning_rate must be > 0, got {self.learning_rate}")
+        if not self.adam_epsilon > 0:
+            raise ValueError(f"{name}.adam_epsilon must be > 0, got {self.adam_epsilon}")
         if self.batch_size < 1:
             raise ValueError(f"{name}.batch_size must be >= 1, got {self.batch_size}")
 

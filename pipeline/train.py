@@ -142,7 +142,8 @@ def train_model(model_name: str, model_config, contract: FeatureContract, tft_ou
     data = TrainData(train_pattern, eval_pattern, tft_output.transformed_feature_spec(),
                      tuple(contract.model_feature_names()), label_keys, model_config.batch_size, train_examples)
     model, history, facts = fit_model(lambda: registry.build(model_name, categorical, dense, model_config, sequences),
-                                      data, cfg, model_config.learning_rate, strategy)
+                                      data, cfg, model_config.learning_rate, strategy,
+                                      adam_epsilon=model_config.adam_epsilon)
     if info is not None:
         info.update(facts)
     return model, history
@@ -242,7 +243,8 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
 
 def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfig, learning_rate: float,
-              strategy: tf.distribute.Strategy | None = None, callbacks: Sequence = (), verbose=None):
+              strategy: tf.distribute.Strategy | None = None, callbacks: Sequence = (), verbose=None,
+              adam_epsilon: float = 1e-7):
     """Builds (inside the strategy's scope), compiles and fits a ``MultiTaskModel``.
 
     Returns (model, history dict, info) where info has ``steps_per_epoch``, ``initial_epoch``/``initial_step``
@@ -261,7 +263,7 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
     with strategy.scope():
         model = build()
         model(sample)  # built before fit: BackupAndRestore restores into existing variables
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate), steps_per_execution=cfg.steps_per_execution,
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate, epsilon=adam_epsilon), steps_per_execution=cfg.steps_per_execution,
                       jit_compile=cfg.jit_compile)
     monitor = main_metric(model)
 
