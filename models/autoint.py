@@ -39,9 +39,15 @@ class AutoIntConfig(ModelConfig):
 
 PRESETS: Dict[str, AutoIntConfig] = {
     "default": AutoIntConfig(),
-    # AutoInt paper §5.1.4: 3 interacting layers, 2 heads, d' = 32 (embedding 16).
+    # AutoInt+ as the authors ran it on Criteo (the paper is not in ../shared/papers; these are the values of
+    # github.com/DeepGraphLearning/RecommenderSystems featureRec/run_joint_criteo.sh and autoint/train.py's
+    # defaults, quoted in tests/models/test_presets.py): --blocks 3 --heads 2 --block_shape "[64, 64, 64]"
+    # (64 units split over 2 heads: d' = 32), --deep_layers "[400, 400]", --dropout_keep_prob "[1, 1, 1]"
+    # (no dropout), --batch_size 1024, --embedding_size 16, --learning_rate 0.001 and, in autoint/model.py,
+    # AdamOptimizer(..., epsilon=1e-8). Their AutoInt+ adds the DNN's logit (a DNN on the embeddings) to the
+    # attention's; ours feeds the attention output to the DNN (module docstring), so only the sizes match.
     "paper": AutoIntConfig(attention_layers=3, attention_heads=2, attention_units=32, hidden_units=(400, 400),
-                           dropout=0.0),
+                           dropout=0.0, embedding_dim=16, batch_size=1024, learning_rate=1e-3, adam_epsilon=1e-8),
     # The capacity control for USSR: USSR's cluster posterior, K Gaussian heads and M + 1 decoders hold ~410k
     # parameters outside the embeddings on the built-in data, AutoInt's default decoder ~130k; a 200-100
     # decoder brings AutoInt to USSR's size.

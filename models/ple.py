@@ -45,11 +45,13 @@ PRESETS: Dict[str, PLEConfig] = {
     # Fast default for the built-in data on 2 CPU cores: two levels of 4 * 1 + 2 = 6 experts of 64 units
     # (as many experts per level as MMoE's default), towers of 32: ESM²'s default depth of three layers.
     "default": PLEConfig(),
-    # ESM²'s "paper" training setting (§4.1.3: dropout 0.5, Adam 5e-4, batch 1000) with two levels of
-    # 256-unit experts under towers 128-32, so that `--preset paper` compares like with like. Not a setting
-    # from the PLE paper itself.
-    "paper": PLEConfig(hidden_units=(128, 32), num_levels=2, experts_per_task=1, num_shared_experts=2,
-                       expert_units=(256,), dropout=0.5, learning_rate=5e-4, batch_size=1000),
+    # Not the PLE paper's setting (that paper is not in ../shared/papers): ESM²'s paper training setting
+    # (models.esm2.PAPER: §4.1.4 / Table 2 dropout 0.5, Adam 5e-4, batch 1000; §4.3.1 embedding 128) with two
+    # levels of 256-unit experts under towers 128-32, so that ``--preset esm2_paper`` compares ESM², MMoE and
+    # PLE like with like.
+    "esm2_paper": PLEConfig(hidden_units=(128, 32), num_levels=2, experts_per_task=1, num_shared_experts=2,
+                            expert_units=(256,), dropout=0.5, embedding_dim=128, learning_rate=5e-4,
+                            batch_size=1000),
 }
 
 
