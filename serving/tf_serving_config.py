@@ -7,9 +7,20 @@ Writes into ``--out``:
 * ``models.config`` (``--model_config_file``): a ``ModelServerConfig`` whose ``model_config_list`` has one
   ``ModelConfig`` per model: ``base_path`` (as the server sees it, e.g. ``/models/esm2``), platform
   ``tensorflow``, a ``specific`` version policy (exactly the listed versions are loaded) and the
-  ``version_labels`` ``stable`` / ``canary``. TF Serving only accepts a label for a version it has loaded
-  (unless started with ``--allow_version_labels_for_unavailable_models``), so labelled versions must be
-  among ``versions``; this is checked here.
+  ``version_labels`` ``stable`` / ``canary``. Labelled versions must be among ``versions`` (checked here).
+* ``ssl.config`` (``--ssl_config_file``, only with ``--ssl-key``/``--ssl-cert``): an ``SSLConfig`` holding the
+  server's PEM key and certificate and, for mutual TLS, the client CA with ``client_verify`` (written 0600; it
+  contains the private key: keep it out of version control).
+
+Labels at start-up (TF Serving 2.19.1 ``server_core.cc``): ``ServerCore::ReloadConfig`` calls
+``UpdateModelVersionLabelMap()`` *before* ``AddModelsViaModelConfigList()``, and ``UpdateModelVersionLabelMap``
+returns FAILED_PRECONDITION "Request to assign label to version V of model M, which is not currently
+available for inference" for a label whose version is not AVAILABLE, unless
+``--allow_version_labels_for_unavailable_models`` is set and the label does not already point at another
+version. At start-up nothing is loaded yet, so a config with labels only starts with that flag; the compose
+files pass it. Moving an existing label (``stable`` 1 -> 2) is refused until the new version is AVAILABLE,
+flag or not: promotion is two-phase (load the version, wait for AVAILABLE, then move the label).
+``label_errors`` states this rule and the tests hold the generated config and compose flags to it.
 * ``batching_parameters.txt`` (``--batching_parameters_file``, with ``--enable_batching``): a
   ``BatchingParameters`` text proto.
 * ``monitoring.config`` (``--monitoring_config_file``): a ``MonitoringConfig`` exposing Prometheus metrics at
@@ -34,6 +45,8 @@ from google.protobuf import text_format
 MODELS_CONFIG = "models.config"
 BATCHING_CONFIG = "batching_parameters.txt"
 MONITORING_CONFIG = "monitoring.config"
+SSL_CONFIG = "ssl.config"
+ALLOW_UNAVAILABLE_LABELS_FLAG = "--allow_version_labels_for_unavailable_models"
 PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
 
 _messages: Dict[str, type] = {}
@@ -62,22 +75,31 @@ def _mirror_messages() -> Dict[str, type]:
     add(batching, "thread_pool_name", 5, T.TYPE_MESSAGE, ".google.protobuf.StringValue")
     add(batching, "allowed_batch_sizes", 6, T.TYPE_INT64, repeated=True)
     add(batching, "pad_variable_length_inputs", 7, T.TYPE_BOOL)
+    add(batching, "enable_large_batch_splitting", 8, T.TYPE_MESSAGE, ".google.protobuf.BoolValue")
+    add(batching, "max_execution_batch_size", 9, T.TYPE_MESSAGE, ".google.protobuf.Int64Value")
     prometheus = fdp.message_type.add(name="PrometheusConfig")
     add(prometheus, "enable", 1, T.TYPE_BOOL)
     add(prometheus, "path", 2, T.TYPE_STRING)
     monitoring = fdp.message_type.add(name="MonitoringConfig")
     add(monitoring, "prometheus_config", 1, T.TYPE_MESSAGE, ".tensorflow.serving.PrometheusConfig")
+    ssl = fdp.message_type.add(name="SSLConfig")
+    for name, number in (("server_key", 1), ("server_cert", 2), ("custom_ca", 3)):
+        add(ssl, name, number, T.TYPE_STRING)
+    add(ssl, "client_verify", 4, T.TYPE_BOOL)
     pool.Add(fdp)
     return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.serving.{name}"))
-            for name in ("BatchingParameters", "MonitoringConfig")}
+            for name in ("BatchingParameters", "MonitoringConfig", "SSLConfig")}
 
 
 def message_class(name: str) -> type:
-    """``BatchingParameters`` or ``MonitoringConfig``: TF Serving's generated class when installed, else the mirror."""
+    """``BatchingParameters``, ``MonitoringConfig`` or ``SSLConfig``: TF Serving's generated class when installed,
+    else the mirror."""
     if name not in _messages:
         try:
             if name == "BatchingParameters":
                 from tensorflow_serving.servables.tensorflow import session_bundle_config_pb2 as mod
+            elif name == "SSLConfig":
+                from tensorflow_serving.config import ssl_config_pb2 as mod
             else:
                 from tensorflow_serving.config import monitoring_config_pb2 as mod
             _messages[name] = getattr(mod, name)
@@ -124,6 +146,30 @@ def model_server_config(models: Sequence[ServedModel]):
     return config
 
 
+def label_errors(config, available: Optional[Mapping[str, Sequence[int]]] = None,
+                 current_labels: Optional[Mapping[str, Mapping[str, int]]] = None,
+                 allow_unavailable: bool = False) -> List[str]:
+    """TF Serving's ``UpdateModelVersionLabelMap`` rule (server_core.cc, 2.19.1) for applying ``config``.
+
+    ``available``: {model: versions AVAILABLE now} (start-up: none); ``current_labels``: the server's label map
+    before this config (start-up: none); ``allow_unavailable``: ``--allow_version_labels_for_unavailable_models``.
+    A label may point at a version that is not AVAILABLE only with the flag, and then only when the label is new
+    or already points at that version. Returns TF Serving's FAILED_PRECONDITION message per refused label
+    (the server stops at the first; this lists all). Empty = the server accepts the config.
+    """
+    available = {m: {int(v) for v in vs} for m, vs in (available or {}).items()}
+    current = {m: dict(ls) for m, ls in (current_labels or {}).items()}
+    errors = []
+    for entry in config.model_config_list.config:
+        for label, version in sorted(entry.version_labels.items()):
+            existing = current.get(entry.name, {}).get(label)
+            allowed = allow_unavailable and (existing is None or existing == version)
+            if not allowed and version not in available.get(entry.name, set()):
+                errors.append(f"Request to assign label to version {version} of model {entry.name}, which is not "
+                              "currently available for inference")
+    return errors
+
+
 def batching_parameters(max_batch_size: int = 1024, batch_timeout_micros: int = 1000, max_enqueued_batches: int = 64,
                         num_batch_threads: int = 2, allowed_batch_sizes: Optional[Sequence[int]] = None,
                         pad_variable_length_inputs: bool = False):
@@ -159,6 +205,21 @@ def monitoring_config(path: str = PROMETHEUS_PATH):
     return msg
 
 
+def ssl_config(server_key: str, server_cert: str, custom_ca: Optional[str] = None, client_verify: bool = False):
+    """SSLConfig proto (TF Serving's ``--ssl_config_file``): PEM *contents*, not paths (server.cc reads the fields
+    as the key, certificate and CA themselves). ``client_verify`` (mutual TLS) needs ``custom_ca``."""
+    for name, pem in (("server_key", server_key), ("server_cert", server_cert)):
+        if "-----BEGIN" not in (pem or ""):
+            raise ValueError(f"ssl: {name} is not a PEM text")
+    if client_verify and not custom_ca:
+        raise ValueError("ssl: client_verify (mutual TLS) needs custom_ca, the CA that signs the client certificates")
+    msg = message_class("SSLConfig")()
+    msg.server_key, msg.server_cert = server_key, server_cert
+    msg.custom_ca = custom_ca or ""
+    msg.client_verify = bool(client_verify)
+    return msg
+
+
 def to_text(message) -> str:
     return text_format.MessageToString(message)
 
@@ -173,20 +234,29 @@ def parse_text(text: str, message_type: type, source: str = "<text>"):
     return msg
 
 
-def write_configs(out_dir: str, models: Sequence[ServedModel], batching=None, monitoring=None) -> Dict[str, str]:
-    """Writes the three files into ``out_dir``; returns {file name: path}."""
+def write_text_atomic(path: str, text: str, mode: int = 0o644) -> str:
+    """Writes ``text`` to ``path`` through a temporary file and a rename, so a polling server never reads half."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_configs(out_dir: str, models: Sequence[ServedModel], batching=None, monitoring=None,
+                  ssl=None) -> Dict[str, str]:
+    """Writes the config files into ``out_dir`` (``ssl.config`` only when ``ssl`` is given, mode 0600);
+    returns {file name: path}."""
     os.makedirs(out_dir, exist_ok=True)
     texts = {MODELS_CONFIG: to_text(model_server_config(models)),
              BATCHING_CONFIG: to_text(batching if batching is not None else batching_parameters()),
              MONITORING_CONFIG: to_text(monitoring if monitoring is not None else monitoring_config())}
-    paths = {}
-    for name, text in texts.items():
-        path = os.path.join(out_dir, name)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-        paths[name] = path
+    paths = {name: write_text_atomic(os.path.join(out_dir, name), text) for name, text in texts.items()}
+    if ssl is not None:
+        paths[SSL_CONFIG] = write_text_atomic(os.path.join(out_dir, SSL_CONFIG), to_text(ssl), mode=0o600)
     return paths
 
 
@@ -201,15 +271,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=1024)
     p.add_argument("--batch-timeout-micros", type=int, default=1000)
     p.add_argument("--num-batch-threads", type=int, default=2)
+    p.add_argument("--ssl-key", help="server private key (PEM file): also writes ssl.config for --ssl_config_file")
+    p.add_argument("--ssl-cert", help="server certificate chain (PEM file)")
+    p.add_argument("--ssl-client-ca", help="CA (PEM file) that signs client certificates: mutual TLS (client_verify)")
     args = p.parse_args(argv)
     labels = {"stable": args.stable if args.stable is not None else max(args.versions)}
     if args.canary is not None:
         labels["canary"] = args.canary
     try:
         model = ServedModel(args.model, f"{args.models_root.rstrip('/')}/{args.model}", args.versions, labels)
+        ssl = None
+        if args.ssl_key or args.ssl_cert or args.ssl_client_ca:
+            if not (args.ssl_key and args.ssl_cert):
+                raise ValueError("--ssl-key and --ssl-cert go together (--ssl-client-ca adds mutual TLS)")
+            pems = {k: open(v, encoding="utf-8").read() if v else None
+                    for k, v in (("key", args.ssl_key), ("cert", args.ssl_cert), ("ca", args.ssl_client_ca))}
+            ssl = ssl_config(pems["key"], pems["cert"], pems["ca"], client_verify=bool(args.ssl_client_ca))
         paths = write_configs(args.out, [model], batching_parameters(
             max_batch_size=args.max_batch_size, batch_timeout_micros=args.batch_timeout_micros,
-            num_batch_threads=args.num_batch_threads))
+            num_batch_threads=args.num_batch_threads), ssl=ssl)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ def test_serving_service_flags_ports_and_mounts():
     assert flags["--enable_batching"] == "true"
     assert flags["--batching_parameters_file"] == "/config/batching_parameters.txt"
     assert flags["--monitoring_config_file"] == "/config/monitoring.config"
+    assert flags["--allow_version_labels_for_unavailable_models"] == "true"  # labels at start-up (server_core.cc)
     assert sorted(svc["ports"]) == ["127.0.0.1:8500:8500", "127.0.0.1:8501:8501"]
     mounts = {m["target"]: m for m in svc["volumes"]}
     assert set(mounts) == {"/models", "/config"}
@@ -88,3 +89,14 @@ def test_root_compose_file_includes_the_serving_stack():
     included = [os.path.normpath(os.path.join(root, p)) for p in doc["include"]]
     assert included == [os.path.join(DOCKER, "docker-compose.yml")]
     assert "tf-serving" in _compose("docker-compose.yml")["services"]
+
+
+def test_tls_override_is_the_base_command_plus_ssl_config():
+    """Compose replaces `command` whole, so the TLS override repeats the base flags and adds --ssl_config_file,
+    read from a separately mounted, read-only directory (ssl.config holds the private key)."""
+    base = _compose("docker-compose.yml")["services"]["tf-serving"]
+    tls = _compose("docker-compose.tls.yml")["services"]["tf-serving"]
+    assert tls["command"] == base["command"] + ["--ssl_config_file=/tls/ssl.config"]
+    mounts = {m["target"]: m for m in tls["volumes"]}
+    assert mounts["/tls"]["read_only"] is True and mounts["/tls"]["type"] == "bind"
+    assert "/tls" not in {m["target"] for m in base["volumes"]}
