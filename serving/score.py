@@ -5,8 +5,13 @@
 
 Backend ``--saved-model`` (the embedded default) loads the SavedModel in-process (no project code needed to
 run it). Backend ``--target`` sends the rows to TF Serving over gRPC (``serving.client``), checking them
-against the served signature first. Rows are read from Parquet or JSON lines; only the serving columns of
-the feature contract are sent.
+against the served signature first, in requests of at most ``--max-batch-size`` rows, within one deadline
+``--timeout`` (UNAVAILABLE retried for ``--retry-budget`` seconds); ``--tls`` / ``--ca-cert`` speak TLS,
+adding ``--client-cert`` and ``--client-key`` mutual TLS. Rows are read from Parquet or JSON lines; only the
+serving columns of the feature contract are sent.
+
+    python -m serving.score --target serving.example:8500 --ca-cert ca.crt --client-cert client.crt \
+        --client-key client.key [--tls-server-name tf-serving] --input rows.jsonl
 """
 from __future__ import annotations
 
@@ -32,11 +37,12 @@ def score_saved_model(saved_model_dir: str, serialized: Sequence[bytes],
 
 def score_tf_serving(target: str, model_name: str, serialized: Sequence[bytes], version: int | None = None,
                      version_label: str | None = None, signature: str = "serving_default",
-                     timeout_s: float = 10.0) -> Dict[str, np.ndarray]:
+                     timeout_s: float = 30.0, **client_options) -> Dict[str, np.ndarray]:
+    """``client_options``: further ``TFServingClient`` keywords (retry_budget_s, max_batch_size, TLS files)."""
     from serving.client import TFServingClient
 
     with TFServingClient(target, model_name, version=version, version_label=version_label,
-                         timeout_s=timeout_s) as client:
+                         timeout_s=timeout_s, **client_options) as client:
         return client.score_examples(serialized, signature=signature)
 
 
@@ -76,14 +82,32 @@ def main(argv=None) -> int:
     pick.add_argument("--version", type=int, default=None, help="--target: model version (default: latest)")
     pick.add_argument("--version-label", default=None, help="--target: version label, e.g. stable or canary")
     parser.add_argument("--signature", default="serving_default", help="signature taking serialized examples")
-    parser.add_argument("--timeout", type=float, default=10.0, help="--target: per-call deadline in seconds")
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="--target: deadline of the whole call in seconds, chunks and retries included")
+    parser.add_argument("--attempt-timeout", type=float, default=10.0, help="--target: deadline of one RPC attempt")
+    parser.add_argument("--retry-budget", type=float, default=30.0,
+                        help="--target: seconds during which UNAVAILABLE (server restarting) is retried")
+    parser.add_argument("--max-batch-size", type=int, default=1024,
+                        help="--target: rows per request (TF Serving's batching max_batch_size; 0 = no limit)")
+    parser.add_argument("--tls", action="store_true", help="--target: TLS with the system's root certificates")
+    parser.add_argument("--ca-cert", help="--target: PEM CA certificate that signed the server's (implies TLS)")
+    parser.add_argument("--client-cert", help="--target: PEM client certificate chain, for mutual TLS")
+    parser.add_argument("--client-key", help="--target: PEM client private key, for mutual TLS")
+    parser.add_argument("--tls-server-name", help="--target: name the server's certificate must carry, if not "
+                                                  "the target's host (grpc.ssl_target_name_override)")
     args = parser.parse_args(argv)
+    if (args.client_cert is None) != (args.client_key is None):
+        parser.error("--client-cert and --client-key go together (mutual TLS)")
     try:
         rows = read_rows(args.input, args.limit)
         serialized = serialize_rows(rows, BUILTIN)
         if args.target:
-            scores = score_tf_serving(args.target, args.model_name, serialized, args.version, args.version_label,
-                                      args.signature, args.timeout)
+            scores = score_tf_serving(
+                args.target, args.model_name, serialized, args.version, args.version_label, args.signature,
+                args.timeout, attempt_timeout_s=args.attempt_timeout, retry_budget_s=args.retry_budget,
+                max_batch_size=args.max_batch_size or None, tls=args.tls, root_certificates=args.ca_cert,
+                private_key=args.client_key, certificate_chain=args.client_cert,
+                ssl_target_name_override=args.tls_server_name)
         else:
             scores = score_saved_model(args.saved_model, serialized, args.signature)
     except (OSError, ValueError, KeyError, ServingError, SignatureMismatch) as exc:
