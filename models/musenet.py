@@ -6,8 +6,14 @@ width, N = F * D + dense inputs (the data-sample embedding x), P = projected wid
     x:                   the shared embedding of the whole sample [p_u, B_u, b_t, o_u] -> [B, N].
     Scenario learner:    f_omega(x) [B, P]; Q_s(c | x) = softmax(-||f_omega(x) - c_k||^2) (Eq. 3); soft a = Q_s,
                          hard a = Gumbel-softmax (Eq. 7, tau = 0.1) while training, one-hot arg max (Eq. 4) after.
+                         Not in the paper: by default (``normalize_scenario_input=True``) x is first standardised
+                         per sample, (x - mean_j x_j) / sqrt(var_j x_j + 1e-6) over its N entries, so that
+                         f_omega(x) starts at the N(0, 1) prototypes' scale; the ``paper`` preset turns it off.
     Repeat intention:    per scenario k, p_r^k from user + history + context only, s_r^k and s_e^k from all of
-                         x; z_k = I[t in B_u] p_r s_r + (1 - I) (1 - p_r) s_e (Eq. 9).
+                         x; z_k = I[t in B_u] p_r s_r + (1 - I) (1 - p_r) s_e (Eq. 9). p_r's inputs leave out
+                         L_A's own target, the user's running repeat ratio (``uf_repeat_ratio``, of which
+                         ``pl_repeat_ratio`` is the raw value): with it, L_A would reduce to copying an input.
+                         s_r and s_e still see it in x (the user profile [p_u, B_u] of §3.2.2).
     Prediction (§3.2.3): ctr = sigma(sum_k a_k z_k) (soft; hard: a is one-hot, so sigma(z_k) of the assigned k).
     Loss (Eq. 13):       L_T (Eq. 11) + D_KL(a || 1/K) (Eq. 12) + beta * L_A, L_A = mean_i (r_i - sum_k p_r^k a_ki)^2
                          (Eq. 10 without its sign typo: the squared error is minimised), r_i = the user's running
@@ -38,6 +44,15 @@ user group wants (``--scenario-taste 2``: a scenario x group x category taste in
 module wins beyond capacity: 0.9061 +- 0.0011 against 0.8929 +- 0.0008 for ``musenet_base:wide`` and 0.8936 for
 1024-512-256 (200k rows, 5 seeds, every seed), kept by w/o M2 (0.9058) and lost by w/o M1 (0.8900).
 
+Preset ``paper``: the values the paper states, and nothing it does not state. §4.1 Implementations: "The
+learning rate is set to 0.001 with Adam optimizer. The hyperparameters K and β in Eq. (8) and Eq. (13) are set
+to 4 and 0.5 by default, respectively." §3.2.1: "We set τ to 0.1 by default." §3.2.4: "Here, we fix α to 0.2 by
+default." Eq. 13 weighs D_KL by 1; Eqs. 9 and 12 as printed, s_r and s_e two MLPs (§3.2.2), x the whole sample
+(§3.1.1: "x is the embedding of data sample x"), the soft version (Table 2's best). No per-sample standardisation
+of x and no dropout: the paper states neither. It does not give the tower widths, the embedding width D, the
+projection width P, the batch size, Adam's epsilon or how the prototypes start; those stay rankline's defaults
+(128-64-32, 16, 16, 1000, 1e-7, N(0, 1) entries).
+
 Outputs of ``call``: ``ctr`` [B, 1]; ``scenario`` [B, K] (Q_s, the scenario distribution) and
 ``repeat_intention`` [B, 1] (sum_k a_k p_r^k) when those modules are on. Ablation "w/o M1 & M2"
 (``musenet_base``): ``use_scenarios=False, use_repeat=False`` -> ctr = sigma(MLP(x)). Single ablations "w/o M1"
@@ -56,11 +71,14 @@ from models.config import ModelConfig
 from models.keras import keras
 from models.layers.scenario import ASSIGNMENTS, PROTOTYPE_INITS, RepeatIntention, ScenarioLearner
 from models.tasks import BinaryTask
-from transforms.features import CLICK, CTR, HOUR_ID, REPEAT_RATIO_LABEL, UF_IN_HISTORY, flag, zscore
+from transforms.features import (CLICK, CTR, HOUR_ID, REPEAT_RATIO_LABEL, UF_IN_HISTORY, UF_REPEAT_RATIO, flag,
+                                 zscore)
 
 SCENARIO = "scenario"
 KL_TERMS = ("sample", "marginal")
 REPEAT_INTENTION = "repeat_intention"
+# The raw column whose value is L_A's target r_i (``pl_repeat_ratio``, transforms.preprocessing): not an input of p_r.
+AUX_TARGET_SOURCE = UF_REPEAT_RATIO
 
 
 @dataclass(frozen=True)
@@ -76,7 +94,8 @@ class MUSENETConfig(ModelConfig):
     # "sample": Eq. 12 as printed, mean_i KL(a_i || 1/K). "marginal": KL(mean_i a_i || 1/K), Eq. 12 less the
     # mutual information between sample and scenario that the per-sample form also charges (see ScenarioLearner).
     kl_term: str = "sample"
-    normalize_scenario_input: bool = True  # standardise x per sample before f_omega
+    # Not in the paper: standardise x per sample before f_omega (zero mean, unit variance over its N entries).
+    normalize_scenario_input: bool = True
     use_scenarios: bool = True        # False: no scenario learner (K = 1, a = 1): ablation "w/o M1"
     use_repeat: bool = True           # False: z_k = s_k, one scorer per scenario: ablation "w/o M2"
     repeat_combination: str = "paper"  # Eq. 9 as printed ("paper") or its products in odds space ("log_odds")
@@ -147,8 +166,11 @@ PRESETS: Dict[str, MUSENETConfig] = {
     "context_log_odds_pp_marginal_shared": MUSENETConfig(scenario_side="context", repeat_combination="log_odds",
                                                          prototype_init="kmeans++", kl_term="marginal",
                                                          repeat_scorers="shared"),
-    # §4.1 Implementations: Adam 1e-3, K = 4, beta = 0.5.
-    "paper": MUSENETConfig(learning_rate=1e-3, num_scenarios=4, beta=0.5),
+    # The paper's stated values only, quoted in the module docstring ("Preset paper").
+    "paper": MUSENETConfig(learning_rate=1e-3, num_scenarios=4, beta=0.5, temperature=0.1, prototype_momentum=0.2,
+                           w_kl=1.0, kl_term="sample", assignment="soft", repeat_combination="paper",
+                           repeat_scorers="separate", scenario_side="all", normalize_scenario_input=False,
+                           dropout=0.0),
     # Wider towers: ``musenet_base:wide`` has about as many parameters outside the embeddings as the K intention,
     # repeat and explore MLPs of the default width together (the ablation's capacity control).
     "wide": MUSENETConfig(hidden_units=(768, 384, 192)),
@@ -176,8 +198,9 @@ class MUSENET(MultiTaskModel):
 
     @classmethod
     def bind_to_contract(cls, config, contract, inputs):
-        """Fills ``intention_inputs`` with the user, history and context inputs (everything but the item side)
-        and checks that the dataset has the exact I[t in B_u] input."""
+        """Fills ``intention_inputs`` with the user, history and context inputs (everything but the item side and
+        ``uf_repeat_ratio``, the source of L_A's target) and checks that the dataset has the exact I[t in B_u]
+        input. An explicit ``intention_inputs`` is kept as given."""
         if config.use_repeat and UF_IN_HISTORY not in contract.flags:
             raise ValueError(f"MUSENET needs the per-user features (uf_item_in_history); dataset "
                              f"{contract.name!r} has none (user_features in the schema)")
@@ -192,7 +215,8 @@ class MUSENET(MultiTaskModel):
 
         request_side = [c for c in columns if not _is_item_side(c, contract.item_id)]
         if config.use_repeat and not config.intention_inputs:
-            fields = inputs_of(request_side)
+            # p_r's head never sees L_A's target (Eq. 10): pl_repeat_ratio is the raw uf_repeat_ratio.
+            fields = inputs_of([c for c in request_side if c != AUX_TARGET_SOURCE])
             if not fields:
                 raise ValueError(f"MUSENET needs user/history/context features; dataset {contract.name!r} has none")
             config = dataclasses.replace(config, intention_inputs=fields)

@@ -42,8 +42,9 @@ class ScenarioLearner(keras.layers.Layer):
     """Prototypical scenario assignment Q(c | x) in a learned metric space (§3.1.1, §3.2.1).
 
     * ``project``:  f_omega(x) = x omega, omega [N, P] trainable ("the transformation matrix omega"). With
-      ``normalize_input`` x is first standardised per sample (zero mean, unit variance over its N entries,
-      no parameters) so that the projected scale does not start far below the prototypes' scale.
+      ``normalize_input`` (not in the paper) x is first standardised per sample, (x - mean_j x_j) /
+      sqrt(var_j x_j + 1e-6) over its N entries, no parameters, so that the projected scale does not start far
+      below the prototypes' N(0, 1) scale.
     * ``distances``: d(f_omega(x), c_k) = ||f_omega(x) - c_k||^2 [B, K] (squared Euclidean, the choice of §3.3.1).
     * ``soft``:     Q_s(c_k | x) = softmax_k(-d) [B, K] (Eq. 3); this is also pi_{k,i} of Eq. 7.
     * ``assign``:   a [B, K]: soft -> Q_s. hard -> Gumbel-softmax softmax((log pi + g) / tau), g ~ Gumbel(0, 1),

@@ -60,6 +60,70 @@ def _bce(y, p):
     return -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
 
 
+def _np_mlp(layer, x):
+    """A ParallelMLP recomputed from its weights, head by head: x [B, N] -> [B, K, out] (ReLU, linear output)."""
+    heads = []
+    for k in range(layer.heads):
+        h = x @ layer.kernels[0].numpy()[k] + layer.biases[0].numpy()[k]
+        for kernel, bias in zip(layer.kernels[1:], layer.biases[1:]):
+            h = np.maximum(h, 0.0) @ kernel.numpy()[k] + bias.numpy()[k]
+        heads.append(h)
+    return np.stack(heads, axis=1).astype(np.float64)
+
+
+def _np_inputs(m, feats, intention=INTENTION):
+    """x [B, N] (field embeddings in sorted name order, sequences last, then tanh of the dense inputs) and the
+    intention inputs [B, Ni] (``intention``'s fields, then its dense inputs), from the embedding tables."""
+    emb = m.embedding
+    fields = {n: emb._tables[n].embeddings.numpy()[feats[n].numpy().reshape(-1)] for n in sorted(emb.categorical)}
+    for n in sorted(emb.sequences):
+        ids = feats[n].numpy()
+        rows = emb._seq_tables[n].embeddings.numpy()[ids] * (ids > 0)[..., None]
+        fields[n] = rows.sum(1) / np.maximum((ids > 0).sum(1), 1)[:, None]
+    dense = {n: np.tanh(feats[n].numpy().reshape(-1, 1)) for n in emb.dense}
+    x = np.concatenate(list(fields.values()) + list(dense.values()), axis=1).astype(np.float64)
+    xi = np.concatenate([fields[n] for n in intention if n in fields] + [dense[n] for n in intention if n in dense],
+                        axis=1).astype(np.float64)
+    return x, xi
+
+
+def _np_forward(m, feats, prototypes=None, intention=INTENTION):
+    """Eqs. 3, 9 and §3.2.3 recomputed in numpy from the model's weights (soft assignment, no dropout);
+    ``prototypes`` [K, P] replaces the layer's."""
+    x, xi = _np_inputs(m, feats, intention)
+    out = {"x": x}
+    b = len(x)
+    if m.scenarios is not None:
+        layer = m.scenarios
+        xs = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-6) if layer.normalize_input else x
+        f = xs @ layer.omega.numpy()
+        c = layer.prototypes.numpy() if prototypes is None else prototypes
+        out.update(f=f, a=_softmax(-((f[:, None, :] - c[None]) ** 2).sum(-1)))     # Eq. 3
+    else:
+        out["a"] = np.ones((b, 1))
+    if m.config.use_repeat:
+        ind = feats[FLAG].numpy().reshape(-1, 1).astype(np.float64)
+        p_r = _sigmoid(_np_mlp(m.repeat.intention, xi)[..., 0])
+        s_r, s_e = _np_mlp(m.repeat.repeat, x)[..., 0], _np_mlp(m.repeat.explore, x)[..., 0]
+        out.update(p_r=p_r, s_r=s_r, s_e=s_e, z=ind * p_r * s_r + (1 - ind) * (1 - p_r) * s_e)   # Eq. 9
+        out["repeat_intention"] = (out["a"] * p_r).sum(1, keepdims=True)
+    else:
+        out["z"] = _np_mlp(m.repeat.scorer, x)[..., 0]
+    out["ctr"] = _sigmoid((out["a"] * out["z"]).sum(1, keepdims=True))                 # §3.2.3
+    return out
+
+
+def _np_loss(out, labels, beta):
+    """Eq. 13 with Eq. 12's per-sample KL and Eq. 10 as a squared error, from a ``_np_forward`` result."""
+    a = out["a"]
+    kl = np.mean(np.sum(np.where(a > 0, a * np.log(np.maximum(a, 1e-300)), 0.0) + a * np.log(a.shape[1]), axis=1))
+    l_a = 0.0
+    if "repeat_intention" in out:
+        r = labels[F.REPEAT_RATIO_LABEL].numpy().reshape(-1, 1)
+        l_a = np.mean((r - out["repeat_intention"]) ** 2)
+    return _bce(labels["click"], out["ctr"]) + kl + beta * l_a
+
+
 def _learner(normalize=False, assignment="soft", k=3, p=2, n=4, seed=0):
     rng = np.random.default_rng(seed)
     layer = ScenarioLearner(k, p, assignment=assignment, temperature=0.1, momentum=0.2, normalize_input=normalize)
@@ -136,10 +200,15 @@ def test_eq9_in_odds_space_shifts_the_logit_by_the_log_intention():
     z = RepeatIntention.combine(tf.constant(ind), *(tf.constant(v) for v in (p_r, s_r, s_e)), "log_odds").numpy()
     odds = np.where(ind == 1, p_r * np.exp(s_r), (1 - p_r) * np.exp(s_e))
     np.testing.assert_allclose(np.exp(z), odds, rtol=1e-10)
+    # the layer: p_r, s_r, s_e recomputed from its MLPs' weights, z by the odds-space Eq. 9 above
     layer = RepeatIntention(3, [4], combination="log_odds")
-    out = layer(tf.constant(rng.normal(size=(4, 5))), tf.constant(rng.normal(size=(4, 6))), tf.constant(ind))
-    expected = RepeatIntention.combine(tf.constant(ind), out["p_r"], out["s_r"], out["s_e"], "log_odds")
-    np.testing.assert_array_equal(out["z"].numpy(), expected.numpy())
+    xi, x = rng.normal(size=(4, 5)), rng.normal(size=(4, 6))
+    out = layer(tf.constant(xi, tf.float32), tf.constant(x, tf.float32), tf.constant(ind))
+    p_r = _sigmoid(_np_mlp(layer.intention, xi)[..., 0])
+    s_r, s_e = _np_mlp(layer.repeat, x)[..., 0], _np_mlp(layer.explore, x)[..., 0]
+    expected = np.where(ind == 1, np.log(p_r) + s_r, np.log(1 - p_r) + s_e)
+    np.testing.assert_allclose(out["p_r"].numpy(), p_r, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["z"].numpy(), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="combination"):
         RepeatIntention(3, [4], combination="sum")
 
@@ -286,13 +355,14 @@ def test_outputs_follow_section_3_2_3_and_intention_sees_no_item_features():
     served = m(feats, training=False)
     assert set(served) == {"ctr", "scenario", "repeat_intention"}
     assert served["ctr"].shape == (48, 1) and served["scenario"].shape == (48, 4)
-    ind = feats[FLAG].numpy()
-    z = ind * out["p_r"] * out["s_r"] + (1 - ind) * (1 - out["p_r"]) * out["s_e"]       # Eq. 9
-    np.testing.assert_allclose(out["z"], z, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(served["ctr"].numpy(), _sigmoid((out["a"] * z).sum(1, keepdims=True)), rtol=1e-5)
-    np.testing.assert_allclose(served["repeat_intention"].numpy(), (out["a"] * out["p_r"]).sum(1, keepdims=True),
-                               rtol=1e-5)
-    np.testing.assert_allclose(served["scenario"].numpy().sum(1), 1.0, rtol=1e-5)
+    # every served output recomputed in numpy from the weights: Eq. 3 (standardised x, omega, prototypes),
+    # Eq. 9 from the three MLPs, ctr = sigma(sum_k a_k z_k), repeat intention sum_k a_k p_r^k
+    expected = _np_forward(m, feats)
+    np.testing.assert_allclose(served["scenario"].numpy(), expected["a"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out["z"], expected["z"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(served["ctr"].numpy(), expected["ctr"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(served["repeat_intention"].numpy(), expected["repeat_intention"], rtol=1e-4,
+                               atol=1e-6)
     # p_r uses user, history and context only: changing the target item leaves it unchanged
     other = dict(feats, item_id=tf.reverse(feats["item_id"], [0]), item_z=feats["item_z"] + 3.0)
     other[FLAG] = 1.0 - feats[FLAG]
@@ -304,8 +374,8 @@ def test_outputs_follow_section_3_2_3_and_intention_sees_no_item_features():
 def test_loss_is_eq13_lt_plus_kl_plus_beta_la():
     m = _model(beta=0.7)
     feats, labels = _batch()
-    out = {k: v.numpy() for k, v in m.forward(feats, training=False).items()}
-    a = out["a"].astype(np.float64)
+    out = _np_forward(m, feats)
+    a = out["a"]
     kl = np.mean(np.sum(a * (np.log(a) + np.log(4)), axis=1))
     r = labels[F.REPEAT_RATIO_LABEL].numpy().reshape(-1)
     l_a = np.mean((r - (out["p_r"] * a).sum(1)) ** 2)                   # Eq. 10 as a squared error
@@ -335,19 +405,24 @@ def test_single_ablations_drop_one_module_each():
     m = MUSENET(CATEGORICAL, DENSE, dataclasses.replace(registry.resolve_config("musenet_no_scenarios"),
         hidden_units=(8,), embedding_dim=4, dropout=0.0, intention_inputs=INTENTION), SEQUENCES)
     out = m.forward(feats)
+    expected = _np_forward(m, feats)                                    # a = 1: ctr = sigma(z), z from Eq. 9
     assert set(m(feats)) == {"ctr", "repeat_intention"} and m.scenarios is None and out["z"].shape == (48, 1)
-    np.testing.assert_allclose(out["ctr"].numpy(), _sigmoid(out["z"].numpy()), rtol=1e-5)
-    np.testing.assert_allclose(out["repeat_intention"].numpy(), out["p_r"].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(out["ctr"].numpy(), _sigmoid(expected["z"]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out["repeat_intention"].numpy(), expected["p_r"], rtol=1e-4, atol=1e-6)
+    # L_T + beta L_A, no KL (beta = 0.5 from the preset)
+    assert float(m.compute_loss(feats, labels)) == pytest.approx(_np_loss(expected, labels, 0.5), rel=1e-4)
     # "w/o M2": K scorers mixed by the scenario assignment, no intention: the in-history flag is not used.
     m = MUSENET(CATEGORICAL, DENSE, dataclasses.replace(registry.resolve_config("musenet_no_repeat"),
         hidden_units=(8,), embedding_dim=4, dropout=0.0, projection_dim=3), SEQUENCES)
     out = m.forward(feats)
+    expected = _np_forward(m, feats)                                    # z_k = scorer_k(x), a from Eq. 3
     assert set(m(feats)) == {"ctr", "scenario"} and "p_r" not in out and out["z"].shape == (48, 4)
-    np.testing.assert_allclose(out["ctr"].numpy(), _sigmoid((out["a"] * out["z"]).numpy().sum(1, keepdims=True)),
-                               rtol=1e-5)
+    np.testing.assert_allclose(out["ctr"].numpy(), _sigmoid((expected["a"] * expected["z"]).sum(1, keepdims=True)),
+                               rtol=1e-4, atol=1e-6)
     flipped = dict(feats, **{FLAG: 1.0 - feats[FLAG]})
     np.testing.assert_allclose(m(flipped)["ctr"].numpy(), out["ctr"].numpy(), rtol=1e-6)
-    assert float(m.compute_loss(feats, labels)) > 0
+    # L_T + D_KL (Eq. 12), no L_A
+    assert float(m.compute_loss(feats, labels)) == pytest.approx(_np_loss(expected, labels, 0.0), rel=1e-4)
 
 
 def test_train_step_moves_prototypes_by_eq14_then_steps_theta_with_them_fixed():
@@ -371,6 +446,37 @@ def test_train_step_moves_prototypes_by_eq14_then_steps_theta_with_them_fixed():
     m(feats, training=True)
     m.compute_loss(feats, labels, training=True)                        # only train_step moves them
     np.testing.assert_array_equal(layer.prototypes.numpy(), before)
+
+
+def test_train_step_gradient_is_taken_with_the_prototypes_moved_by_eq14():
+    """Step 2 of Eq. 13: the step's loss and gradient use the prototypes Step 1 (Eq. 14) has just moved. The
+    repeat (explore) MLP's output bias of head k enters logit_i as a_ki I_i p_r^k (a_ki (1 - I_i)(1 - p_r^k)) and
+    neither D_KL nor L_A depends on it, so with SGD it moves by -lr (1/B) sum_i (ctr_i - y_i) a_ki I_i p_r^k."""
+    lr = 0.5
+    m = _model()
+    m.compile(optimizer=keras.optimizers.SGD(lr))
+    feats, labels = _batch()
+    y = labels["click"].numpy().reshape(-1).astype(np.float64)
+    ind = feats[FLAG].numpy().reshape(-1, 1).astype(np.float64)
+    before = _np_forward(m, feats)                                      # Theta and prototypes before the step
+    c = m.scenarios.prototypes.numpy().astype(np.float64)
+    a, f = before["a"], before["f"]
+    moved = 0.8 * c + 0.2 * (a.T @ f) / a.sum(0)[:, None]               # Step 1: Eq. 14 with Theta fixed
+    after = _np_forward(m, feats, prototypes=moved)                     # Step 2's forward pass
+
+    def bias_steps(out):
+        g = (out["ctr"] - y[:, None]) * out["a"] / len(y)               # dL_T / dz_ki = (ctr_i - y_i) a_ki / B
+        return -lr * (g * ind * out["p_r"]).sum(0), -lr * (g * (1 - ind) * (1 - out["p_r"])).sum(0)
+
+    biases = [m.repeat.repeat.biases[-1], m.repeat.explore.biases[-1]]
+    start = [b.numpy()[:, 0].copy() for b in biases]
+    loss = m.train_on_batch(feats, labels, return_dict=True)["loss"]
+    got = [b.numpy()[:, 0] - s for b, s in zip(biases, start)]
+    for g, want, stale in zip(got, bias_steps(after), bias_steps(before)):
+        np.testing.assert_allclose(g, want, rtol=1e-3, atol=1e-7)
+        assert np.abs(want - stale).max() > 50 * (1e-3 * np.abs(want).max() + 1e-7)   # the check tells them apart
+    assert loss == pytest.approx(_np_loss(after, labels, 0.5), rel=1e-5)
+    assert abs(_np_loss(after, labels, 0.5) - _np_loss(before, labels, 0.5)) > 1e-3
 
 
 @pytest.mark.parametrize("kw", [{}, {"assignment": "hard"}, {"use_scenarios": False, "use_repeat": False},
@@ -465,8 +571,10 @@ def test_bind_to_contract_takes_user_history_and_context_never_the_item():
     inputs = F.BUILTIN.model_feature_names()
     cfg = MUSENET.bind_to_contract(MUSENETConfig(), F.BUILTIN, inputs)
     fields = set(cfg.intention_inputs)
-    assert {"user_id_id", "device_id", "page_id", F.HOUR_ID, "uf_history_seq", "uf_repeat_ratio_z"} <= fields
+    assert {"user_id_id", "device_id", "page_id", F.HOUR_ID, "uf_history_seq", "uf_count_z"} <= fields
     assert not [f for f in fields if "item" in f]
+    # nor L_A's target: pl_repeat_ratio is the raw uf_repeat_ratio, whose bucket and z-score are model inputs
+    assert {"uf_repeat_ratio_bucket", "uf_repeat_ratio_z"} <= set(inputs) and not [f for f in fields if "repeat" in f]
     assert F.flag(F.UF_IN_HISTORY) in inputs and F.REPEAT_RATIO_LABEL in F.BUILTIN.pseudo_labels
     assert cfg.scenario_inputs == ()                                    # "all": the whole sample (the paper)
     ctx = MUSENET.bind_to_contract(MUSENETConfig(scenario_side="context"), F.BUILTIN, inputs)
@@ -475,6 +583,57 @@ def test_bind_to_contract_takes_user_history_and_context_never_the_item():
     bare = replace(F.BUILTIN, flags=())
     with pytest.raises(ValueError, match="uf_item_in_history"):
         MUSENET.bind_to_contract(MUSENETConfig(), bare, inputs)
+
+
+def test_intention_head_never_sees_its_own_target_but_the_scoring_towers_do():
+    """At the built-in contract's inputs: moving uf_repeat_ratio (bucket and z-score), the source of L_A's target
+    r_i, leaves every p_r^k unchanged and moves s_r, s_e (they see all of x)."""
+    contract = F.BUILTIN
+    inputs = contract.model_feature_names()
+    cfg = MUSENET.bind_to_contract(_config(intention_inputs=()), contract, inputs)
+    categorical = {F.categorical_id(f.name): 5 for f in contract.vocab_features}
+    categorical.update(contract.model_categorical)
+    sequences = {F.sequence_ids(f.name): 5 for f in contract.sequences}
+    m = MUSENET(categorical, contract.model_dense, cfg, sequences)
+    rng = np.random.default_rng(0)
+    n = 32
+    feats = {k: tf.constant(rng.integers(0, c, (n, 1)), tf.int64) for k, c in categorical.items()}
+    feats.update({k: tf.constant(rng.integers(0, c + 1, (n, 3)), tf.int64) for k, c in sequences.items()})
+    feats.update({k: tf.constant(rng.normal(size=(n, 1)), tf.float32) for k in contract.model_dense})
+    feats[FLAG] = tf.constant((rng.random((n, 1)) < 0.4).astype(np.float32))
+    assert set(inputs) <= set(feats)
+    out = {k: v.numpy() for k, v in m.forward(feats).items()}
+    bucket = "uf_repeat_ratio_bucket"
+    moved = dict(feats, uf_repeat_ratio_z=feats["uf_repeat_ratio_z"] + 2.0,
+                 **{bucket: (feats[bucket] + 1) % categorical[bucket]})
+    got = {k: v.numpy() for k, v in m.forward(moved).items()}
+    np.testing.assert_array_equal(got["p_r"], out["p_r"])
+    assert np.abs(got["s_r"] - out["s_r"]).max() > 1e-4 and np.abs(got["s_e"] - out["s_e"]).max() > 1e-4
+    other_user = dict(feats, uf_count_z=feats["uf_count_z"] + 2.0)     # another user feature does reach p_r
+    assert np.abs(m.forward(other_user)["p_r"].numpy() - out["p_r"]).max() > 1e-4
+
+
+def test_paper_preset_holds_the_values_the_paper_states():
+    """Numbers quoted from the paper (Xu et al. 2023), not from the code."""
+    # §4.1 Implementations: "The learning rate is set to 0.001 with Adam optimizer. The hyperparameters K and β
+    # in Eq. (8) and Eq. (13) are set to 4 and 0.5 by default, respectively."
+    # §3.2.1: "We set τ to 0.1 by default."  §3.2.4, Eq. (14): "Here, we fix α to 0.2 by default."
+    # Eq. (13): L_T + D_KL + β L_A (D_KL weighted by 1); Eq. (12): the per-sample KL; Eq. (9) as printed.
+    quoted = {"learning_rate": 0.001, "num_scenarios": 4, "beta": 0.5, "temperature": 0.1,
+              "prototype_momentum": 0.2, "w_kl": 1.0, "kl_term": "sample", "repeat_combination": "paper",
+              "repeat_scorers": "separate", "scenario_side": "all"}
+    cfg = registry.resolve_config("musenet", "paper")
+    assert {k: getattr(cfg, k) for k in quoted} == quoted
+    # nothing the paper does not state: no per-sample standardisation of x before f_omega, no dropout
+    assert cfg.normalize_scenario_input is False and cfg.dropout == 0.0
+    m = MUSENET(CATEGORICAL, DENSE, dataclasses.replace(cfg, hidden_units=(8,), embedding_dim=4, projection_dim=3,
+                                                        intention_inputs=INTENTION), SEQUENCES)
+    feats, _ = _batch()
+    m(feats)
+    x = _np_inputs(m, feats)[0]
+    np.testing.assert_allclose(m.forward(feats)["q"].numpy(), _softmax(-(
+        ((x @ m.scenarios.omega.numpy())[:, None] - m.scenarios.prototypes.numpy()[None]) ** 2).sum(-1)),
+        rtol=1e-4, atol=1e-6)                                           # Eq. 3 on the raw x
 
 
 def test_unknown_intention_input_is_named():
