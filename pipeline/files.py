@@ -14,3 +14,13 @@ def write_json_atomically(path: str, obj: Any, indent: int | None = None) -> Non
     with tf.io.gfile.GFile(tmp, "w") as fh:
         fh.write(json.dumps(obj, indent=indent))
     tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def read_json(path: str) -> Any:
+    """The JSON value in ``path``, or None when there is no such file."""
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as fh:
+        return json.loads(fh.read())

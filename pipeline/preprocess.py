@@ -1,26 +1,35 @@
 """Beam + tensorflow-transform preprocessing stage, driven by a dataset schema.
 
-    files ──ReadFile──► canonical Arrow batches ──split (time / hash / files)──► train / eval / test
-                 └────► dead letter (rejected/*.jsonl: source, reason, record)
+    files (listed once, on the driver) ──ReadFile──► canonical Arrow batches ──split (time / hash / files)──►
+                 │                                                                   train / eval / test
+                 ├────► dead letter (rejected/*.jsonl: source, reason, record)
+                 └────► per-file counts ──sum──► _READ_COUNTS.json
     train (its own read) ──Analyze──► transform graph
     train, eval, test ──Transform (the graph)──► one gzip TFRecord file per batch ──publish──► part-*
+                                                                                   └──► _SHARDS.json (rows)
 
 Without per-user features, the analysis pass, the transform pass and (for a time split) the time range each
 stream their own read of the files, so memory does not grow with the data; with them, the shuffle by user
 feeds every pass. Analyzers (vocabularies, quantiles, means) see the training split only. Output in ``output_dir``:
 ``data/<split>/part-*.tfrecord.gz`` (gzip ``tf.Example``s), ``transform_fn_output/`` (the transform graph
 and the transformed schema), ``rejected/`` and ``summary.json`` (rows in / out / rejected per split and
-reason, truncations, vocabulary sizes, OOV rates on eval/test). Runs on any Beam runner.
+reason, truncations, vocabulary sizes, OOV rates on eval/test). Runs on any Beam runner; every path may be on
+any filesystem Beam and TensorFlow read (local, ``gs://``, ``hdfs://``, ``s3://``), shared by the workers.
+
+The counts in the summary come from the pipeline's own committed outputs, never from runner metrics (which
+may count retried bundles twice, or not at all): rows per split are the records in the published shards
+(``_SHARDS.json``), rows in / rejected / truncated are the readers' per-file counts summed by a combine
+(``_READ_COUNTS.json``). A run whose rows in differ from train + eval + test + rejected fails.
 """
 from __future__ import annotations
 
-import glob as globlib
 import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -42,6 +51,8 @@ SPLITS = (TRAIN, EVAL, TEST)
 TRANSFORM_DIR = "transform_fn_output"
 DATA_DIR = "data"
 REJECTED_DIR = "rejected"
+SHARDS_FILE = "_SHARDS.json"         # in data/<split>/: the published shards and their record counts
+READ_COUNTS_FILE = "_READ_COUNTS.json"  # the readers' counts (rows in, rejected by reason...), summed
 # Written last by a successful run (the summary plus the fingerprint of what produced it): its presence with a
 # matching fingerprint is what lets a restarted job skip preprocessing (``reusable_summary``).
 DONE_FILE = "_PREPROCESSED.json"
@@ -52,6 +63,10 @@ _OUTPUT_CODE = ("transforms.schema", "transforms.features", "transforms.preproce
 
 class TooManyRejected(RuntimeError):
     """More rows were rejected than ``max_reject_fraction`` allows."""
+
+
+class RowsLost(RuntimeError):
+    """The published outputs do not hold every row read: rows in != train + eval + test + rejected."""
 
 
 @dataclass(frozen=True)
@@ -109,9 +124,8 @@ def tensor_adapter_config(contract: FeatureContract):
 class _SplitBatches(beam.DoFn):
     """Canonical batch -> (split, batch without ``__split``), by time cutoffs or by the reader's decision."""
 
-    def __init__(self, timestamp: Optional[str], count: bool = True):
+    def __init__(self, timestamp: Optional[str]):
         self._timestamp = timestamp
-        self._count = count
 
     def process(self, batch: pa.RecordBatch, cutoffs=None):
         hint = batch.column(batch.schema.get_field_index(sources.SPLIT_COL))
@@ -121,8 +135,6 @@ class _SplitBatches(beam.DoFn):
             parts = {s: batch.filter(pc.equal(hint, s)) for s in SPLITS}
         for split, part in parts.items():
             if part.num_rows:
-                if self._count:
-                    beam.metrics.Metrics.counter(sources.NAMESPACE, f"rows_{split}").inc(part.num_rows)
                 yield split, part
 
 
@@ -148,7 +160,8 @@ def _time_cutoffs(rows, contract: FeatureContract, split):
 
 
 class _WriteBatchFile(beam.DoFn):
-    """(transformed RecordBatch, passthrough) -> one gzip TFRecord file of ``tf.Example``s in ``temp_dir``.
+    """(transformed RecordBatch, passthrough) -> one gzip TFRecord file of ``tf.Example``s in ``temp_dir``;
+    emits (its path, its number of records).
 
     A whole batch is encoded (tfx_bsl, C++) and written (TF's record writer, C++) per element, instead of
     one Beam element per row: the per-element cost of a Beam sink dominated the stage otherwise. The file
@@ -174,31 +187,48 @@ class _WriteBatchFile(beam.DoFn):
         with tf.io.TFRecordWriter(path, options) as writer:
             for record in example_coder.RecordBatchToExamples(batch):
                 writer.write(record)
-        yield path
+        yield path, batch.num_rows
 
 
-def _publish_shards(temp_paths: List[str], out_dir: str) -> List[str]:
-    """Renames committed temporary files to ``out_dir/part-NNNNN-of-MMMMM.tfrecord.gz``; drops the rest.
+def _publish_shards(written: List[Tuple[str, int]], out_dir: str, temp_dir: str) -> List[str]:
+    """Renames the committed temporary files (``written``: (path, records) from ``_WriteBatchFile``) to
+    ``out_dir/part-NNNNN-of-MMMMM.tfrecord.gz`` and records them with their record counts in
+    ``out_dir/_SHARDS.json``; returns the final names. Files of failed bundles (not in ``written``) are dropped.
 
-    Shards of an earlier run in ``out_dir`` are deleted first, so the directory holds exactly this run's
-    rows. Safe to retry: a file already renamed by a failed attempt of this step is kept as it is.
+    A committed file that is not there is an error naming it (e.g. workers that wrote to their own local
+    disk): a shard is never published by name without its rows. Shards of an earlier run in ``out_dir`` are
+    deleted, so the directory holds exactly this run's rows. Safe to retry: ``_SHARDS.json`` is written
+    before the first rename, so a retry of this step (same ``temp_dir``) accepts a file it already renamed.
     """
     import tensorflow as tf
 
+    from pipeline.files import read_json
+
     tf.io.gfile.makedirs(out_dir)
-    total = len(temp_paths)
-    final = [os.path.join(out_dir, f"part-{i:05d}-of-{total:05d}.tfrecord.gz") for i in range(total)]
-    keep = set(final)
+    total = len(written)
+    plan = [[temp, os.path.join(out_dir, f"part-{i:05d}-of-{total:05d}.tfrecord.gz"), int(rows)]
+            for i, (temp, rows) in enumerate(sorted(written))]
+    record = {"temp_dir": temp_dir, "shards": plan, "rows": sum(rows for _, _, rows in plan)}
+    state_path = os.path.join(out_dir, SHARDS_FILE)
+    if read_json(state_path) != record:  # a first attempt: every committed file must be there
+        missing = [temp for temp, _, _ in plan if not tf.io.gfile.exists(temp)]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {total} committed shard(s) for {out_dir} missing, e.g. {missing[0]} (the "
+                f"workers must write to a filesystem the publishing step reads, e.g. gs://)")
+        write_json_atomically(state_path, record)
+    keep = {dest for _, dest, _ in plan}
     for old in tf.io.gfile.glob(os.path.join(out_dir, "part-*")):
         if old not in keep:
             tf.io.gfile.remove(old)
-    for path, dest in zip(sorted(temp_paths), final):
-        if tf.io.gfile.exists(path):
-            tf.io.gfile.rename(path, dest, overwrite=True)
-    temp_dir = os.path.dirname(temp_paths[0]) if temp_paths else None
-    if temp_dir and tf.io.gfile.exists(temp_dir):   # files of failed (retried) bundles are left only here
+    for temp, dest, _ in plan:
+        if tf.io.gfile.exists(temp):
+            tf.io.gfile.rename(temp, dest, overwrite=True)
+        elif not tf.io.gfile.exists(dest):
+            raise FileNotFoundError(f"committed shard {temp} is missing and was not published as {dest}")
+    if tf.io.gfile.exists(temp_dir):   # files of failed (retried) bundles are left only here
         tf.io.gfile.rmtree(temp_dir)
-    return final
+    return [dest for _, dest, _ in plan]
 
 
 class WriteExampleShards(beam.PTransform):
@@ -215,7 +245,18 @@ class WriteExampleShards(beam.PTransform):
         temp_dir = os.path.join(os.path.dirname(self._out_dir.rstrip("/")), f".tmp-{uuid.uuid4().hex}")
         return (batches | "WriteFiles" >> beam.ParDo(_WriteBatchFile(temp_dir, self._level))
                 | "Collect" >> beam.combiners.ToList()
-                | "Publish" >> beam.Map(_publish_shards, self._out_dir))
+                | "Publish" >> beam.Map(_publish_shards, self._out_dir, temp_dir))
+
+
+def _add_counts(counts) -> Dict[str, int]:
+    total: Counter = Counter()
+    for c in counts:
+        total.update(c)
+    return dict(total)
+
+
+def _write_json(obj, path: str) -> None:
+    write_json_atomically(path, obj, indent=2)
 
 
 def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_fn,
@@ -225,32 +266,36 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
     import tensorflow as tf
     import tensorflow_transform.beam as tft_beam
 
-    files = schema.input.files()
+    files = sources.plan_files(schema)  # listed and numbered once, here; the workers get the list as elements
     if not files:
         raise FileNotFoundError(f"schema {schema.name!r}: no input files match {schema.input.path}")
     started = time.time()
     contract = schema.contract
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    tf.io.gfile.makedirs(cfg.output_dir)
     fingerprint = preprocess_fingerprint(schema, cfg)  # of the inputs as they are now, before they are read
     done_path = os.path.join(cfg.output_dir, DONE_FILE)
-    if tf.io.gfile.exists(done_path):
-        tf.io.gfile.remove(done_path)  # the outputs are about to change: not reusable until this run succeeds
+    counts_path = os.path.join(cfg.output_dir, READ_COUNTS_FILE)
+    for stale in (done_path, counts_path):  # the outputs are about to change: not reusable until this run succeeds
+        if tf.io.gfile.exists(stale):
+            tf.io.gfile.remove(stale)
     columns = sources.canonical_columns(contract)
     tac = tensor_adapter_config(contract)
     split = schema.split
     p = make_pipeline(beam_args)
 
     def read(label: str, report: bool):
-        return (p | f"{label}/ListFiles" >> beam.Create(files)
+        return (p | f"{label}/ListFiles" >> beam.Create([tuple(f) for f in files])
                 | f"{label}/SpreadFiles" >> beam.Reshuffle()
                 | f"{label}/ReadFiles" >> beam.ParDo(sources.ReadFile(schema, cfg.batch_rows, report=report))
-                .with_outputs(sources.REJECTED, main="rows"))
+                .with_outputs(sources.REJECTED, sources.STATS, main="rows"))
 
     with tft_beam.Context(temp_dir=os.path.join(cfg.output_dir, "tmp")):
         first = read("Read", report=True)
         _ = (first[sources.REJECTED] | "RejectedToJson" >> beam.Map(json.dumps, sort_keys=True)
              | "WriteRejected" >> beam.io.WriteToText(os.path.join(cfg.output_dir, REJECTED_DIR, "part"),
                                                       file_name_suffix=".jsonl"))
+        _ = (first[sources.STATS] | "SumCounts" >> beam.CombineGlobally(_add_counts)
+             | "WriteCounts" >> beam.Map(_write_json, counts_path))
         if contract.user_features:
             # Per-user features need a shuffle by user; every later pass reads its (materialised) output.
             from pipeline.user_features import add_user_features
@@ -271,8 +316,7 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
         side = beam.pvalue.AsSingleton(cutoffs) if cutoffs is not None else None
         keyed = rows | "Split" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=side)
         analysis_keyed = keyed if analysis_rows is None else (
-            analysis_rows | "SplitForAnalysis" >> beam.ParDo(_SplitBatches(contract.timestamp, count=False),
-                                                             cutoffs=side))
+            analysis_rows | "SplitForAnalysis" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=side))
         parts = keyed | "Partition" >> beam.Partition(lambda kv, n: SPLITS.index(kv[0]), len(SPLITS))
         tft_in = {s: parts[i] | f"ToTFT[{s}]" >> beam.Map(lambda kv: to_tft_batch(kv[1], columns))
                   for i, s in enumerate(SPLITS)}
@@ -291,10 +335,14 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
     logger.info("preprocess %s: pipeline built in %.1fs; running", schema.name, time.time() - started)
     result = p.run()
     result.wait_until_finish()
-    summary = _summary(schema, cfg, _counters(result), files, time.time() - started)
-    with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=2)
+    summary = _summary(schema, cfg, _pipeline_counts(cfg.output_dir), files, time.time() - started)
+    with tf.io.gfile.GFile(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
+        fh.write(json.dumps(summary, indent=2))
     _log_counts(summary)
+    written = sum(summary[f"rows_{s}"] for s in SPLITS) + summary["rows_rejected"]
+    if written != summary["rows_in"]:
+        raise RowsLost(f"{summary['rows_in']} rows read but {written} published (train + eval + test + "
+                       f"rejected) in {cfg.output_dir}")
     frac = summary["rows_rejected"] / max(1, summary["rows_in"])
     if cfg.max_reject_fraction is not None and frac > cfg.max_reject_fraction:
         raise TooManyRejected(
@@ -321,7 +369,7 @@ def preprocess_fingerprint(schema: DatasetSchema, cfg: PreprocessConfig) -> str:
         return hashlib.sha256(data).hexdigest()
 
     files = []
-    for path in schema.input.files():
+    for path in sources.match_files(schema.input.path):
         st = tf.io.gfile.stat(path)
         files.append([path, int(st.length), int(st.mtime_nsec)])
     doc = {
@@ -370,14 +418,21 @@ def reusable_summary(schema: DatasetSchema, cfg: PreprocessConfig) -> Optional[D
     return done.get("summary")
 
 
-def _counters(result) -> Dict[str, int]:
-    from apache_beam.metrics.metric import MetricsFilter
+def _pipeline_counts(output_dir: str) -> Dict[str, int]:
+    """The finished pipeline's counts, from its committed outputs: the readers' summed per-file counts and,
+    as ``rows_<split>``, the records in each split's published shards. Fails when an output is missing."""
+    from pipeline.files import read_json
 
-    out: Dict[str, int] = {}
-    for counter in result.metrics().query(MetricsFilter().with_namespace(sources.NAMESPACE))["counters"]:
-        value = counter.committed if counter.committed is not None else counter.attempted
-        out[counter.key.metric.name] = out.get(counter.key.metric.name, 0) + int(value)
-    return out
+    counts = read_json(os.path.join(output_dir, READ_COUNTS_FILE))
+    if counts is None:
+        raise FileNotFoundError(f"the pipeline wrote no {READ_COUNTS_FILE} in {output_dir}")
+    for s in SPLITS:
+        shards = read_json(os.path.join(output_dir, DATA_DIR, s, SHARDS_FILE))
+        if shards is None:
+            raise FileNotFoundError(f"the pipeline published no shards for split {s!r} "
+                                    f"({os.path.join(output_dir, DATA_DIR, s, SHARDS_FILE)} missing)")
+        counts[f"rows_{s}"] = int(shards["rows"])
+    return counts
 
 
 def _summary(schema: DatasetSchema, cfg: PreprocessConfig, counters: Dict[str, int], files, seconds) -> Dict:
@@ -443,8 +498,10 @@ def transformed_pattern(output_dir: str, split: str) -> str:
 
 
 def read_rejected(output_dir: str) -> List[Dict]:
+    import tensorflow as tf
+
     rows = []
-    for path in sorted(globlib.glob(os.path.join(output_dir, REJECTED_DIR, "part*"))):
-        with open(path, encoding="utf-8") as fh:
-            rows.extend(json.loads(line) for line in fh if line.strip())
+    for path in sorted(tf.io.gfile.glob(os.path.join(output_dir, REJECTED_DIR, "part*"))):
+        with tf.io.gfile.GFile(path) as fh:
+            rows.extend(json.loads(line) for line in fh.read().splitlines() if line.strip())
     return rows

@@ -1,7 +1,9 @@
 """Reading raw logs into canonical Arrow record batches, with every bad record sent to a dead letter.
 
-Each input file is read by one ``ReadFile`` DoFn call (CSV, optionally gzip; Parquet; TFRecord of
-``tf.Example``). Records become canonical columns typed by the feature contract:
+The driver lists the input once (``plan_files``: every file's path, its index in the sorted input and, for a
+``files`` split, its split), on any Beam filesystem (local, ``gs://``, ``hdfs://``, ``s3://``); each planned
+file is read by one ``ReadFile`` DoFn call (CSV, optionally gzip; Parquet; TFRecord of ``tf.Example``), which
+opens it through Beam's ``FileSystems``. Records become canonical columns typed by the feature contract:
 
 * features: nullable flat columns (string / int64 / float32); sequences: ``list<string>``, truncated to
   their ``max_length`` most recent tokens (counted, not rejected);
@@ -11,9 +13,12 @@ Each input file is read by one ``ReadFile`` DoFn call (CSV, optionally gzip; Par
 A record that cannot be used goes to the dead-letter output as ``{"source": "file:line", "reason": ...,
 "record": ...}``: missing required fields, NaN/inf, wrong types, truncated lines, bad timestamps, labels
 outside {0, 1}, funnel violations (post-click action or purchase without a click), undecodable bytes.
+Each file's counts (rows in, rejected by reason, truncations...) leave the DoFn as one ``stats`` output, so
+they are counted from committed outputs only, like the rows themselves.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import gzip
@@ -22,7 +27,8 @@ import itertools
 import logging
 import math
 import os
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from collections import Counter
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -35,6 +41,7 @@ from transforms.schema import DatasetSchema
 logger = logging.getLogger(__name__)
 
 REJECTED = "rejected"
+STATS = "stats"  # tag of ReadFile's per-file counts (one dict per file read)
 SPLIT_COL = "__split"
 ORDER_COL = "__order"  # (file index << 32) | record index: the deterministic tie-break after the timestamp
 NAMESPACE = "rankline"
@@ -63,6 +70,38 @@ def canonical_columns(contract: FeatureContract) -> Dict[str, pa.DataType]:
     for c in contract.oracle:
         cols[c] = _ARROW[contract.raw_dtype(c)]
     return cols
+
+
+class InputFile(NamedTuple):
+    """One input file as the driver planned it: its path, its position in the sorted input (the high 32 bits
+    of ``__order``) and, for a ``files`` split, its split (``""`` when no ``split.files`` pattern matches)."""
+    path: str
+    index: int
+    split: str = ""
+
+
+def match_files(pattern: str) -> List[str]:
+    """Sorted paths matching a glob on any Beam filesystem (locally the same list as ``glob.glob``)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+def _path_key(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def plan_files(schema: DatasetSchema) -> List[InputFile]:
+    """The input files, numbered and (``files`` split) assigned to a split, computed once on the driver and
+    handed to the readers as elements: no worker lists the input itself."""
+    split_of: Dict[str, str] = {}
+    if schema.split.kind == "files":
+        base = os.path.dirname(schema.input.path)
+        for name, pattern in schema.split.files.items():
+            for path in match_files(os.path.join(base, pattern)):
+                split_of[_path_key(path)] = name
+    return [InputFile(path, i, split_of.get(_path_key(path), ""))
+            for i, path in enumerate(match_files(schema.input.path))]
 
 
 def parse_timestamp(value, fmt: str) -> int:
@@ -178,11 +217,15 @@ class RowConverter:
 
 
 def _hash_fraction(key: str) -> float:
+    """u in [0, 1): BLAKE2b of the key's UTF-8 bytes with an 8-byte digest, read as a big-endian unsigned
+    integer, divided by 2**64. Stable across processes, machines and Python versions (unlike ``hash``)."""
     digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0 ** 64
 
 
 def hash_split(key: str, eval_fraction: float, test_fraction: float) -> str:
+    """``test`` when u < test_fraction, ``eval`` when u < test_fraction + eval_fraction, else ``train``
+    (u from ``_hash_fraction``)."""
     u = _hash_fraction(key)
     if u < test_fraction:
         return "test"
@@ -192,10 +235,12 @@ def hash_split(key: str, eval_fraction: float, test_fraction: float) -> str:
 
 
 class ReadFile(beam.DoFn):
-    """file path -> canonical ``pa.RecordBatch``es (main) and dead-letter dicts (tag ``rejected``).
+    """``InputFile`` (or ``(path, index, split)``) -> canonical ``pa.RecordBatch``es (main), dead-letter dicts
+    (tag ``rejected``) and one dict of the file's counts (tag ``stats``).
 
-    ``report=False`` makes a silent reader for a second pass over the same files (no counters, no
+    ``report=False`` makes a silent reader for a second pass over the same files (no counts, no
     dead-letter output, no log lines): the pipeline reads the input once per pass instead of holding it.
+    A bare path (outside a pipeline, e.g. sampling rows to score) is looked up in ``plan_files``.
     """
 
     def __init__(self, schema: DatasetSchema, batch_rows: int = 10_000, report: bool = True):
@@ -209,36 +254,40 @@ class ReadFile(beam.DoFn):
         self.log1p = [f.name for f in self.schema.contract.numeric if f.log1p]
         self.split = self.schema.split
         self.split_key = self.split.key or self.schema.contract.user_id  # hash split key column (may be None)
-        self.file_index = {os.path.abspath(f): i for i, f in enumerate(self.schema.input.files())}
-        self.file_split = {}
-        if self.split.kind == "files":
-            base = os.path.dirname(self.schema.input.path)
-            for name, pattern in self.split.files.items():
-                import glob as globlib
+        self._plan: Optional[Dict[str, InputFile]] = None
 
-                for path in globlib.glob(os.path.join(base, pattern)):
-                    self.file_split[os.path.abspath(path)] = name
+    def _planned(self, element) -> InputFile:
+        if not isinstance(element, str):
+            return InputFile(*element)
+        if self._plan is None:
+            self._plan = {_path_key(f.path): f for f in plan_files(self.schema)}
+        return self._plan.get(_path_key(element), InputFile(element, len(self._plan)))
 
     def _counter(self, name: str, n: int = 1):
         if self.report:
-            beam.metrics.Metrics.counter(NAMESPACE, name).inc(n)
+            self._stats[name] += n
+            beam.metrics.Metrics.counter(NAMESPACE, name).inc(n)  # for the runner's UI; the summary uses stats
 
-    def process(self, path: str):
-        for out in self._process(path):
+    def process(self, element):
+        self._stats: Counter = Counter()
+        for out in self._process(self._planned(element)):
             if self.report or not isinstance(out, beam.pvalue.TaggedOutput):
                 yield out
+        if self.report:
+            yield beam.pvalue.TaggedOutput(STATS, dict(self._stats))
 
-    def _process(self, path: str):
+    def _process(self, planned: InputFile):
+        path = planned.path
         fmt = self.schema.input.format
         split_of_file = ""
         if self.split.kind == "files":
-            split_of_file = self.file_split.get(os.path.abspath(path), "")
+            split_of_file = planned.split
             if not split_of_file:
                 if self.report:
                     logger.warning("input file %s matches no split.files pattern: skipped", path)
                 self._counter("files_unassigned")
                 return
-        base = self.file_index.get(os.path.abspath(path), len(self.file_index)) << 32
+        base = planned.index << 32
         read = self._process_parquet if fmt == "parquet" and self._vectorisable() else self._process_rows
         rows = yield from read(path, split_of_file, base)
         if rows == 0 and self.report:
@@ -286,14 +335,9 @@ class ReadFile(beam.DoFn):
     def _process_parquet(self, path: str, split_of_file: str, base: int):
         """Row groups -> canonical batches with the row-wise path's rules, applied as Arrow compute kernels;
         returns the count."""
-        import pyarrow.parquet as pq
-
         name = os.path.basename(path)
-        pf = pq.ParquetFile(path)
-        present = set(pf.schema_arrow.names)
         offset = 0
-        for rg in range(pf.num_row_groups):
-            table = pf.read_row_group(rg, columns=[c for c in self.columns if c in present])
+        for table in _row_groups(path, self.columns):
             n = table.num_rows
             self._counter("rows_in", n)
             cols, reasons = self._validate_table(table, n)
@@ -412,11 +456,15 @@ class ReadFile(beam.DoFn):
         return pa.RecordBatch.from_arrays(arrays, list(self.columns) + [SPLIT_COL, ORDER_COL])
 
     # ---- formats ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
     def _open(self, path: str):
         comp = self.schema.input.compression
-        if comp == "gzip" or (comp == "auto" and path.endswith(".gz")):
-            return gzip.open(path, "rb")
-        return open(path, "rb")
+        with _open_raw(path) as raw:
+            if comp == "gzip" or (comp == "auto" and path.endswith(".gz")):
+                with gzip.GzipFile(fileobj=raw, mode="rb") as fh:
+                    yield fh
+            else:
+                yield raw
 
     def _records(self, path: str, fmt: str) -> Iterator[Tuple[str, Optional[Dict], Optional[str]]]:
         name = os.path.basename(path)
@@ -461,13 +509,8 @@ class ReadFile(beam.DoFn):
                 yield source, dict(zip(header, fields)), None
 
     def _parquet_records(self, path: str, name: str):
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        wanted = [c for c in self.columns if c in pf.schema_arrow.names]
         offset = 0
-        for rg in range(pf.num_row_groups):
-            table = pf.read_row_group(rg, columns=wanted)
+        for table in _row_groups(path, self.columns):
             for i, record in enumerate(table.to_pylist()):
                 yield f"{name}:row {offset + i}", record, None
             offset += table.num_rows
@@ -493,6 +536,25 @@ class ReadFile(beam.DoFn):
                 else:
                     record[key] = values[0] if len(values) == 1 else (None if not values else values)
             yield source, record, None
+
+
+def _open_raw(path: str):
+    """A binary, seekable reader of ``path`` on any Beam filesystem (local, gs://, hdfs://, s3://)."""
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
+def _row_groups(path: str, columns) -> Iterator[pa.Table]:
+    """The row groups of a Parquet file on any Beam filesystem, as tables of those ``columns`` it has."""
+    import pyarrow.parquet as pq
+
+    with _open_raw(path) as fh:
+        pf = pq.ParquetFile(fh)
+        wanted = [c for c in columns if c in pf.schema_arrow.names]
+        for rg in range(pf.num_row_groups):
+            yield pf.read_row_group(rg, columns=wanted)
 
 
 def _category(reason: str) -> str:
@@ -543,5 +605,5 @@ def batch_time_range(batch: pa.RecordBatch, timestamp: str) -> Tuple[float, floa
     return float(mm["min"].as_py()), float(mm["max"].as_py()), batch.num_rows
 
 
-__all__ = ["ReadFile", "RowConverter", "Rejected", "canonical_columns", "hash_split", "split_batch_by_time",
-           "REJECTED", "SPLIT_COL", "ORDER_COL"]
+__all__ = ["InputFile", "ReadFile", "RowConverter", "Rejected", "canonical_columns", "hash_split", "match_files",
+           "plan_files", "split_batch_by_time", "REJECTED", "SPLIT_COL", "ORDER_COL", "STATS"]

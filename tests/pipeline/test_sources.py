@@ -64,12 +64,31 @@ def test_row_converter_values_missing_and_truncation():
     assert values["ts"] == 1704164645 and values["user"] == 7 and values["buy"] == 1
 
 
-def test_timestamp_formats_and_hash_split_is_deterministic():
+def test_timestamp_formats():
     assert parse_timestamp("1700000000", "unix") == 1700000000
     assert parse_timestamp("1700000000123", "unix_ms") == 1700000000
     assert parse_timestamp("14102101", "%y%m%d%H") == 1413853200  # 2014-10-21 01:00 UTC
+
+
+# u = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "big") / 2**64, worked out
+# once outside the code under test and pinned here: test when u < test_fraction, eval when u < test + eval.
+HASH_GOLDEN = {"0": 0.516288615126363, "1": 0.9647866495940683, "2": 0.10919374017742965,
+               "42": 0.3425939642242156, "29": 0.03391089222451013, "18": 0.09444407996621038,
+               "\u00fc": 0.3357180333125356}
+
+
+def test_hash_split_golden_values():
+    """Pinned per key, so a split that depended on the process (Python's salted ``hash``), the platform or the
+    library version would fail here, not only a split that changed between two calls."""
+    from pipeline.sources import _hash_fraction
+
+    assert {k: _hash_fraction(k) for k in HASH_GOLDEN} == HASH_GOLDEN
+    got = {k: hash_split(k, 0.3, 0.1) for k in HASH_GOLDEN}
+    assert got == {"0": "train", "1": "train", "2": "eval", "42": "eval", "29": "test", "18": "test",
+                   "\u00fc": "eval"}
+    assert hash_split("2", 0.3, 0.11) == "test"   # u = 0.1092 < 0.11: the boundary sits where u says
+    assert hash_split("42", 0.24, 0.1) == "train"  # u = 0.3426 >= 0.34
     shares = [hash_split(str(k), 0.3, 0.1) for k in range(20000)]
-    assert shares == [hash_split(str(k), 0.3, 0.1) for k in range(20000)]
     assert abs(shares.count("eval") / 20000 - 0.3) < 0.02 and abs(shares.count("test") / 20000 - 0.1) < 0.02
 
 
@@ -136,7 +155,7 @@ def _read_all(reader, path):
     for out in reader.process(path):
         if getattr(out, "tag", None) == REJECTED:
             bad[out.value["source"]] = out.value["reason"]
-        else:
+        elif not hasattr(out, "tag"):
             good.extend(out.to_pylist())
     return good, bad
 
@@ -207,3 +226,94 @@ def test_tfrecord_input_of_tf_examples(tmp_path):
     assert [(r["user"], r["cat"], r["price"], r["hist"]) for r in good] == [(1, "a", 2.5, ["p", "q"])]
     assert bad["x.tfrecord:record 1"] == "funnel violation: buy without click"
     assert bad["x.tfrecord:record 2"].startswith("not a tf.Example")
+
+
+def test_files_are_numbered_and_assigned_once_by_the_driver(tmp_path, monkeypatch):
+    """``plan_files`` lists the input on the driver; ``ReadFile`` takes a planned file as its element and
+    never lists the input itself (the old reader globbed the input again in every worker's ``setup``)."""
+    from pipeline import sources
+    from pipeline.sources import ORDER_COL, SPLIT_COL, InputFile, ReadFile, plan_files
+
+    for name in ("train-1.csv", "train-0.csv", "eval-0.csv", "other.csv"):
+        (tmp_path / name).write_text(HEADER + "\n" + ",".join(_row().values()) + "\n")
+    doc = dict(SCHEMA_DOC, input={"path": str(tmp_path / "*.csv"), "format": "csv"},
+               split={"kind": "files", "files": {"train": "train-*.csv", "eval": "eval-*.csv"}})
+    schema = parse_schema(doc, "/x/unit.yaml")
+    plan = plan_files(schema)
+    assert [(os.path.basename(f.path), f.index, f.split) for f in plan] == [
+        ("eval-0.csv", 0, "eval"), ("other.csv", 1, ""), ("train-0.csv", 2, "train"), ("train-1.csv", 3, "train")]
+
+    def no_listing(*args):
+        raise AssertionError("a worker listed the input files")
+
+    monkeypatch.setattr(sources, "match_files", no_listing)
+    monkeypatch.setattr("glob.glob", no_listing)
+    reader = ReadFile(schema)
+    reader.setup()
+    # the element decides: a file planned as number 9 of the test split
+    outs = list(reader.process(tuple(InputFile(plan[2].path, 9, "test"))))
+    rows = [r for o in outs if not hasattr(o, "tag") for r in o.to_pylist()]
+    assert [(r[SPLIT_COL], r[ORDER_COL] >> 32, r[ORDER_COL] & 0xFFFFFFFF) for r in rows] == [("test", 9, 1)]
+    assert [o.value for o in outs if getattr(o, "tag", None) == sources.STATS] == [{"rows_in": 1}]
+    outs = list(reader.process(tuple(plan[1])))  # matches no split pattern: skipped, and counted
+    assert [o.value for o in outs] == [{"files_unassigned": 1}]
+
+
+def _remote(schema, path):
+    """The schema with an input path that has a scheme (set after parsing: the parser resolves relative paths)."""
+    from dataclasses import replace
+
+    return replace(schema, input=replace(schema.input, path=path))
+
+
+def test_input_is_read_through_beam_filesystems(tmp_path, monkeypatch):
+    """Paths with a scheme (gs://, hdfs://, s3://) are listed and opened through Beam's ``FileSystems``: a
+    filesystem registered only there (``fakeremote://``, backed by a local directory) serves CSV, gzip CSV and
+    Parquet input. The old reader's ``glob`` found no file and its ``open`` could not open one."""
+    import glob as globlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystem import CompressionTypes, FileMetadata, MatchResult
+    from apache_beam.io.localfilesystem import LocalFileSystem
+
+    from pipeline.sources import ReadFile, plan_files
+
+    class FakeRemote(LocalFileSystem):
+        root = str(tmp_path)
+
+        @classmethod
+        def scheme(cls):
+            return "fakeremote"
+
+        def _local(self, path):
+            return os.path.join(self.root, path[len("fakeremote://"):])
+
+        def match(self, patterns, limits=None):
+            return [MatchResult(p, [FileMetadata("fakeremote://" + os.path.relpath(f, self.root), os.path.getsize(f))
+                                    for f in globlib.glob(self._local(p))]) for p in patterns]
+
+        def open(self, path, mime_type="application/octet-stream", compression_type=CompressionTypes.AUTO):
+            return super().open(self._local(path), mime_type, compression_type)
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv").write_text(HEADER + "\n" + ",".join(_row(user="1").values()) + "\n")
+    with gzip.open(tmp_path / "in" / "b.csv.gz", "wt") as fh:
+        fh.write(HEADER + "\n" + ",".join(_row(user="2").values()) + "\n" + ",".join(_row(user="3").values()) + "\n")
+    schema = _remote(_schema("/x/in/*.csv*"), "fakeremote://in/*.csv*")
+    plan = plan_files(schema)
+    assert [(f.path, f.index) for f in plan] == [("fakeremote://in/a.csv", 0), ("fakeremote://in/b.csv.gz", 1)]
+    reader = ReadFile(schema)
+    reader.setup()
+    users = [r["user"] for f in plan for o in reader.process(tuple(f)) if not hasattr(o, "tag") for r in o.to_pylist()]
+    assert users == [1, 2, 3]
+
+    pq.write_table(pa.table({"user": [5, 6], "cat": ["a", "b"], "price": [1.0, 2.0], "ts": [10, 11],
+                             "click": [1, 0], "cart": [0, 0], "buy": [0, 0]}), tmp_path / "in" / "c.parquet")
+    doc = dict(SCHEMA_DOC, input={"path": "/x/in/*.parquet", "format": "parquet"},
+               roles={"user_id": "user", "timestamp": "ts"},
+               features=[f for f in SCHEMA_DOC["features"] if f["name"] != "hist"])
+    reader = ReadFile(_remote(parse_schema(doc, "/x/unit.yaml"), "fakeremote://in/*.parquet"))
+    reader.setup()
+    good, bad = _read_all(reader, "fakeremote://in/c.parquet")
+    assert [(r["user"], r["cat"]) for r in good] == [(5, "a"), (6, "b")] and bad == {}
