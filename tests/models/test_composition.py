@@ -34,15 +34,22 @@ def test_esm2_cvr_is_not_the_common_wrong_form():
 
 def test_esm2_composition_outputs_are_probabilities_and_ordered():
     rng = np.random.default_rng(0)
-    y = [_col(rng.random(1000)) for _ in range(4)]
-    out = {k: v.numpy() for k, v in ESM2Composition()(y).items()}
+    y1, y3, y4 = rng.random(1000), rng.random(1000), rng.random(1000)
+    # y2 away from 1/2 and y3 away from y4: only there does cvr tell the weight on y3 (y2) from the weight on
+    # y4 (1 - y2); with y2 = 1/2 or y3 = y4 the swapped form (1 - y2) * y3 + y2 * y4 gives the same value.
+    y2 = np.where(rng.random(1000) < 0.5, rng.uniform(0.0, 0.35, 1000), rng.uniform(0.65, 1.0, 1000))
+    y4 = np.where(np.abs(y3 - y4) < 0.2, (y3 + 0.5) % 1.0, y4)
+    out = {k: v.numpy().reshape(-1) for k, v in ESM2Composition()([_col(y1), _col(y2), _col(y3), _col(y4)]).items()}
     for v in out.values():
         assert np.all((v >= 0) & (v <= 1))
     assert np.all(out["ctr"] >= out["ctavr"])
     assert np.all(out["ctr"] >= out["ctcvr"])
-    # cvr is a convex combination of y3 and y4
-    lo, hi = np.minimum(y[2].numpy(), y[3].numpy()), np.maximum(y[2].numpy(), y[3].numpy())
-    assert np.all(out["cvr"] >= lo - 1e-7) and np.all(out["cvr"] <= hi + 1e-7)
+    # cvr is the convex combination of y3 (purchase | DAction) with weight y2 = P(DAction | click) and y4
+    # (purchase | OAction) with weight 1 - y2 (Eq. 3): where it lies between y4 and y3 is y2 itself.
+    np.testing.assert_allclose((out["cvr"] - y4) / (y3 - y4), y2, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["ctcvr"], y1 * ((1 - y2) * y4 + y2 * y3), rtol=1e-5, atol=1e-7)
+    # The inputs can tell Eq. 3 from its y3/y4 swap: they differ by |1 - 2 y2| |y3 - y4| >= 0.3 * 0.2 everywhere.
+    assert np.min(np.abs(out["cvr"] - ((1 - y2) * y3 + y2 * y4))) > 0.05
 
 
 def test_esmm_composition():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from models.esm2 import ESM2, PRESETS, ESM2Config
+from models.esm2 import ESM2, ESM2Config
 from models.keras import keras
 from models.layers import MLP, SharedEmbedding
 from tests.models import capacity
@@ -43,6 +43,25 @@ def test_loss_is_eq11_weighted_sum_of_entire_space_logloss():
     out = {k: v.numpy() for k, v in model(feats, training=False).items()}
     expected = (1.0 * _bce(labels["click"], out["ctr"]) + 0.5 * _bce(labels["daction"], out["ctavr"])
                 + 2.0 * _bce(labels["purchase"], out["ctcvr"]))
+    got = float(model.compute_loss(feats, labels, training=False))
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_esmm_loss_is_its_papers_entire_space_ctr_and_ctcvr_logloss():
+    """ESMM (Ma et al. 2018, Eq. 3): L = w_ctr * l(click, pCTR) + w_ctcvr * l(click & purchase, pCTR * pCVR), both
+    over ALL impressions (batch means here, as ``BinaryTask`` documents), recomputed in numpy from the model's own
+    pCTR and pCVR. Fails if the CVR were trained on clicked rows only, pCVR were scored instead of pCTCVR, or a
+    weight were dropped (the weights differ from 1 and from each other; w_ctavr must play no part)."""
+    from models.esmm import ESMM
+
+    cfg = ESM2Config(hidden_units=(8, 4), dropout=0.0, embedding_dim=4, w_ctr=0.7, w_ctavr=3.0, w_ctcvr=2.5)
+    model = ESMM(CATEGORICAL, DENSE, cfg)
+    feats, labels = _batch(n=96, seed=3)
+    out = {k: v.numpy().astype(np.float64) for k, v in model(feats, training=False).items()}
+    click, purchase = labels["click"].numpy(), labels["purchase"].numpy()
+    assert 0 < click.mean() < 1 and 0 < purchase.sum() < click.sum()
+    pctcvr = out["ctr"] * out["cvr"]                                  # pCTCVR = pCTR x pCVR (Eq. 2)
+    expected = 0.7 * _bce(click, out["ctr"]) + 2.5 * _bce(click * purchase, pctcvr)
     got = float(model.compute_loss(feats, labels, training=False))
     assert got == pytest.approx(expected, rel=1e-5)
 
@@ -135,14 +154,12 @@ def test_shared_embedding_values():
     assert layer.field_embeddings(feats).shape == (2, 1, 2)
 
 
-def test_config_validation_and_paper_preset():
+def test_config_validation():
+    # The presets' values against the paper: tests/models/test_presets.py.
     with pytest.raises(ValueError, match="dropout"):
         ESM2Config(dropout=1.5)
     with pytest.raises(ValueError, match="hidden_units"):
         ESM2Config(hidden_units=())
-    paper = PRESETS["paper"]
-    assert paper.hidden_units == (512, 256, 128, 32) and paper.dropout == 0.5
-    assert paper.learning_rate == 5e-4 and paper.batch_size == 1000
 
 
 def test_wide_preset_gives_dnn_about_a_million_tower_parameters_at_the_builtin_width():
