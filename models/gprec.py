@@ -13,11 +13,15 @@ Shapes: B batch, F fields, D = ``embedding_dim``, G = ``num_groups``, R = dim(r_
     Eqs. 5-6:    r_G = M (.) E_G [B, R]                          (``DualGroupEmbedding``)
     Eqs. 7-8:    y^_1 = sigmoid(f1(r_G, E_v)), L_G = BCE(y^_1, y)
     Eqs. 9-11:   r_G^Con = (1 - M) (.) E_G, y^_2 = sigmoid(f1(r_G^Con, E_v)) with theta_1 fixed,
-                 L_G^Con = BCE(y^_2, y), maximised
+                 L_G^Con = BCE(y^_2, y), maximised. Only theta_1 is fixed (the paper: "f1 in Equation (10) is the
+                 same as in Equation (7) but with theta_1 fixed"), so, read literally, the ascent on L_G^Con moves
+                 E_G and also the classifier g (through M), the shared user embeddings E_u that feed g and the
+                 shared item embeddings E_v; ``contrast_group_only=True`` stops it at E_G (measured: README).
     Eq. 12:      r_P = f2(E_p) [B, R]
     Eq. 13:      L_O = mean_B cos(r_G, r_P) (``orthogonal_penalty='squared'``: mean_B cos^2, minimum at orthogonality)
     Eq. 14:      ``strategy='input'``:    y^ = sigmoid(f_y([r_b, r_G, r_P]))
-    Eqs. 15-16:  ``strategy='dp'``:       y^ = sigmoid(f_y(r_b; theta_y + ReShape(f_DP([r_G, r_P]))))
+    Eqs. 15-16:  ``strategy='dp'``:       y^ = sigmoid(f_y(r_b; theta_y + ReShape(f_DP([r_G, r_P])))), W_DP
+                 offsetting every kernel and bias of f_y (theta_y is all of f_y's parameters)
     Eqs. 17-18:  ``strategy='ensemble'``: y^ = (sigmoid(f_b(r_b)) + sigmoid(f_G(r_G)) + sigmoid(f_P(r_P))) / 3
     Eq. 20:      L = L_major + lambda_1 L_G - lambda_2 L_G^Con + lambda_3 L_O  (``compute_loss``)
 
@@ -88,6 +92,10 @@ class GPRecConfig(ModelConfig):
     # directions (cos -> -1), not towards orthogonality, which is what §III-C says the term is for.
     # "cosine" = Eq. 13 literally (the paper's default); "squared" = cos^2 (minimum 0 at orthogonality).
     orthogonal_penalty: str = "cosine"
+    # L_G^Con (Eqs. 9-11) is maximised with theta_1 fixed and nothing else fixed: read literally, its ascent also
+    # moves the classifier g (through M), the user embeddings E_u feeding g and the item embeddings E_v that
+    # f1 reads. True: tf.stop_gradient on M and E_v in Eq. 10, so the term moves the group embeddings E_G only.
+    contrast_group_only: bool = False
     user_fields: Tuple[str, ...] = ()          # E_u: transformed user-side fields (set by bind_to_contract)
     personal_fields: Tuple[str, ...] = ()      # E_p: id-like personal fields, a subset of user_fields
 
@@ -256,8 +264,11 @@ class GPRec(MultiTaskModel):
         reps = self.representations(features, training=training)
         e_v = reps["e_v"]
         y1 = tf.sigmoid(self.f1(tf.concat([reps["r_g"], e_v], axis=1), training=training))              # Eq. 7
-        r_con = self.groups.contrast(reps["masks"])                                                     # Eq. 9
-        y2 = tf.sigmoid(self.f1.frozen(tf.concat([r_con, e_v], axis=1), training=training))             # Eq. 10
+        masks, e_v_con = reps["masks"], e_v
+        if self.config.contrast_group_only:  # L_G^Con reaches E_G only (not g, E_u, E_v)
+            masks, e_v_con = tf.stop_gradient(masks), tf.stop_gradient(e_v)
+        r_con = self.groups.contrast(masks)                                                             # Eq. 9
+        y2 = tf.sigmoid(self.f1.frozen(tf.concat([r_con, e_v_con], axis=1), training=training))         # Eq. 10
         return {CTR: self.predict_ctr(reps, training=training), GROUP: reps["scores"][:, 0],
                 CTR_GROUP: y1, CTR_CONTRAST: y2, ORTHOGONAL_COS: cosine_similarity(reps["r_g"], reps["r_p"])[:, None]}
 

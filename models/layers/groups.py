@@ -7,7 +7,7 @@ Shapes: B batch, F_u user fields, D embedding size, G groups, R = dim(r_G) (G * 
     GumbelMask            Eqs. 3-4   S -> M [B, 2, G], M[:, 0] = m^1, M[:, 1] = m^0 = 1 - m^1 (noise: training).
     DualGroupEmbedding    Eqs. 5-6, 9  E_G = [p_1..p_G; n_1..n_G]; r_G = M (.) E_G, r_G^Con = (1 - M) (.) E_G.
     AuxiliaryTower        Eqs. 7, 10  f1 with a ``frozen`` forward pass (theta_1 fixed for L_G^Con).
-    DynamicParameterTower Eqs. 15-16  f_y(r_b; theta_y + W_DP), W_DP = ReShape(f_DP(r_G, r_P)).
+    DynamicParameterTower Eqs. 15-16  f_y(r_b; theta_y + W_DP), W_DP = ReShape(f_DP(r_G, r_P)) (kernels and biases).
     cosine_similarity     Eq. 13     the orthogonal loss per example.
 """
 from __future__ import annotations
@@ -191,12 +191,19 @@ class AuxiliaryTower(MLP):
 
 @keras.utils.register_keras_serializable(package="rankline")
 class DynamicParameterTower(keras.layers.Layer):
-    """The dynamic parameter strategy (Eqs. 15-16): a ReLU MLP f_y whose kernels are theta_y + W_DP.
+    """The dynamic parameter strategy (Eqs. 15-16): a ReLU MLP f_y whose parameters are theta_y + W_DP.
+
+        W_DP = ReShape(f_DP(r_G, r_P; theta_DP))                        (Eq. 15)
+        y^   = f_y(r_b; theta_y + W_DP)                                 (Eq. 16)
+
+    theta_y is "the trainable parameter of f_y" (the paper, after Eq. 14): kernels and biases. W_DP is added to
+    theta_y, so it has theta_y's shape and offsets both: layer l of f_y computes
+    x (K_l + dK_l) + (b_l + db_l) with dK_l [B, n_in, n_out] and db_l [B, n_out] taken from W_DP.
 
     Inputs ``[r_b, c]``: r_b [B, N] the backbone representation, c [B, C] = [r_G, r_P]. f_DP (a ReLU MLP
-    ``generator_units`` and a linear layer) maps c to one flat vector per example, reshaped into a kernel
-    offset [B, n_in, n_out] for every layer of f_y (hidden ``hidden_units`` and the logit unit); biases are
-    static. Output: the logit [B, 1].
+    ``generator_units`` and a linear layer ``w_dp``) maps c to one flat vector per example [B, P],
+    P = sum_l (n_in_l * n_out_l + n_out_l), laid out per layer as [dK_l (row-major), db_l]. f_y has the hidden
+    layers ``hidden_units`` and one logit unit. Output: the logit [B, 1].
     """
 
     def __init__(self, hidden_units: Sequence[int], generator_units: Sequence[int] = (64,), **kwargs):
@@ -213,22 +220,21 @@ class DynamicParameterTower(keras.layers.Layer):
             self._kernels.append(self.add_weight(name=f"kernel_{i}", shape=(fan_in, u), initializer="glorot_uniform"))
             self._biases.append(self.add_weight(name=f"bias_{i}", shape=(u,), initializer="zeros"))
             fan_in = u
-        self._projection = keras.layers.Dense(sum(a * b for a, b in self._shapes), name="w_dp")
+        self._projection = keras.layers.Dense(sum(a * b + b for a, b in self._shapes), name="w_dp")
         super().build(input_shape)
 
-    def kernel_offsets(self, c: tf.Tensor):
-        """W_DP (Eq. 15): a list of [B, n_in, n_out] kernel offsets, one per layer of f_y."""
+    def offsets(self, c: tf.Tensor):
+        """W_DP (Eq. 15): one (dK [B, n_in, n_out], db [B, n_out]) pair per layer of f_y."""
         h = self._generator(c) if self._generator is not None else c
         flat = self._projection(h)
-        sizes = [a * b for a, b in self._shapes]
-        return [tf.reshape(part, [-1, a, b]) for part, (a, b) in zip(tf.split(flat, sizes, axis=1), self._shapes)]
+        parts = tf.split(flat, [a * b + b for a, b in self._shapes], axis=1)
+        return [(tf.reshape(part[:, :a * b], [-1, a, b]), part[:, a * b:]) for part, (a, b) in zip(parts, self._shapes)]
 
     def call(self, inputs) -> tf.Tensor:
         x, c = inputs
-        offsets = self.kernel_offsets(c)
         last = len(self._kernels) - 1
-        for i, (k, b, dk) in enumerate(zip(self._kernels, self._biases, offsets)):
-            x = tf.einsum("bi,bio->bo", x, k + dk) + b  # Eq. 16: x (theta_y + W_DP)
+        for i, (k, b, (dk, db)) in enumerate(zip(self._kernels, self._biases, self.offsets(c))):
+            x = tf.einsum("bi,bio->bo", x, k + dk) + (b + db)  # Eq. 16: theta_y + W_DP, kernels and biases
             if i < last:
                 x = tf.nn.relu(x)
         return x

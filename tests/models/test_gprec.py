@@ -195,6 +195,8 @@ def test_input_strategy_eq14(backbone):
 
 
 def test_dynamic_parameter_strategy_eqs15_16():
+    """W_DP offsets every parameter of f_y, kernels and biases (theta_y + W_DP, Eq. 16): the generator's flat
+    output holds, per layer, the kernel offset (row-major) then the bias offset."""
     m = _model(strategy="dp")
     feats, _ = _batch()
     r = _reps(m, feats)
@@ -205,15 +207,17 @@ def test_dynamic_parameter_strategy_eqs15_16():
     flat = flat @ pk + pb                                                                 # Eq. 15 (f_DP)
     shapes = [(r["r_b"].shape[1], 6), (6, 4), (4, 1)]
     assert [tuple(k.shape) for k in tower._kernels] == shapes
+    assert flat.shape[1] == sum(a * b + b for a, b in shapes)
     x = r["r_b"]
     start = 0
     for i, ((a, b), k, bias) in enumerate(zip(shapes, tower._kernels, tower._biases)):
-        w_dp = flat[:, start:start + a * b].reshape(-1, a, b)                             # ReShape
-        start += a * b
-        x = np.einsum("bi,bio->bo", x, k.numpy() + w_dp) + bias.numpy()                   # Eq. 16
+        w_dp = flat[:, start:start + a * b].reshape(-1, a, b)                             # ReShape: kernel
+        b_dp = flat[:, start + a * b:start + a * b + b]                                   # ReShape: bias
+        start += a * b + b
+        assert np.abs(b_dp).max() > 1e-3                                                  # the offsets matter
+        x = np.einsum("bi,bio->bo", x, k.numpy() + w_dp) + (bias.numpy() + b_dp)          # Eq. 16
         if i < 2:
             x = np.maximum(x, 0)
-    assert start == flat.shape[1]
     np.testing.assert_allclose(m(feats, training=False)["ctr"].numpy(), _sigmoid(x), rtol=1e-4)
 
 
@@ -262,6 +266,35 @@ def test_contrastive_term_never_reaches_f1():
     assert all(g is not None for g in tape.gradient(terms["group"], f1_vars))  # L_G trains f1
     g_pos, g_neg = tape.gradient(terms["contrast"], [m.groups.positive, m.groups.negative])
     assert float(tf.reduce_sum(tf.abs(g_pos))) > 0 and float(tf.reduce_sum(tf.abs(g_neg))) > 0
+
+
+@pytest.mark.parametrize("group_only", [False, True])
+def test_contrastive_term_reaches_g_and_shared_embeddings_unless_contrast_group_only(group_only):
+    """Read literally (only theta_1 fixed), the maximised L_G^Con moves E_G, the classifier g and the shared
+    embeddings; ``contrast_group_only`` stops it at E_G, with the same value and the same gradient on E_G."""
+    literal, m = _model(), _model(contrast_group_only=group_only)
+    m.set_weights(literal.get_weights())
+    feats, labels = _batch(64, seed=3)
+    parts = {"E_G": [m.groups.positive, m.groups.negative], "g": m.classifier.trainable_variables,
+             "embedding": m.embedding.trainable_variables}
+    with tf.GradientTape(persistent=True) as tape:
+        con = m.loss_terms(feats, labels, training=False)["contrast"]
+    with tf.GradientTape() as ref_tape:
+        ref = literal.loss_terms(feats, labels, training=False)["contrast"]
+    assert float(con) == float(ref)
+
+    def size(grads):
+        return sum(float(tf.reduce_sum(tf.abs(tf.convert_to_tensor(g)))) for g in grads if g is not None)
+
+    grads = {k: tape.gradient(con, v) for k, v in parts.items()}
+    ref_eg = ref_tape.gradient(ref, [literal.groups.positive, literal.groups.negative])
+    for got, want in zip(grads["E_G"], ref_eg):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+    assert size(grads["E_G"]) > 0
+    if group_only:
+        assert size(grads["g"]) == 0 and size(grads["embedding"]) == 0
+    else:
+        assert size(grads["g"]) > 0 and size(grads["embedding"]) > 0
 
 
 def test_train_step_with_only_the_contrastive_term_leaves_f1_bit_identical_and_raises_it():
