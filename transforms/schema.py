@@ -26,6 +26,14 @@ A schema is validated up front; every error names the schema file, the key path 
       - {name: device_ip, type: string, transform: hash, hash_buckets: 1000}
       - {name: click_sequence, type: string, transform: sequence, separator: "^", max_length: 20}
     split: {kind: time, eval_fraction: 0.1, test_fraction: 0.1}   # time | hash (key: ...) | files
+    validation:                      # optional: data checks of new partitions (pipeline.retrain), defaults shown
+      missing_rate_increase: 0.1     # a column's share of missing values rises by more than this
+      reject_rate_increase: 0.05     # the dead letter's share of rows rises by more than this
+      oov_rate_increase: 0.1         # a vocabulary feature's out-of-vocabulary share rises by more than this
+      drift_linf: 0.1                # numeric: L-infinity distance of bucket histograms (TFDV's drift comparator)
+      drift_psi: 0.25                # numeric: population stability index over the same buckets
+      label_rate_change: 0.5         # a label's positive rate moves by more than this fraction of itself
+      blocking: [missing_column, missing_rate, reject_rate, label_rate]   # the rest only warn
 """
 from __future__ import annotations
 
@@ -45,6 +53,7 @@ COMPRESSIONS = ("auto", "none", "gzip")
 TRANSFORMS = ("hash", "numeric", "sequence", "vocabulary")
 TYPES = {"string": "string", "int": "int64", "int64": "int64", "float": "float32", "float32": "float32"}
 SPLITS = ("time", "hash", "files")
+CHECKS = ("missing_column", "new_column", "missing_rate", "reject_rate", "oov_rate", "drift", "label_rate")
 
 
 class SchemaError(ValueError):
@@ -79,6 +88,23 @@ class SplitSpec:
 
 
 @dataclass(frozen=True)
+class ValidationSpec:
+    """Thresholds of the data checks a new partition goes through before it is trained on (``validation:``).
+
+    Each check compares the partition with the training statistics; a check named in ``blocking`` stops the
+    run, the others are reported as warnings. See ``pipeline.data_checks`` for how each figure is computed.
+    """
+
+    missing_rate_increase: float = 0.1
+    reject_rate_increase: float = 0.05
+    oov_rate_increase: float = 0.1
+    drift_linf: float = 0.1
+    drift_psi: float = 0.25
+    label_rate_change: float = 0.5
+    blocking: Tuple[str, ...] = ("missing_column", "missing_rate", "reject_rate", "label_rate")
+
+
+@dataclass(frozen=True)
 class DatasetSchema:
     name: str
     source: str  # the schema file
@@ -86,6 +112,7 @@ class DatasetSchema:
     contract: FeatureContract
     timestamp_format: str = "unix"
     split: SplitSpec = field(default_factory=SplitSpec)
+    validation: ValidationSpec = field(default_factory=ValidationSpec)
 
 
 def expand_names(pattern: str) -> List[str]:
@@ -158,7 +185,8 @@ class _Ctx:
 def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> DatasetSchema:
     c = _Ctx(source)
     doc = c.mapping(doc, "<top level>")
-    c.unknown_keys(doc, ("name", "input", "roles", "labels", "features", "split", "oracle", "user_features"),
+    c.unknown_keys(doc, ("name", "input", "roles", "labels", "features", "split", "oracle", "user_features",
+                         "validation"),
                    "<top level>")
     name = c.string(doc.get("name"), "name")
 
@@ -355,4 +383,23 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
     if unknown_user:
         c.fail("roles.user_columns", f"column(s) {unknown_user} must also be declared under features")
     return DatasetSchema(name=name, source=os.path.abspath(source), input=input_spec, contract=contract,
-                         timestamp_format=ts_format, split=split)
+                         timestamp_format=ts_format, split=split, validation=_parse_validation(c, doc.get("validation")))
+
+
+def _parse_validation(c: "_Ctx", doc) -> ValidationSpec:
+    doc = c.mapping(doc, "validation", required=False)
+    numbers = [f for f in ValidationSpec.__dataclass_fields__ if f != "blocking"]
+    c.unknown_keys(doc, numbers + ["blocking"], "validation")
+    values = {}
+    for name in numbers:
+        if name in doc:
+            v = doc[name]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                c.fail(f"validation.{name}", f"expected a number >= 0, got {v!r}")
+            values[name] = float(v)
+    if "blocking" in doc:
+        blocking = doc["blocking"]
+        if not isinstance(blocking, list) or any(b not in CHECKS for b in blocking):
+            c.fail("validation.blocking", f"expected a list of checks from: {', '.join(CHECKS)}; got {blocking!r}")
+        values["blocking"] = tuple(blocking)
+    return ValidationSpec(**values)
