@@ -1,7 +1,11 @@
 """A completed preprocessing run is reused only when its inputs, schema, options and code are unchanged, and a
 failed or interrupted run is never reused."""
+import glob
+import hashlib
 import json
 import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -40,23 +44,91 @@ def _write(path, rows, bad=0):
     path.write_text("\n".join(lines) + "\n")
 
 
+class _RetriedMetrics:
+    """What a runner that ran every bundle twice (a retry) reports: attempted counters doubled, and no
+    committed value (many runners have none)."""
+
+    def __init__(self, metrics):
+        self._metrics = metrics
+
+    def query(self, filter=None):
+        from apache_beam.metrics.execution import MetricResult
+
+        got = self._metrics.query(filter)
+        got["counters"] = [MetricResult(c.key, None, 2 * c.attempted) for c in got["counters"]]
+        return got
+
+
+class _RetriedResult:
+    def __init__(self, result):
+        self._result = result
+
+    def wait_until_finish(self, duration=None):
+        return self._result.wait_until_finish(duration)
+
+    def metrics(self):
+        return _RetriedMetrics(self._result.metrics())
+
+
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
+    """One run, on a runner whose metrics double-count (as retried bundles would): the summary must not care."""
     d = tmp_path_factory.mktemp("reuse")
     _write(d / "a.csv", 40)
     schema = _schema(str(d / "*.csv"))
     cfg = PreprocessConfig(output_dir=str(d / "out"))
-    summary = run_preprocess(schema, cfg, build_preprocessing_fn(schema.contract), ["--runner=DirectRunner"])
+    real = preprocess.make_pipeline
+
+    def retrying(beam_args=None):
+        p = real(beam_args)
+        p.run = lambda *a, **k: _RetriedResult(type(p).run(p, *a, **k))
+        return p
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(preprocess, "make_pipeline", retrying)
+        summary = run_preprocess(schema, cfg, build_preprocessing_fn(schema.contract), ["--runner=DirectRunner"])
     return {"dir": d, "schema": schema, "cfg": cfg, "summary": summary}
+
+
+def test_counts_come_from_the_outputs_not_the_runners_metrics(done):
+    """40 rows, users i % 7, hash split on the user (eval 0.3): the split worked out here with BLAKE2b (8-byte
+    digest, big-endian / 2**64 < 0.3 -> eval), and each split's records counted in its published shards. The
+    old summary took the runner's attempted counters and reported 80 rows in."""
+    def u(key):
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2.0 ** 64
+
+    expected_eval = sum(1 for i in range(40) if u(str(i % 7)) < 0.3)
+    s = done["summary"]
+    assert (s["rows_in"], s["rows_eval"], s["rows_train"], s["rows_test"], s["rows_rejected"]) == \
+        (40, expected_eval, 40 - expected_eval, 0, 0)
+    import tensorflow as tf
+
+    for split in ("train", "eval"):
+        files = glob.glob(os.path.join(done["cfg"].output_dir, "data", split, "part-*"))
+        assert sum(1 for _ in tf.data.TFRecordDataset(files, compression_type="GZIP")) == s[f"rows_{split}"]
 
 
 def test_an_unchanged_run_is_reused_with_its_summary(done):
     got = reusable_summary(done["schema"], done["cfg"])
     assert got == json.loads(json.dumps(done["summary"]))  # as recorded on disk
     assert got["rows_in"] == 40
-    # the same schema parsed again from its document (a new process) has the same fingerprint
-    assert preprocess_fingerprint(_schema(done["schema"].input.path), done["cfg"]) == \
-        preprocess_fingerprint(done["schema"], done["cfg"])
+
+
+def test_a_new_process_computes_the_same_fingerprint(done):
+    """What a restarted job does: parse the schema again and fingerprint it, in a fresh interpreter (its own
+    string-hash salt, import order and object ids) - the fingerprint must be the recorded one."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("from pipeline.preprocess import PreprocessConfig, preprocess_fingerprint\n"
+            "from tests.pipeline.test_preprocess_reuse import _schema\n"
+            f"print(preprocess_fingerprint(_schema({done['schema'].input.path!r}), "
+            f"PreprocessConfig(output_dir={done['cfg'].output_dir!r})))\n")
+    env = dict(os.environ, PYTHONHASHSEED="random", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(os.path.join(done["cfg"].output_dir, DONE_FILE)) as fh:
+        recorded = json.load(fh)["fingerprint"]
+    assert proc.stdout.strip().splitlines()[-1] == recorded == preprocess_fingerprint(done["schema"], done["cfg"])
 
 
 def test_any_change_of_inputs_schema_or_options_makes_it_stale(done):
