@@ -7,6 +7,7 @@ from models import autoint, esm2, esmm, gprec, mmoe, musenet, ple, stan, ussr
 
 MODELS = {
     "esm2": (esm2.ESM2, esm2.PRESETS),
+    # ESM²'s presets: its paper's Table 2 is also the setting of its ESMM and DNN baselines (esmm:paper, dnn:paper).
     "esmm": (esmm.ESMM, esm2.PRESETS),
     "dnn": (esmm.CTRDNN, esm2.PRESETS),
     "mmoe": (mmoe.MMoE, mmoe.PRESETS),
