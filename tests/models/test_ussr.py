@@ -148,19 +148,57 @@ def _bce(y, logits):
     return np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits)))
 
 
+def _np_mlp(mlp, x):
+    """Numpy forward of a models.layers.MLP from its weights: ReLU hidden layers, then a linear logit if any."""
+    pairs = _pairs([np.asarray(w, np.float64) for w in mlp.get_weights()])
+    for i, (kernel, bias) in enumerate(pairs):
+        x = x @ kernel + bias
+        if i < len(mlp.hidden_units):
+            x = np.maximum(x, 0.0)
+    return x
+
+
+def _np_bottleneck(model, h, y):
+    """Eq. 3's pieces recomputed in numpy from the layer weights, noise-free (z_k = mu_k), on the encoder output
+    h [B, N] (the AutoInt encoder is checked on its own above) and labels y [B]:
+    q_logits / q [B, K] (MLP_c, W_c), mu / logvar [B, K, Z] (the K linear heads, columns k*2Z.. of one kernel;
+    then the added clusters), universal_logits [B, K] (p(y|z_k) on mu_k), loglik [B, K] = log p(y|z_k),
+    kl_z [B, K] = KL(N(mu_k, var_k) || N(mu_z(k), var_z(k))) (textbook form), kl_c [B] = KL(q || uniform)."""
+    h = np.asarray(h, np.float64)
+    hidden = _np_mlp(model.cluster_mlp, h)
+    layers = [model.cluster_logits] + list(model.added_cluster_logits)
+    q_logits = np.hstack([hidden @ k + b for k, b in ([np.asarray(w, np.float64) for w in d.get_weights()]
+                                                       for d in layers)])
+    mus, logvars = [], []
+    for head in [model.heads] + list(model.added_heads):
+        kernel, bias = (np.asarray(w, np.float64) for w in head.dense.get_weights())
+        out = (h @ kernel + bias).reshape(len(h), head.num_clusters, 2, head.latent_dim)
+        mus.append(out[:, :, 0])
+        logvars.append(np.clip(out[:, :, 1], -10.0, 10.0))
+    mu, logvar = np.concatenate(mus, axis=1), np.concatenate(logvars, axis=1)
+    priors = [model.prior] + list(model.added_priors)
+    mu_p = np.vstack([np.asarray(p.mu.numpy(), np.float64) for p in priors])
+    var_p = np.exp(np.vstack([np.asarray(p.logvar.numpy(), np.float64) for p in priors]))
+    K, (B, _, Z) = mu.shape[1], mu.shape
+    universal = _np_mlp(model.universal_decoder, mu.reshape(B * K, Z)).reshape(B, K)
+    q = np.exp(q_logits - q_logits.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    var_q = np.exp(logvar)
+    kl_z = np.sum(np.log(np.sqrt(var_p) / np.sqrt(var_q)) + (var_q + (mu - mu_p) ** 2) / (2 * var_p) - 0.5, axis=-1)
+    return {"q_logits": q_logits, "q": q, "mu": mu, "logvar": logvar, "universal_logits": universal,
+            "loglik": -_bce(np.asarray(y, np.float64).reshape(-1, 1), universal), "kl_z": kl_z,
+            "kl_c": np.sum(q * np.log(q * K), axis=1)}
+
+
 def test_loss_is_segment_log_loss_minus_eq3_elbo():
     model = _model(beta=1.0, w_ib=1.0)
     feats, labels = _batch(seed=4)
     out = {k: v.numpy() for k, v in model.forward(feats, training=False).items()}
     y = labels["click"].numpy().reshape(-1).astype(np.float64)
-    mu_p, logvar_p = (t.numpy().astype(np.float64) for t in model.priors())
-    q = np.exp(out["q_logits"]) / np.exp(out["q_logits"]).sum(1, keepdims=True)
-    K = q.shape[1]
-    loglik = -_bce(y[:, None], out["universal_logits"].astype(np.float64))
-    var_q, var_p = np.exp(out["logvar"].astype(np.float64)), np.exp(logvar_p)
-    kl_z = np.sum(0.5 * np.log(var_p / var_q) + (var_q + (out["mu"] - mu_p) ** 2) / (2 * var_p) - 0.5, axis=-1)
-    kl_c = np.sum(q * np.log(q * K), axis=1)
-    elbo = np.sum(q * (loglik - kl_z), axis=1) - kl_c                               # Eq. 3
+    t = _np_bottleneck(model, out["h"], y)
+    for name in ("q_logits", "mu", "logvar", "universal_logits"):
+        np.testing.assert_allclose(out[name], t[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    elbo = np.sum(t["q"] * (t["loglik"] - t["kl_z"]), axis=1) - t["kl_c"]          # Eq. 3
     # The segment-specific prediction: the decoder of each row's own segment.
     seg = feats["segment_id"].numpy().reshape(-1)
     logit = out["segment_logits"][np.arange(len(seg)), seg]
@@ -173,16 +211,26 @@ def test_loss_is_segment_log_loss_minus_eq3_elbo():
     served = model(feats, training=False)
     np.testing.assert_allclose(served["ctr"].numpy().reshape(-1), 1 / (1 + np.exp(-logit)), rtol=1e-5)
     np.testing.assert_allclose(served[CTR_UNIVERSAL].numpy().reshape(-1),
-                               np.sum(q / (1 + np.exp(-out["universal_logits"])), axis=1), rtol=1e-5)
+                               np.sum(t["q"] / (1 + np.exp(-t["universal_logits"])), axis=1), rtol=1e-4)
 
 
 def test_beta_scales_both_kl_terms():
-    model = _model(beta=0.25, w_ib=2.0, w_ctr=0.0)
-    feats, labels = _batch(seed=5)
-    out = model.forward(feats, training=False)
-    t = {k: v.numpy() for k, v in model.bottleneck_terms(out, labels).items()}
-    expected = 2.0 * -np.mean(np.sum(t["q"] * (t["loglik"] - 0.25 * t["kl_z"]), 1) - 0.25 * t["kl_c"])
-    assert float(model.compute_loss(feats, labels, training=False)) == pytest.approx(expected, rel=1e-5)
+    """w_ib * -(sum_k q_k (log p(y|z_k) - beta KL_z,k) - beta KL_c) against numpy from the layer weights, for two
+    betas (a KL term left unscaled, or scaled twice, changes the loss by more than the tolerance)."""
+    for beta in (0.25, 3.0):
+        model = _model(beta=beta, w_ib=2.0, w_ctr=0.0)
+        kernel, _ = model.cluster_logits.get_weights()
+        model.cluster_logits.set_weights([kernel, np.array([1.0, -1.0, 0.5], np.float32)])  # q(c|x) off uniform
+        feats, labels = _batch(seed=5)
+        y = labels["click"].numpy().reshape(-1)
+        t = _np_bottleneck(model, model.encode(feats).numpy(), y)
+        assert t["kl_c"].mean() > 0.05 and t["kl_z"].mean() > 0.05  # both terms are in play
+        elbo = np.sum(t["q"] * (t["loglik"] - beta * t["kl_z"]), 1) - beta * t["kl_c"]
+        assert float(model.compute_loss(feats, labels, training=False)) == pytest.approx(2.0 * -elbo.mean(),
+                                                                                         rel=1e-5)
+        # §3.4's buffer score: -L_ib per example with the config's beta.
+        np.testing.assert_allclose(model.bottleneck_loss_per_example(feats, labels).numpy(), -elbo, rtol=1e-4,
+                                   atol=1e-5)
 
 
 def test_serving_is_noise_free_and_training_samples():
@@ -349,12 +397,15 @@ def test_added_cluster_starts_from_eq8_argmax_cluster_and_trains_with_eq7():
                                atol=1e-7)
     mu_p, _ = expanded.priors()
     np.testing.assert_array_equal(mu_p[-1].numpy(), mu_p[l_star].numpy())
-    # Eq. 7 per example, against its pieces.
-    terms = expanded.bottleneck_terms(out, labels)
-    log_q = tf.nn.log_softmax(out["q_logits"]).numpy()[:, -1]
-    expected = log_q + terms["loglik"].numpy()[:, -1] - expanded.config.beta * terms["kl_z"].numpy()[:, -1]
-    np.testing.assert_allclose(expanded.expansion_objective(out, labels, expanded.config.beta).numpy(), expected,
-                               rtol=1e-5)
+    # Eq. 7 per example for the new cluster K+1, recomputed in numpy from the layer weights (beta = 2 so that a
+    # KL term left unweighted shows): log q(c=K+1|x) + log p(y|z_{K+1}) - beta KL(q(z|x,c=K+1) || p(z|c=K+1)).
+    t = _np_bottleneck(expanded, out["h"].numpy(), labels["click"].numpy())
+    log_q = t["q_logits"] - np.log(np.exp(t["q_logits"]).sum(1, keepdims=True))
+    expected = log_q[:, -1] + t["loglik"][:, -1] - 2.0 * t["kl_z"][:, -1]
+    np.testing.assert_allclose(expanded.expansion_objective(out, labels, 2.0).numpy(), expected, rtol=1e-4,
+                               atol=1e-5)
+    assert float(expanded.compute_loss(feats, labels)) == pytest.approx(
+        -np.mean(log_q[:, -1] + t["loglik"][:, -1] - expanded.config.beta * t["kl_z"][:, -1]), rel=1e-4)
     trainable = {v.name for v in expanded.trainable_variables}
     assert len(trainable) == 6  # the new logit unit, head and prior
     frozen = [v.numpy().copy() for v in _frozen(expanded)]
