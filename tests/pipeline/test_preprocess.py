@@ -76,12 +76,6 @@ def test_transform_values_match_numpy(artifacts):
     got = out[F.zscore("item_price")]
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3)
     assert got[0] == 0.0 and out[F.bucket_id("item_price")][0] == 0  # missing -> z 0, bucket 0
-    # Buckets are monotone in price and within 1..num_buckets.
-    present = np.array([r["item_price"] is not None and not np.isnan(r["item_price"]) for r in rows])
-    b = out[F.bucket_id("item_price")][present]
-    order = np.argsort(expected[present])
-    assert np.all(np.diff(b[order]) >= 0)
-    assert b.min() >= 1 and b.max() <= 20
     # Vocabulary ids: rank in the frequency-ranked vocabulary; unseen -> an OOV bucket after it.
     vocab = [t.decode() for t in tft_output.vocabulary_by_name("vocab_item_category")]
     ids = out[F.categorical_id("item_category")]
@@ -90,6 +84,28 @@ def test_transform_values_match_numpy(artifacts):
         assert vocab[i] == r["item_category"]
     # Hour of day from the raw timestamp.
     np.testing.assert_array_equal(out[F.HOUR_ID], [(r["timestamp"] // 3600) % 24 for r in rows])
+
+
+def test_quantile_buckets_match_numpy_quantiles_of_the_training_split(artifacts):
+    """item_price: 20 quantile buckets of log1p(price) over the training split's present values (id 0 =
+    missing, ids 1..20). ``tft.bucketize`` computes approximate quantiles with rank error epsilon = 0.01
+    (its documented default for fewer than 100 buckets): boundary k lies between the training values of rank
+    (k/20 - 0.01) N and (k/20 + 0.01) N. So every training value below ``np.quantile(x, k/20 - 0.01)`` must be
+    in a bucket <= k, every one above ``np.quantile(x, k/20 + 0.01)`` in a bucket > k (ties included)."""
+    train = artifacts["train"]
+    rows = train[train.item_price.notna()].to_dict("records")
+    ids = _transform(artifacts["tft"], rows)[F.bucket_id("item_price")]
+    x = np.log1p(np.maximum(np.array([r["item_price"] for r in rows], np.float32), 0)).astype(np.float64)
+    assert ids.min() == 1 and ids.max() == 20
+    eps = 0.01
+    for k in range(1, 20):
+        lo = np.quantile(x, k / 20 - eps, method="inverted_cdf")
+        hi = np.quantile(x, k / 20 + eps, method="inverted_cdf")
+        assert ids[x < lo].max() <= k, k
+        assert ids[x > hi].min() > k, k
+    # and the buckets are not shifted by a whole bucket either way: each holds about 1/20 of the rows
+    shares = np.bincount(ids, minlength=21)[1:] / len(ids)
+    assert np.all(np.abs(shares - 0.05) <= 2 * eps + np.max(np.unique(x, return_counts=True)[1]) / len(x))
 
 
 def test_labels_and_daction_or(artifacts):

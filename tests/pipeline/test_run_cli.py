@@ -67,6 +67,35 @@ def test_beam_options_reach_beam_untouched():
     assert run_mod.split_beam_args(dataflow) == dataflow
 
 
+def test_beam_options_reach_the_runner_inside_run(tmp_path, monkeypatch):
+    """The pipeline ``run()`` builds for preprocessing, captured as it is made (then stopped): its runner and the
+    options it will hand that runner (``Pipeline.run`` passes ``pipeline.options`` to ``run_pipeline``)."""
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    from pipeline import preprocess
+
+    seen = []
+    real = preprocess.make_pipeline
+
+    class Stop(Exception):
+        pass
+
+    def capture(beam_args=None):
+        p = real(beam_args)
+        shutil.rmtree(p.local_tempdir)
+        options = p.options
+        seen.append((type(p.runner).__name__, options.view_as(StandardOptions).runner,
+                     options.view_as(DirectOptions).direct_num_workers,
+                     options.view_as(DirectOptions).direct_running_mode, options.get_all_options()["job_name"]))
+        raise Stop
+
+    monkeypatch.setattr(preprocess, "make_pipeline", capture)
+    with pytest.raises(Stop):
+        run_mod.run(["--rows", "200", "--work-dir", str(tmp_path), "--direct_num_workers=2",
+                     "--direct_running_mode=multi_threading", "--job_name=rankline-options-check"])
+    assert seen == [("FnApiRunner", "DirectRunner", 2, "multi_threading", "rankline-options-check")]
+
+
 def test_direct_runner_is_local_and_other_runners_are_beams():
     pipelines = [make_pipeline(["--runner=DirectRunner"]), make_pipeline([]),
                  make_pipeline(["--runner=FlinkRunner", "--flink_master=localhost:8081"])]
