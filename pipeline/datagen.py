@@ -90,6 +90,11 @@ class GeneratorConfig:
     # that every other segment shares (USSR's premise of a small segment that reads the shared representation
     # differently). False: every segment reads them alike.
     contrary_segment: bool = False
+    # Change over time, for daily partitions (``--partitions``): the share of the catalogue that is not on sale
+    # at the start and appears at a uniform pace over the time span (new items), and the drift of every item's
+    # log price per day (prices in the logs and in the label process). 0: a static catalogue and prices.
+    new_items: float = 0.0
+    price_drift: float = 0.0
     missing_rate: float = 0.03
     # Target rates (the intercepts are calibrated to them, see _World.calibrate).
     target_ctr: float = 0.05
@@ -109,6 +114,8 @@ class GeneratorConfig:
         for name in ("scenario_taste", "segment_taste"):
             if not getattr(self, name) >= 0.0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.new_items < 1.0:
+            raise ValueError(f"new_items must be in [0, 1), got {self.new_items}")
         if not 0.0 <= self.missing_rate < 0.5:
             raise ValueError(f"missing_rate must be in [0, 0.5), got {self.missing_rate}")
 
@@ -130,7 +137,8 @@ class GeneratorConfig:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-_LATER_FIELDS = {"lifecycle_stages": True, "scenario_taste": 0.0, "segment_taste": 0.0, "contrary_segment": False}
+_LATER_FIELDS = {"lifecycle_stages": True, "scenario_taste": 0.0, "segment_taste": 0.0, "contrary_segment": False,
+                 "new_items": 0.0, "price_drift": 0.0}
 
 
 def _sigmoid(x):
@@ -209,6 +217,14 @@ class _World:
         # Segment-specific taste vectors of the categories [S, C, D], likewise from their own stream.
         self.segment_taste = float(cfg.segment_taste)
         self.seg_cat_vec = np.random.default_rng([cfg.seed, 13]).normal(0, 1.0, (len(SEGMENTS), C, D))
+        # New items: the last ``new_items`` share of item indices (random w.r.t. popularity, which is permuted)
+        # goes on sale at a uniform time over the span; from its own stream, so the rest of the world is unchanged.
+        self.on_sale_from = np.zeros(I)
+        n_new = int(round(cfg.new_items * I))
+        if n_new:
+            self.on_sale_from[I - n_new:] = np.random.default_rng([cfg.seed, 17]).uniform(0.0, 1.0, n_new)
+        self.price_drift = float(cfg.price_drift)
+        self.day = 0.0  # days since the start: the price drift's clock (set per block by generate_blocks)
         self.calibrate(cfg, np.random.default_rng([cfg.seed, 7]))
 
 
@@ -216,7 +232,7 @@ class _World:
     def logits(self, u, item, scen, stage, is_repeat):
         """Intercept-free logits of y1, y2 and of purchase-given-click, plus the user-item affinity."""
         seg, cat = self.segment[u], self.category[item]
-        lp = self.log_price[item] - 3.5
+        lp = self.log_price[item] + self.price_drift * self.day - 3.5
         affinity = (self.taste[u] * self.item_vec[item]).sum(1) / np.sqrt(self.taste.shape[1])
         l1 = (0.6 * affinity + self.scenario_logit(u, item, scen, is_repeat) + self.segment_logit(u, item)
               + self.stage_ctr[stage] + self.seg_price_ctr[seg] * lp + self.seg_bias[seg] + self.quality[item])
@@ -345,13 +361,18 @@ def generate_blocks(cfg: GeneratorConfig, hidden: bool = False) -> Iterator[Dict
         want_repeat = rng.random(n) < w.scen_repeat_p[scen] * (0.5 + w.repeat_affinity[u])
         is_repeat = want_repeat & (n_hist > 0)
         slot = (rng.random(n) * np.maximum(n_hist, 1)).astype(np.int64)
-        item = rng.choice(I, n, p=w.popularity)
+        if cfg.new_items:  # only items on sale by the middle of this block
+            on_sale = w.popularity * (w.on_sale_from <= (0.5 * (t0 + t1) - START_TS) / span)
+            item = rng.choice(I, n, p=on_sale / on_sale.sum())
+        else:
+            item = rng.choice(I, n, p=w.popularity)
         item = np.where(is_repeat, hist[u, slot], item)
         # Lifecycle stage from the user's impressions so far (including earlier rows of this block).
         count_before = seen[u] + _cumcount(u)
         stage = np.minimum(count_before // w.stage_span[u], STAGES - 1)
         if not cfg.lifecycle_stages:
             stage = np.zeros_like(stage)
+        w.day = (0.5 * (t0 + t1) - START_TS) / DAY
         y1, y2, y3, y4, affinity = w.probabilities(u, item, scen, stage, is_repeat)
         seg, cat = w.segment[u], w.category[item]
         click = rng.random(n) < y1
@@ -363,7 +384,7 @@ def generate_blocks(cfg: GeneratorConfig, hidden: bool = False) -> Iterator[Dict
         stay = np.where(click, np.exp(rng.normal(2.5 + 0.6 * daction + 0.4 * purchase + 0.3 * affinity, 0.8)), 0.0)
         cvr = y2 * y3 + (1.0 - y2) * y4
         # Observable numeric features (heavy tailed) with missing values.
-        price = np.exp(w.log_price[item] + rng.normal(0, 0.05, n))
+        price = np.exp(w.log_price[item] + w.price_drift * w.day + rng.normal(0, 0.05, n))
         sales = rng.poisson(w.popularity[item] * 2e5 * np.exp(w.quality[item]))
         orders = rng.poisson(w.orders_scale[u] * (1 + stage))
         miss = lambda: rng.random(n) < cfg.missing_rate  # noqa: E731
@@ -415,55 +436,8 @@ def _with_missing(values: np.ndarray, mask: np.ndarray):
 
 def write_parquet(cfg: GeneratorConfig, out_dir: str, progress: bool = True) -> Dict:
     """Streams the generated rows to ``out_dir/part-XXXXX.parquet`` and writes ``_MANIFEST.json``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    os.makedirs(out_dir, exist_ok=True)
     started = time.time()
-    writer, file_idx, in_file, written = None, 0, 0, 0
-    files = []
-    stats = {"click": 0, "cart": 0, "wish": 0, "daction": 0, "purchase": 0}
-    buf = []
-    next_report = 0.1
-
-    def flush():
-        nonlocal buf
-        if not buf:
-            return
-        merged = {k: np.ma.concatenate([b[k] for b in buf]) if isinstance(buf[0][k], np.ma.MaskedArray)
-                  else np.concatenate([b[k] for b in buf]) for k in buf[0]}
-        table = pa.table({k: _to_arrow(v) for k, v in merged.items()})
-        writer.write_table(table)
-        buf = []
-
-    for block in generate_blocks(cfg):
-        n = len(block["timestamp"])
-        offset = 0
-        while offset < n:
-            if writer is None:
-                path = os.path.join(out_dir, f"part-{file_idx:05d}.parquet")
-                files.append(path)
-                writer = pq.ParquetWriter(path, _arrow_schema(), compression="snappy")
-            take = min(n - offset, cfg.rows_per_file - in_file)
-            buf.append({k: v[offset:offset + take] for k, v in block.items()})
-            offset += take
-            in_file += take
-            if in_file == cfg.rows_per_file:
-                flush()
-                writer.close()
-                writer, in_file, file_idx = None, 0, file_idx + 1
-        for k in ("click", "cart", "wish", "purchase"):
-            stats[k] += int(block[k].sum())
-        stats["daction"] += int((block["cart"] | block["wish"]).sum())
-        written += n
-        if sum(len(b["timestamp"]) for b in buf) >= 50_000:
-            flush()
-        if progress and written / cfg.rows >= next_report:
-            logger.info("generated %d/%d rows (%.0f%%)", written, cfg.rows, 100 * written / cfg.rows)
-            next_report += 0.1
-    if writer is not None:
-        flush()
-        writer.close()
+    files, stats, written = _write_blocks(generate_blocks(cfg), out_dir, cfg.rows_per_file, cfg.rows, progress)
     manifest = {
         "config": asdict(cfg),
         "fingerprint": cfg.fingerprint(),
@@ -475,6 +449,110 @@ def write_parquet(cfg: GeneratorConfig, out_dir: str, progress: bool = True) -> 
     with open(os.path.join(out_dir, "_MANIFEST.json"), "w") as fh:
         json.dump(manifest, fh, indent=2)
     return manifest
+
+
+def _write_blocks(blocks, out_dir: str, rows_per_file: int, total_rows: int, progress: bool = True,
+                  drop_columns=()):
+    """Writes column-dict blocks to ``out_dir/part-XXXXX.parquet`` (``drop_columns`` left out of the files);
+    returns (file paths, label counts, rows written)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(out_dir, exist_ok=True)
+    schema = _arrow_schema()
+    for name in drop_columns:
+        schema = schema.remove(schema.get_field_index(name))
+    writer, file_idx, in_file, written = None, 0, 0, 0
+    files = []
+    stats = {"click": 0, "cart": 0, "wish": 0, "daction": 0, "purchase": 0}
+    buf = []
+    next_report = 0.1
+
+    def flush():
+        nonlocal buf
+        if not buf:
+            return
+        merged = {k: np.ma.concatenate([b[k] for b in buf]) if isinstance(buf[0][k], np.ma.MaskedArray)
+                  else np.concatenate([b[k] for b in buf]) for k in buf[0] if k not in drop_columns}
+        table = pa.table({k: _to_arrow(v) for k, v in merged.items()})
+        writer.write_table(table.select(schema.names))
+        buf = []
+
+    for block in blocks:
+        n = len(block["timestamp"])
+        offset = 0
+        while offset < n:
+            if writer is None:
+                path = os.path.join(out_dir, f"part-{file_idx:05d}.parquet")
+                files.append(path)
+                writer = pq.ParquetWriter(path, schema, compression="snappy")
+            take = min(n - offset, rows_per_file - in_file)
+            buf.append({k: v[offset:offset + take] for k, v in block.items()})
+            offset += take
+            in_file += take
+            if in_file == rows_per_file:
+                flush()
+                writer.close()
+                writer, in_file, file_idx = None, 0, file_idx + 1
+        for k in ("click", "cart", "wish", "purchase"):
+            stats[k] += int(block[k].sum())
+        stats["daction"] += int((block["cart"] | block["wish"]).sum())
+        written += n
+        if sum(len(b["timestamp"]) for b in buf) >= 50_000:
+            flush()
+        if progress and written / total_rows >= next_report:
+            logger.info("generated %d/%d rows (%.0f%%)", written, total_rows, 100 * written / total_rows)
+            next_report += 0.1
+    if writer is not None:
+        flush()
+        writer.close()
+    return files, stats, written
+
+
+BREAKS = ("labels", "column")  # what --break-partition breaks: the purchase feed stops, or item_brand disappears
+BROKEN_COLUMN = "item_brand"
+
+
+def _day_blocks(blocks, days: int):
+    """Splits time-ordered blocks at day boundaries: yields (day index, block part)."""
+    for block in blocks:
+        day = np.minimum((block["timestamp"] - START_TS) // DAY, days - 1)
+        for d in np.unique(day):
+            sel = day == d
+            yield int(d), {k: v[sel] for k, v in block.items()}
+
+
+def write_partitions(cfg: GeneratorConfig, out_dir: str, break_partition: Optional[int] = None,
+                     break_kind: str = "labels", progress: bool = True) -> Dict:
+    """One log over ``cfg.days`` days of one world, written as daily partitions ``out_dir/day-NN/part-*.parquet``
+    (NN from 01), each with its own ``_MANIFEST.json``. ``break_partition`` (1-based) breaks that day on purpose:
+    ``labels``, the purchase feed stops (every purchase 0); ``column``, ``item_brand`` is missing from its files."""
+    import itertools
+
+    if break_partition is not None and not 1 <= break_partition <= cfg.days:
+        raise ValueError(f"break_partition must be in 1..{cfg.days}, got {break_partition}")
+    if break_kind not in BREAKS:
+        raise ValueError(f"break kind must be one of {BREAKS}, got {break_kind!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    manifests = []
+    for day, parts in itertools.groupby(_day_blocks(generate_blocks(cfg), cfg.days), key=lambda x: x[0]):
+        broken = break_partition == day + 1
+        blocks = (b for _, b in parts)
+        if broken and break_kind == "labels":
+            blocks = (dict(b, purchase=np.zeros_like(b["purchase"])) for b in blocks)
+        day_dir = os.path.join(out_dir, f"day-{day + 1:02d}")
+        started = time.time()
+        files, stats, written = _write_blocks(blocks, day_dir, cfg.rows_per_file, cfg.rows // cfg.days, False,
+                                              drop_columns=(BROKEN_COLUMN,) if broken and break_kind == "column" else ())
+        manifest = {"config": asdict(cfg), "fingerprint": cfg.fingerprint(), "day": day + 1, "rows": written,
+                    "files": [os.path.basename(f) for f in files], "label_counts": stats,
+                    "broken": break_kind if broken else None, "seconds": round(time.time() - started, 2)}
+        with open(os.path.join(day_dir, "_MANIFEST.json"), "w") as fh:
+            json.dump(manifest, fh, indent=2)
+        manifests.append(manifest)
+        if progress:
+            logger.info("day %d: %d rows%s", day + 1, written, f" (broken: {break_kind})" if broken else "")
+    return {"days": manifests, "rows": sum(m["rows"] for m in manifests)}
 
 
 def _arrow_schema():
@@ -554,10 +632,29 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=GeneratorConfig.seed)
     parser.add_argument("--days", type=int, default=GeneratorConfig.days)
     parser.add_argument("--rows-per-file", type=int, default=GeneratorConfig.rows_per_file)
+    parser.add_argument("--partitions", action="store_true",
+                        help="write one directory per day (OUT/day-01, OUT/day-02, ...) for the retraining loop; "
+                             "--rows is the total over --days days")
+    parser.add_argument("--new-items", type=float, default=0.0, metavar="SHARE",
+                        help="share of the catalogue that appears over the time span (default 0)")
+    parser.add_argument("--price-drift", type=float, default=0.0, metavar="D",
+                        help="drift of every item's log price per day (default 0)")
+    parser.add_argument("--break-partition", type=int, default=None, metavar="DAY",
+                        help="with --partitions: break this day (1-based) on purpose, see --break")
+    parser.add_argument("--break", dest="break_kind", choices=BREAKS, default="labels",
+                        help="labels: the purchase feed stops that day; column: item_brand is missing that day")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        cfg = builtin_generator_config(args, days=args.days, rows_per_file=args.rows_per_file)
+        cfg = builtin_generator_config(args, days=args.days, rows_per_file=args.rows_per_file,
+                                       new_items=args.new_items, price_drift=args.price_drift)
+        if args.break_partition is not None and not args.partitions:
+            raise ValueError("--break-partition needs --partitions")
+        if args.partitions:
+            result = write_partitions(cfg, args.out, args.break_partition, args.break_kind)
+            print(json.dumps([{k: m[k] for k in ("day", "rows", "label_counts", "broken")} for m in result["days"]],
+                             indent=2))
+            return 0
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -283,3 +283,57 @@ def test_cli_takes_the_shared_generator_options_and_its_own(tmp_path, capsys):
     assert len(manifest["files"]) == 3
     assert datagen.main(["--out", out, "--scenario-taste", "-1"]) == 2
     assert "scenario_taste" in capsys.readouterr().err
+
+
+def test_new_items_go_on_sale_over_the_span_and_never_before():
+    cfg = GeneratorConfig(rows=20_000, seed=4, new_items=0.3, days=4)
+    n_items = cfg.n_items
+    n_new = int(round(0.3 * n_items))
+    # the on-sale times recomputed from the documented stream: the last 30% of item indices, uniform over the span
+    on_sale = np.zeros(n_items)
+    on_sale[n_items - n_new:] = np.random.default_rng([4, 17]).uniform(0.0, 1.0, n_new)
+    span = cfg.days * datagen.DAY
+    seen_new_late = 0
+    for block in datagen.generate_blocks(cfg, hidden=True):
+        t_end = (block["timestamp"].max() - datagen.START_TS) / span
+        assert (on_sale[block["_item"]] <= t_end + 2 * cfg.block_rows / cfg.rows).all()
+        seen_new_late += int((block["_item"] >= n_items - n_new).sum())
+    assert seen_new_late > 0
+    first = next(datagen.generate_blocks(cfg, hidden=True))
+    assert (on_sale[first["_item"]] <= cfg.block_rows / cfg.rows).all()
+
+
+def test_price_drift_moves_every_items_log_price_by_the_drift_per_day():
+    cfg = GeneratorConfig(rows=20_000, seed=4, price_drift=0.05, days=10, missing_rate=0.0)
+    plain = GeneratorConfig(rows=20_000, seed=4, days=10, missing_rate=0.0)
+    for a, b in zip(datagen.generate_blocks(cfg, hidden=True), datagen.generate_blocks(plain, hidden=True)):
+        same = a["_item"] == b["_item"]  # re-shown past clicks may differ: clicks depend on the price
+        assert same.mean() > 0.9
+        day = (a["timestamp"].astype(np.float64).mean() - datagen.START_TS) / datagen.DAY
+        shift = np.log(np.asarray(a["item_price"], np.float64)[same]) - np.log(np.asarray(b["item_price"], np.float64)[same])
+        # the block's price clock is the block's mid-time; the noise draws are shared, so the shift is exact
+        assert shift.mean() == pytest.approx(0.05 * day, abs=0.05 * cfg.days * cfg.block_rows / cfg.rows)
+        assert shift.std() < 1e-5
+
+
+def test_partitions_split_one_log_by_day_and_break_the_chosen_day(tmp_path):
+    cfg = GeneratorConfig(rows=9_000, seed=2, days=3)
+    whole = [b for b in datagen.generate_blocks(cfg)]
+    whole = {k: np.concatenate([np.ma.getdata(b[k]) for b in whole]) for k in ("timestamp", "purchase", "item_id")}
+    datagen.write_partitions(cfg, str(tmp_path / "labels"), break_partition=3, break_kind="labels", progress=False)
+    datagen.write_partitions(cfg, str(tmp_path / "column"), break_partition=2, break_kind="column", progress=False)
+    days = (whole["timestamp"] - datagen.START_TS) // datagen.DAY
+    for d in range(3):
+        table = pq.read_table(str(tmp_path / "labels" / f"day-{d + 1:02d}"))
+        sel = days == d
+        np.testing.assert_array_equal(table.column("timestamp").to_numpy(), whole["timestamp"][sel])
+        np.testing.assert_array_equal(table.column("item_id").to_numpy(), whole["item_id"][sel])
+        expected = np.zeros(sel.sum()) if d == 2 else whole["purchase"][sel]
+        np.testing.assert_array_equal(table.column("purchase").to_numpy(), expected)
+        manifest = json.load(open(tmp_path / "labels" / f"day-{d + 1:02d}" / "_MANIFEST.json"))
+        assert manifest["rows"] == sel.sum() and manifest["broken"] == ("labels" if d == 2 else None)
+        names = pq.read_schema(glob.glob(str(tmp_path / "column" / f"day-{d + 1:02d}" / "*.parquet"))[0]).names
+        assert ("item_brand" in names) == (d != 1)
+    assert whole["purchase"][days == 2].sum() > 0  # the break removed real purchases
+    with pytest.raises(ValueError, match="break_partition must be in 1..3"):
+        datagen.write_partitions(cfg, str(tmp_path / "x"), break_partition=4)
