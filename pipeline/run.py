@@ -189,6 +189,7 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     contract = schema.contract
     model_name = registry.auto_model(contract.labels.transformed) if args.model == "auto" else args.model
     have = contract.labels.transformed + contract.pseudo_labels
+    have += ("uf_count_raw",) if contract.user_features else ()  # STAN's event positions (UF_COUNT_RAW)
     missing = [k for k in registry.required_labels(model_name) if k not in have]
     if missing:
         hint = " (pseudo-labels come from user_features in the schema)" if any(m.startswith("pl_") for m in missing) else ""

@@ -64,18 +64,45 @@ class UserPreference(keras.layers.Layer):
 
 @keras.utils.register_keras_serializable(package="rankline")
 class BetaStageState(keras.layers.Layer):
-    """Algorithm 1 state: alpha, beta [U, K] (init 1) and the per-user count c [U] (init 0).
+    """Algorithm 1 state per user index u: alpha_u, beta_u [U, K] (init 1), and the events applied so far,
+    count_u [U] and position_sum_u [U] (init 0; float64, exact to 2^53).
 
-    ``update(users, y_tilde)`` processes a batch in row order: for each row i of user u,
-    c_u += 1; alpha_u^k += y~_i^k * c_u; beta_u^k += (1 - y~_i^k) * c_u. Rows of the same user within one
-    batch get consecutive counts, exactly as a sequential pass would.
+    An event is a row's (user u, position p), p = the number of the user's earlier events in time order
+    (``uf_count_raw``, 0-based). ``update(users, y_tilde, positions)`` applies Algorithm 1's lines 6-8 to every
+    new event with c_u = p + 1, the count Algorithm 1 reaches at that event when it passes over the user's
+    events in time order ("a higher index indicates a time closer to the present"):
+        alpha_u^k += y~^k (p + 1);  beta_u^k += (1 - y~^k) (p + 1);  count_u += 1;  position_sum_u += p + 1,
+    so the state does not depend on the order in which events arrive (shuffled batches, replicas). After one
+    pass over a user's n events, alpha_u + beta_u = 2 + n (n + 1) / 2 whatever the number of epochs.
+
+    Each event updates the state once, keyed on the event (not on epochs): (u, p) is skipped when
+    * the positions applied for u are exactly 0..count_u - 1 (position_sum_u = count_u (count_u + 1) / 2, the
+      smallest sum of count_u distinct positive integers, reached only by 1..count_u) and p < count_u; or
+    * an earlier row of the same (global) batch has the same (u, p).
+    Why this is exact: within one pass over the training data every event arrives once, so while a user's pass is
+    incomplete an arriving event is new (if the applied positions are 0..m-1, the new one has p >= m and is
+    applied). Once the pass is complete the applied positions are the user's training positions, 0..n_u - 1,
+    and every later arrival has p < n_u and is skipped. This needs each user's training rows to be the user's
+    earliest rows, i.e. positions 0..n_u - 1: true for a time split (the built-in schema) and for a split keyed
+    by user. With a split that interleaves a user's rows across splits (row hash, files), the positions have
+    gaps, the test never holds and each epoch applies the user's events again. Users sharing an index (OOV
+    buckets) share a state; rows with the same position count as one event (a bucket of one-event users keeps
+    the first event that arrives: a new user's Beta(1 + y~, 2 - y~)).
+    Chosen over the alternatives: a per-user "last position seen" watermark is exact only when each user's rows
+    arrive in time order, and ``pipeline.train`` shuffles (a pass would apply only the running maxima, about
+    ln n of a user's n events); a reset at each epoch needs a callback and breaks when a run resumes from a
+    backup taken at an epoch's end or in mid-epoch. Here a resumed run (``pipeline.train`` restores the state
+    with the backup and skips the batches it covers) applies the rest of the pass once, and a replayed batch is
+    skipped too wherever the user's applied positions are 0..m-1 (always, when rows arrive in time order).
+    All of it is tensor ops (graph mode, ``steps_per_execution``).
+
     ``sample(users)`` draws gamma_u^k ~ Beta(alpha_u^k, beta_u^k) per row (Gamma-ratio sampling).
     Only training touches this layer; it is never part of ``call`` (nor of serving).
 
     Under a ``tf.distribute`` strategy (MirroredStrategy, MultiWorkerMirroredStrategy) every replica
-    all-gathers the global batch's users and y~ and applies the same update, in global row order, so the
-    state is what a single-device pass over the global batch gives; the variables are mirrored with
-    ``ONLY_FIRST_REPLICA`` aggregation (all copies receive replica 0's identical update; checkpoints hold one).
+    all-gathers the global batch's users, positions and y~ and applies the same update, so the state is what a
+    single-device pass over the global batch gives; the variables are mirrored with ``ONLY_FIRST_REPLICA``
+    aggregation (all copies receive replica 0's identical update; checkpoints hold one).
     """
 
     def __init__(self, num_users: int, num_tasks: int, **kwargs):
@@ -87,7 +114,10 @@ class BetaStageState(keras.layers.Layer):
                                      **state)
         self.beta = self.add_weight(name="beta", shape=(self.num_users, self.num_tasks), initializer="ones",
                                     **state)
-        self.count = self.add_weight(name="count", shape=(self.num_users,), initializer="zeros", **state)
+        self.count = self.add_weight(name="count", shape=(self.num_users,), initializer="zeros", dtype=tf.float64,
+                                     **state)
+        self.position_sum = self.add_weight(name="position_sum", shape=(self.num_users,), initializer="zeros",
+                                            dtype=tf.float64, **state)
 
     @staticmethod
     def _global_batch(x: tf.Tensor) -> tf.Tensor:
@@ -97,16 +127,25 @@ class BetaStageState(keras.layers.Layer):
             return x
         return ctx.all_gather(x, axis=0)
 
-    def update(self, users: tf.Tensor, y_tilde: tf.Tensor) -> None:
+    def update(self, users: tf.Tensor, y_tilde: tf.Tensor, positions: tf.Tensor) -> None:
+        """users [B] or [B, 1] (index), y_tilde [B, K], positions [B] or [B, 1] (0-based, time order)."""
         users = self._global_batch(tf.reshape(tf.cast(users, tf.int64), [-1]))
         y = self._global_batch(tf.stop_gradient(tf.cast(y_tilde, tf.float32)))
-        same = tf.cast(tf.equal(users[:, None], users[None, :]), tf.float32)
-        earlier_in_batch = tf.reduce_sum(tf.linalg.band_part(same, -1, 0), axis=1)  # includes the row itself
-        c = tf.gather(self.count, users) + earlier_in_batch  # c_u after this row's increment
+        pos = self._global_batch(tf.reshape(tf.cast(positions, tf.float64), [-1]))
+        rows = tf.range(tf.shape(users)[0])
+        same_event = tf.logical_and(tf.equal(users[:, None], users[None, :]), tf.equal(pos[:, None], pos[None, :]))
+        copy_of_earlier_row = tf.reduce_any(tf.logical_and(same_event, rows[:, None] > rows[None, :]), axis=1)
+        m = tf.gather(self.count, users)
+        prefix_applied = tf.equal(tf.gather(self.position_sum, users), m * (m + 1.0) / 2.0)
+        applied = tf.logical_and(prefix_applied, pos < m)
+        new = tf.cast(tf.logical_not(tf.logical_or(applied, copy_of_earlier_row)), tf.float64)
+        c = new * (pos + 1.0)  # Algorithm 1's c_u at this event; 0 for a skipped one
+        c32 = tf.cast(c, tf.float32)[:, None]
         # scatter_add of IndexedSlices (duplicates summed): the one scatter form mirrored variables support.
-        self.alpha.scatter_add(tf.IndexedSlices(y * c[:, None], users))
-        self.beta.scatter_add(tf.IndexedSlices((1.0 - y) * c[:, None], users))
-        self.count.scatter_add(tf.IndexedSlices(tf.ones_like(c), users))
+        self.alpha.scatter_add(tf.IndexedSlices(y * c32, users))
+        self.beta.scatter_add(tf.IndexedSlices((1.0 - y) * c32, users))
+        self.count.scatter_add(tf.IndexedSlices(new, users))
+        self.position_sum.scatter_add(tf.IndexedSlices(c, users))
 
     def sample(self, users: tf.Tensor, seed=None) -> tf.Tensor:
         users = tf.reshape(tf.cast(users, tf.int64), [-1])

@@ -37,6 +37,9 @@ def _funnel(n, seed):
     purchase = click & (rng.random(n) < np.where(daction, _DACTION_PURCHASE, _OACTION_PURCHASE))
     labels = {"click": click, "daction": daction, "purchase": purchase}
     labels.update(running_means(user, labels))
+    order = np.argsort(user, kind="stable")  # STAN's event positions: each row's number of earlier rows of its user
+    labels["uf_count_raw"] = np.empty(n, np.int64)
+    labels["uf_count_raw"][order] = np.arange(n) - np.searchsorted(user[order], user[order])
     feats = {"user_id_id": column(user, np.int64), "cat_id": column(cat, np.int64),
              "brand_id": column(brand, np.int64), "x_z": column(x, np.float32)}
     labels = {k: column(v, np.float32 if k.startswith("pl_") else np.int64) for k, v in labels.items()}

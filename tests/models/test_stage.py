@@ -45,12 +45,12 @@ def _algorithm1(events, num_users, K):
 def test_beta_updates_follow_algorithm_1_for_a_scripted_sequence():
     state = BetaStageState(num_users=4, num_tasks=2)
     state.build(None)
-    batches = [([0, 1, 0], [[0.9, 0.1], [0.2, 0.4], [0.5, 0.5]]),
-               ([2, 0, 0, 3], [[1.0, 0.0], [0.3, 0.7], [0.6, 0.2], [0.0, 1.0]]),
-               ([1], [[0.8, 0.8]])]
+    batches = [([0, 1, 0], [0, 0, 1], [[0.9, 0.1], [0.2, 0.4], [0.5, 0.5]]),
+               ([2, 0, 0, 3], [0, 2, 3, 0], [[1.0, 0.0], [0.3, 0.7], [0.6, 0.2], [0.0, 1.0]]),
+               ([1], [1], [[0.8, 0.8]])]   # (users, positions = the user's earlier events, y~)
     events = []
-    for users, ys in batches:
-        state.update(tf.constant(users), tf.constant(ys, tf.float32))
+    for users, positions, ys in batches:
+        state.update(tf.constant(users), tf.constant(ys, tf.float32), tf.constant(positions))
         events.extend(zip(users, ys))
     alpha, beta, c = _algorithm1(events, 4, 2)
     np.testing.assert_allclose(state.alpha.numpy(), alpha, rtol=1e-6)
@@ -58,6 +58,39 @@ def test_beta_updates_follow_algorithm_1_for_a_scripted_sequence():
     np.testing.assert_allclose(state.count.numpy(), c)
     # user 0: events y=0.9,0.5,0.3,0.6 (task 0) with c=1..4 -> alpha = 1 + 0.9 + 1.0 + 0.9 + 2.4 = 6.2
     assert state.alpha.numpy()[0, 0] == pytest.approx(6.2)
+    # a second epoch (same events, other batches and order, other y~) changes nothing: one pass per event
+    for users, positions, ys in reversed(batches):
+        state.update(tf.constant(users[::-1]), tf.constant(ys[::-1], tf.float32) * 0.5, tf.constant(positions[::-1]))
+    np.testing.assert_allclose(state.alpha.numpy(), alpha, rtol=1e-6)
+    np.testing.assert_allclose(state.beta.numpy(), beta, rtol=1e-6)
+    np.testing.assert_allclose(state.count.numpy(), c)
+
+
+def test_events_arriving_out_of_time_order_give_the_time_ordered_pass_once():
+    """Shuffled batches (pipeline.train's default): the first pass applies every event, with c = its position + 1,
+    so the state is Algorithm 1 over the user's events in time order; later passes, in any order, are no-ops.
+    Rows of one batch with the same (user, position) are one event (users sharing an OOV index)."""
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, 3, 40)
+    positions = np.array([np.sum(users[:i] == u) for i, u in enumerate(users)])
+    y = rng.random((40, 2)).astype(np.float32)
+    events_in_time_order = list(zip(users, y))
+    state = BetaStageState(num_users=3, num_tasks=2)
+    state.build(None)
+    for epoch in range(3):
+        order = rng.permutation(40)
+        for rows in np.array_split(order, 6):
+            y_now = y[rows] if epoch == 0 else rng.random((len(rows), 2)).astype(np.float32)
+            state.update(tf.constant(users[rows]), tf.constant(y_now), tf.constant(positions[rows], tf.float32))
+        alpha, beta, c = _algorithm1(events_in_time_order, 3, 2)
+        np.testing.assert_allclose(state.alpha.numpy(), alpha, rtol=1e-5, err_msg=f"epoch {epoch}")
+        np.testing.assert_allclose(state.beta.numpy(), beta, rtol=1e-5, err_msg=f"epoch {epoch}")
+        np.testing.assert_array_equal(state.count.numpy(), c)
+    oov = BetaStageState(num_users=1, num_tasks=1)
+    oov.build(None)
+    oov.update(tf.constant([0, 0, 0]), tf.constant([[0.25], [0.5], [0.75]]), tf.constant([0, 0, 0]))
+    oov.update(tf.constant([0]), tf.constant([[0.9]]), tf.constant([0]))
+    assert oov.alpha.numpy()[0, 0] == pytest.approx(1.25) and oov.beta.numpy()[0, 0] == pytest.approx(1.75)
 
 
 def test_gamma_samples_follow_the_beta_state():

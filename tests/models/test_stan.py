@@ -1,4 +1,5 @@
 """STAN model: Eq. 13 loss assembly, Beta state updated only by training, serving path free of it."""
+import dataclasses
 import functools
 
 import numpy as np
@@ -25,7 +26,17 @@ def _batch(n=32, seed=0):
               "purchase": tf.constant(purchase, tf.int64)}
     for name in ("click", "daction", "purchase"):
         labels[f"pl_{name}"] = tf.constant(rng.random((n, 1)), tf.float32)
+    labels["uf_count_raw"] = column(_positions(feats["user_id_id"].numpy()), np.float32)  # rows in time order
     return feats, labels
+
+
+def _positions(users):
+    """Each row's number of earlier rows of its user (rows in time order): the pipeline's ``uf_count_raw``."""
+    seen, out = {}, []
+    for u in np.asarray(users).reshape(-1):
+        out.append(seen.get(u, 0))
+        seen[u] = out[-1] + 1
+    return np.array(out)
 
 
 def _model(**kw):
@@ -111,7 +122,7 @@ def test_fit_trains_and_save_reload_keeps_predictions_and_state(tmp_path):
     feats, labels = _batch(256, seed=1)
     m.compile(optimizer=keras.optimizers.Adam(1e-2))
     m.fit(tf.data.Dataset.from_tensor_slices((feats, labels)).batch(64), epochs=2, verbose=0)
-    assert float(tf.reduce_sum(m.stage.count)) == 2 * 256
+    assert float(tf.reduce_sum(m.stage.count)) == 256  # each event applied once, not once per epoch
     expected = {k: v.numpy() for k, v in m(feats, training=False).items()}
     path = str(tmp_path / "stan")
     m.save(path, save_format="tf")
@@ -119,6 +130,191 @@ def test_fit_trains_and_save_reload_keeps_predictions_and_state(tmp_path):
     for k, v in expected.items():
         np.testing.assert_array_equal(v, reloaded(feats, training=False)[k].numpy())
     np.testing.assert_array_equal(reloaded.stage.alpha.numpy(), m.stage.alpha.numpy())
+
+
+def _record_updates(model):
+    """Wraps ``model.stage.update`` so that every call, also inside a compiled train function, records its
+    (users, y~, positions) in the returned list (numpy, in call order)."""
+    calls, update = [], model.stage.update
+
+    def record(users, y_tilde, positions):
+        calls.append((users.numpy().reshape(-1), y_tilde.numpy(), positions.numpy().reshape(-1)))
+
+    def spy(users, y_tilde, positions):
+        tf.py_function(record, [users, y_tilde, positions], [])
+        update(users, y_tilde, positions)
+
+    model.stage.update = spy
+    return calls
+
+
+def _one_pass_of_algorithm_1(calls, num_users=6, num_tasks=3):
+    """Literal Algorithm 1 over each user's events in time order (position order), each event with the y~ it had
+    when it first arrived in ``calls``: for i = 1..n: c_u += 1; alpha += y~_i c_u; beta += (1 - y~_i) c_u."""
+    first = {}
+    for users, y_tilde, positions in calls:
+        for u, y, p in zip(users, y_tilde, positions):
+            first.setdefault((int(u), int(p)), y.astype(np.float64))
+    alpha, beta = np.ones((num_users, num_tasks)), np.ones((num_users, num_tasks))
+    for u in range(num_users):
+        c = 0
+        for p in sorted(p for (v, p) in first if v == u):
+            c += 1
+            alpha[u] += first[u, p] * c
+            beta[u] += (1 - first[u, p]) * c
+    return alpha, beta
+
+
+def test_beta_state_after_three_shuffled_epochs_of_fit_is_one_pass_of_algorithm_1():
+    """Issue #24: Algorithm 1 is one pass over a user's events, so E epochs must not add each event E times
+    (that gives alpha + beta = 2 + E n (E n + 1) / 2 instead of 2 + n (n + 1) / 2). Trained through keras fit in
+    graph mode with steps_per_execution = 3, rows reshuffled every epoch (pipeline.train's default), real updates
+    (y~ changes between epochs, so the state of the first pass differs from any later one)."""
+    m = _model()
+    calls = _record_updates(m)
+    feats, labels = _batch(256, seed=1)
+    m.compile(optimizer=keras.optimizers.Adam(1e-2), steps_per_execution=3)
+    ds = tf.data.Dataset.from_tensor_slices((feats, labels)).shuffle(256, seed=2, reshuffle_each_iteration=True)
+    m.fit(ds.batch(32), epochs=3, verbose=0)
+    assert sum(len(u) for u, _, _ in calls) == 3 * 256  # every row arrived once per epoch
+    alpha, beta = _one_pass_of_algorithm_1(calls)
+    np.testing.assert_allclose(m.stage.alpha.numpy(), alpha, rtol=1e-5)
+    np.testing.assert_allclose(m.stage.beta.numpy(), beta, rtol=1e-5)
+    n = np.bincount(feats["user_id_id"].numpy().reshape(-1), minlength=6)
+    np.testing.assert_allclose(m.stage.alpha.numpy() + m.stage.beta.numpy(),
+                               np.repeat((2 + n * (n + 1) / 2)[:, None], 3, axis=1), rtol=1e-5)
+    last = np.concatenate([y for _, y, _ in calls[-8:]])  # y~ of the last epoch's 8 steps moved away
+    assert np.abs(last - np.concatenate([y for _, y, _ in calls[:8]])).max() > 1e-3
+
+
+def test_fit_resumed_from_a_mid_epoch_checkpoint_applies_each_event_once(tmp_path):
+    """pipeline.train resumes mid-epoch: the backup restores the state, the stream skips the steps it covers. Here
+    a run stops after 5 of the first epoch's 8 steps (shuffled), a fresh model restores its checkpoint and runs
+    the remaining 19 steps of 3 epochs: the state is one pass of Algorithm 1 over every event."""
+    feats, labels = _batch(256, seed=1)
+    rng = np.random.default_rng(4)
+    order = np.concatenate([rng.permutation(256) for _ in range(3)]).reshape(24, 32)  # 3 epochs of 8 steps
+    stream = tf.data.Dataset.from_tensor_slices(order).map(
+        lambda i: ({k: tf.gather(v, i) for k, v in feats.items()}, {k: tf.gather(v, i) for k, v in labels.items()}))
+    first = _model()
+    calls = _record_updates(first)
+    first.compile(optimizer=keras.optimizers.Adam(1e-2), steps_per_execution=3)
+    first.fit(stream.take(5), epochs=1, verbose=0)
+    path = tf.train.Checkpoint(model=first, optimizer=first.optimizer).save(str(tmp_path / "ck"))
+    resumed = _model()
+    later_calls = _record_updates(resumed)
+    resumed.compile(optimizer=keras.optimizers.Adam(1e-2), steps_per_execution=3)
+    resumed.optimizer.build(resumed.trainable_variables)
+    tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).restore(path).assert_consumed()
+    np.testing.assert_array_equal(resumed.stage.alpha.numpy(), first.stage.alpha.numpy())
+    resumed.fit(stream.skip(5), epochs=1, verbose=0)
+    calls += later_calls
+    assert sum(len(u) for u, _, _ in calls) == 3 * 256
+    alpha, beta = _one_pass_of_algorithm_1(calls)
+    np.testing.assert_allclose(resumed.stage.alpha.numpy(), alpha, rtol=1e-5)
+    np.testing.assert_allclose(resumed.stage.beta.numpy(), beta, rtol=1e-5)
+    np.testing.assert_array_equal(resumed.stage.count.numpy(), np.bincount(feats["user_id_id"].numpy().ravel()))
+
+
+def test_training_without_event_positions_is_refused_with_the_column_named():
+    m = _model()
+    feats, labels = _batch()
+    del labels["uf_count_raw"]
+    with pytest.raises(ValueError, match="uf_count_raw"):
+        m.compute_loss(feats, labels, training=True)
+    m.compute_loss(feats, labels, training=False)  # evaluation reads the state only
+
+
+def test_beta_path_training_loss_is_eq13_with_the_gamma_drawn():
+    """Eq. 13 with the Beta state (training): L = sum_k (mean_i gamma_i^k BCE_i^k + mean_i (l_i^k - y~_i^k)^2),
+    recomputed in numpy from the model's predictions, y~, the labels and the gamma drawn in the call (recorded by
+    wrapping ``stage.sample``). Fails if gamma weighted L_s, if a task's pseudo-label were compared with another
+    task's y~, or if gamma were y~ (the w/o-Beta form)."""
+    m = _model()
+    feats, labels = _batch()
+    preds = {k: v.numpy() for k, v in m(feats, training=False).items()}  # dropout 0: training=True is the same
+    yt = m.user_preferences(feats).numpy().astype(np.float64)
+    drawn, sample = [], m.stage.sample
+    m.stage.sample = lambda users, seed=None: drawn.append(sample(users, seed)) or drawn[-1]
+    loss = float(m.compute_loss(feats, labels, training=True))
+    assert len(drawn) == 1
+    gamma = drawn[0].numpy().astype(np.float64)
+    assert gamma.shape == (32, 3) and np.abs(gamma - yt).min() > 1e-4
+    expected = 0.0
+    for k, (out, lab) in enumerate((("ctr", "click"), ("ctavr", "daction"), ("ctcvr", "purchase"))):
+        expected += np.mean(gamma[:, k] * _bce(labels[lab], preds[out]))                     # gamma^k L_t^k
+        expected += np.mean((labels[f"pl_{lab}"].numpy().reshape(-1).astype(np.float64) - yt[:, k]) ** 2)  # L_s^k
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_preference_head_leaves_out_its_own_targets_on_the_builtin_schema():
+    """Issue #24: U (Eq. 7) must not hold uf_rate_<label>_bucket, the quantised Eq. 10 pseudo-labels the
+    preference head predicts (Eq. 11), or L_s reduces to copying an input; the main towers keep them."""
+    from transforms.features import HOUR_ID
+    from transforms.schema import builtin_schema_path, load_schema
+
+    contract = load_schema(builtin_schema_path("builtin")).contract
+    inputs = contract.model_feature_names()
+    targets = ("uf_rate_click_bucket", "uf_rate_daction_bucket", "uf_rate_purchase_bucket")
+    assert set(targets) <= set(contract.embedded_fields(contract.user_columns)) & set(inputs)  # were candidates
+    cfg = STAN.bind_to_contract(STANConfig(), contract, inputs)
+    # builtin.yaml: user_columns [user_id, user_gender, user_age, user_city, user_power, user_orders_90d, segment]
+    # plus the derived user features uf_count, uf_rate_*, uf_repeat_ratio, uf_history, minus the three targets
+    assert cfg.user_fields == ("user_id_id", "user_gender_id", "user_age_id", "user_city_id", "user_power_id",
+                               "segment_id", "user_orders_90d_bucket", "uf_count_bucket", "uf_repeat_ratio_bucket",
+                               "uf_history_seq")
+    categorical = {k: (v if k in contract.model_categorical else 5) for k, v in
+                   {**contract.model_categorical, **{f"{f.name}_id": 0 for f in contract.vocab_features}}.items()}
+    model = STAN(categorical, contract.model_dense, cfg, sequences={"uf_history_seq": 20})
+    assert set(targets) <= set(model.embedding.categorical)  # the towers' embedding keeps them
+    fields = list(model.embedding.categorical) + list(model.embedding.sequences)
+    assert sorted(fields[i] for i in model._user_pos) == sorted(cfg.user_fields)
+    assert HOUR_ID in model.embedding.categorical and HOUR_ID not in cfg.user_fields
+
+
+# STAN §4.1.3 "Hyper-Parameter", verbatim from ../shared/papers/stan-stage-adaptive-multitask.txt (the paragraph
+# runs over a page break after "128 to", so the embedding sentence is quoted up to there).
+STAN_PAPER = "stan-stage-adaptive-multitask.txt"
+BOUND = ("To ensure a level playing field, we constrain the maximum model size for all methods by setting the same "
+         "upper bound for the number of hidden units per layer at 1024.")
+EMBEDDING = "For computational efficiency, we assign an embedding dimension of 128 to"
+RELU = "We employ ReLU [5] as the activation function for all models."
+BATCH = "During training, we set the batch size to 2048."
+ADAM = ("The Adam optimizer [8] is used with settings $\\beta_1 = 0.9$, $\\beta_2 = 0.999$, and "
+        "$\\epsilon = 1 \\times 10^{-6}$.")
+LR = "We set the learning rate at 0.001."
+
+
+@pytest.mark.parametrize("sentence", [BOUND, EMBEDDING, RELU, BATCH, ADAM, LR])
+def test_the_quoted_stan_sentences_are_in_the_paper(sentence):
+    import os
+
+    from transforms.schema import default_shared_dir
+
+    path = os.path.join(default_shared_dir(), "papers", STAN_PAPER)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not present")
+    with open(path, encoding="utf-8") as fh:
+        assert sentence in " ".join(fh.read().split())
+
+
+@pytest.mark.parametrize("model_name", ["stan", "stan_nobeta"])
+def test_paper_preset_is_stans_own_setting(model_name):
+    from models import registry
+
+    cfg = registry.resolve_config(model_name, "paper")
+    assert cfg.batch_size == 2048              # BATCH
+    assert cfg.learning_rate == 0.001          # LR
+    assert cfg.adam_epsilon == 1e-6            # ADAM: epsilon = 1 x 10^-6
+    adam = keras.optimizers.Adam(cfg.learning_rate, epsilon=cfg.adam_epsilon)  # as pipeline.train builds it
+    assert (adam.beta_1, adam.beta_2, adam.epsilon) == (0.9, 0.999, 1e-6)      # ADAM: beta_1, beta_2 left default
+    assert cfg.embedding_dim == 128            # EMBEDDING
+    assert max(cfg.hidden_units + cfg.expert_units) <= 1024  # BOUND
+    model = registry.build(model_name, CATEGORICAL, DENSE, dataclasses.replace(cfg, user_fields=("user_id_id",)))
+    model(_batch()[0])
+    hidden = [l for l in model.submodules if isinstance(l, keras.layers.Dense) and l.name.startswith("dense_")]
+    assert len(hidden) == 2 * 6 + 2 * 4  # 6 experts per level (4 towers x 1 + 2 shared), 4 towers of 2 layers
+    assert all(l.activation is keras.activations.relu for l in hidden)  # RELU (experts and towers)
 
 
 def test_bad_user_fields_are_named():
@@ -161,6 +357,7 @@ def _planted_stages(seed, stages=True):
     cvr = 1 / (1 + np.exp(-np.where(new, new_logit, -2.0 + mature_taste[cat])))
     labels = {"click": click, "daction": click & (rng.random(n) < 0.3), "purchase": click & (rng.random(n) < cvr)}
     labels.update(running_means(user, labels))
+    labels["uf_count_raw"] = n_prev
     feats = {"user_id_id": column(user, np.int64), "user_age_id": column(rng.integers(0, 4, users)[user], np.int64),
              "cat_id": column(cat, np.int64), "x_z": column(x, np.float32)}
     labels = {k: column(v, np.float32 if k.startswith("pl_") else np.int64) for k, v in labels.items()}

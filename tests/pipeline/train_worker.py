@@ -44,6 +44,8 @@ def arrays(n: int, seed: int):
     cols.update(click=click.astype(np.int64), daction=daction.astype(np.int64), purchase=purchase.astype(np.int64))
     for k in LABELS:
         cols[f"pl_{k}"] = rng.random(n).astype(np.float32)
+    users = cols["user_id_id"]  # STAN's event positions: each row's number of earlier rows of its user
+    cols["uf_count_raw"] = np.array([np.sum(users[:i] == u) for i, u in enumerate(users)], np.float32)
     return cols
 
 
