@@ -1,9 +1,12 @@
 """Export: a SavedModel that TF Serving loads, taking RAW features with the transform graph inside.
 
 Layout: ``<export_base>/<model_name>/<version>/`` with integer versions. A version is written into a hidden
-temporary directory beside it (TF Serving ignores non-numeric names), checked, fsynced, then renamed into
-place, so a half-written or unservable version is never visible; an existing version is never overwritten.
-A publish killed mid-way leaves at most a ``.tmp-*`` directory, which TF Serving and ``next_version`` ignore.
+temporary directory beside it (``.tmp-<hex>``: TF Serving ignores names that do not parse as integers),
+checked, fsynced, then renamed into place under an exclusive claim ``.reserve-<N>``, so a half-written or
+unservable version is never visible, two concurrent exports never take the same number, and an existing
+version is never overwritten. A publish killed mid-way leaves at most a ``.tmp-*`` directory (and, killed
+during the rename, a ``.reserve-*`` file), which TF Serving and ``next_version`` ignore and the next export
+removes (``remove_stale``). Remote bases (``gs://`` ...) have no atomic rename: see ``publish_remote``.
 
 Signatures (B = batch of impressions, e.g. one user's N candidates):
 
@@ -26,12 +29,17 @@ once per request), verified against the Keras model before publishing; other mod
 """
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import re
 import shutil
+import socket
+import tempfile
+import time
 import uuid
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 import tensorflow as tf
 
@@ -141,10 +149,16 @@ class ServingModule(tf.Module):
 
 
 def next_version(model_dir: str) -> int:
-    if not os.path.isdir(model_dir):
+    """1 + the highest published version under ``model_dir`` (1 when none); only all-digit names count."""
+    if not tf.io.gfile.isdir(model_dir):
         return 1
-    versions = [int(n) for n in os.listdir(model_dir) if _VERSION_RE.match(n)]
+    versions = [int(n.rstrip("/")) for n in tf.io.gfile.listdir(model_dir) if _VERSION_RE.match(n.rstrip("/"))]
     return max(versions, default=0) + 1
+
+
+def is_remote(path: str) -> bool:
+    """True for a URL-like base (``gs://``, ``s3://``, ``hdfs://``, ``ram://`` ...): no atomic ``os.rename``."""
+    return "://" in path and not path.startswith("file://")
 
 
 def _fsync_path(path: str) -> None:
@@ -160,6 +174,235 @@ def _fsync_tree(root: str) -> None:
         for name in filenames:
             _fsync_path(os.path.join(dirpath, name))
         _fsync_path(dirpath)
+
+
+def _makedirs_durable(path: str) -> None:
+    """``os.makedirs`` that also fsyncs the parent of every directory it created (so a crash right after
+    cannot lose the new ``<export_base>/<model_name>`` entry while a version inside it survives)."""
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.isdir(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    for created in reversed(missing):
+        _fsync_path(os.path.dirname(created))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hidden entries of a model directory. TF Serving's FileSystemStoragePathSource only treats a child of the
+# base path as a version when ``absl::SimpleAtoi(child)`` parses it (ParseVersionNumber in
+# tensorflow_serving/sources/storage_path/file_system_storage_path_source.cc, tensorflow/serving@9d981c5,
+# line 87-89: ``return absl::SimpleAtoi(version_path.c_str(), version_number);``; IndexChildrenByVersion
+# skips the others). SimpleAtoi accepts only optional spaces, a sign and digits, so a name starting with "."
+# is never a version: ``.tmp-<hex>`` (a version being written) and ``.reserve-<N>`` (a claim on number N)
+# are invisible to the server, and ``<N>`` appears only by one rename of a complete, checked directory.
+# ---------------------------------------------------------------------------------------------------------
+_TMP_PREFIX = ".tmp-"
+_RESERVE_PREFIX = ".reserve-"
+_OWNER = "owner.json"
+STALE_AFTER_S = 24 * 3600.0
+
+
+def _owner_record() -> str:
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _is_stale(owner_text: str | None, mtime: float | None, now: float, stale_after_s: float) -> bool:
+    """Stale = its writer can no longer finish it: the owner (pid, host) recorded in it is a dead process of
+    THIS host, or it is older than ``stale_after_s`` (owner on another host sharing the filesystem, a pid
+    that may have been reused, or no owner record: left by an older rankline or killed before writing it)."""
+    owner = None
+    if owner_text:
+        try:
+            owner = json.loads(owner_text)
+        except ValueError:
+            owner = None
+    if owner and owner.get("host") == socket.gethostname() and not _pid_alive(int(owner["pid"])):
+        return True
+    started = float(owner["started"]) if owner and "started" in owner else mtime
+    return started is not None and now - started > stale_after_s
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with tf.io.gfile.GFile(path, "r") as fh:
+            return fh.read()
+    except (tf.errors.OpError, OSError):
+        return None
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return tf.io.gfile.stat(path).mtime_nsec / 1e9
+    except (tf.errors.OpError, OSError):
+        return None
+
+
+def remove_stale(model_dir: str, stale_after_s: float = STALE_AFTER_S) -> List[str]:
+    """Deletes the ``.tmp-*`` and ``.reserve-*`` entries of ``model_dir`` whose writer crashed (``_is_stale``;
+    a reservation is also stale once its version is published); returns their names. Live exports'
+    entries are kept: they carry their writer's pid and host in ``owner.json``. Safe to race with exports
+    and other cleaners: a ``.tmp-*`` name is unique to one export, and a reservation taken again after
+    its removal is only a claim (the publishing rename never replaces a non-empty version)."""
+    if not tf.io.gfile.isdir(model_dir):
+        return []
+    now, removed = time.time(), []
+    for name in sorted(n.rstrip("/") for n in tf.io.gfile.listdir(model_dir)):
+        path = os.path.join(model_dir, name)
+        if name.startswith(_TMP_PREFIX):
+            stale = _is_stale(_read_text(os.path.join(path, _OWNER)), _mtime(path), now, stale_after_s)
+        elif name.startswith(_RESERVE_PREFIX):
+            number = name[len(_RESERVE_PREFIX):]
+            stale = (tf.io.gfile.exists(os.path.join(model_dir, number))
+                     or _is_stale(_read_text(path), _mtime(path), now, stale_after_s))
+        else:
+            continue
+        if stale:
+            try:
+                if tf.io.gfile.isdir(path):
+                    tf.io.gfile.rmtree(path)
+                else:
+                    tf.io.gfile.remove(path)
+            except (tf.errors.NotFoundError, FileNotFoundError):
+                pass  # another cleaner was first
+            removed.append(name)
+            logger.warning("export: removed stale %s (left by a crashed export)", path)
+    return removed
+
+
+def _reserve(model_dir: str, version: int) -> str | None:
+    """Claims ``version``: atomically creates ``.reserve-<version>`` (O_CREAT|O_EXCL, its content the owner);
+    None when another export holds the claim or the version is already published."""
+    marker = os.path.join(model_dir, f"{_RESERVE_PREFIX}{version}")
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return None
+    with os.fdopen(fd, "w") as fh:
+        fh.write(_owner_record())
+    if os.path.lexists(os.path.join(model_dir, str(version))):  # published before we claimed it
+        os.unlink(marker)
+        return None
+    return marker
+
+
+def _publish_local(staged: str, model_dir: str, version: int | None) -> str:
+    """Renames the complete, fsynced ``staged`` directory to ``model_dir/<N>`` and fsyncs ``model_dir``.
+
+    N = ``version``, or the next free number: claimed with ``_reserve`` (a claim held by a concurrent
+    export, or a version published meanwhile, -> the next number). The rename is the last line of defence:
+    it fails rather than replace a non-empty ``<N>`` (a writer that takes no claims), and the next number
+    is tried then too."""
+    number = next_version(model_dir) if version is None else int(version)
+    while True:
+        marker = _reserve(model_dir, number)
+        if marker is not None:
+            final = os.path.join(model_dir, str(number))
+            try:
+                os.rename(staged, final)  # atomic within one filesystem
+                _fsync_path(model_dir)
+                return final
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+            finally:
+                os.unlink(marker)
+        if version is not None:
+            raise FileExistsError(f"export version {number} of {model_dir} already exists or is being written "
+                                  "by another export (never overwritten)")
+        number += 1
+
+
+def _local_files(root: str) -> Dict[str, int]:
+    """{path relative to ``root``: size} of every file of a local directory."""
+    out = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            out[os.path.relpath(path, root)] = os.path.getsize(path)
+    return out
+
+
+def _copy_files(files: Dict[str, int], src: str, dst: str) -> None:
+    """``tf.io.gfile.copy`` of each listed file from ``src`` to ``dst`` (never overwriting), then a size
+    check of every copy. The list comes from the local source: listings of remote filesystems are not
+    trusted (ram:// lists ``assets.extra`` as a child ``.extra`` of ``assets``)."""
+    for rel in sorted(files):
+        tf.io.gfile.makedirs(os.path.dirname(os.path.join(dst, rel)))
+        tf.io.gfile.copy(os.path.join(src, rel), os.path.join(dst, rel), overwrite=False)
+    wrong = [rel for rel, size in sorted(files.items()) if tf.io.gfile.stat(os.path.join(dst, rel)).length != size]
+    if wrong:
+        raise IOError(f"{dst}: copied file(s) {wrong[:5]} differ in size from {src}")
+
+
+def _remove_quietly(root: str, files: Dict[str, int]) -> None:
+    """Best-effort removal of a partial copy (its listed files, then the tree); logs what is left."""
+    for rel in files:
+        try:
+            tf.io.gfile.remove(os.path.join(root, rel))
+        except (tf.errors.OpError, OSError):
+            pass
+    try:
+        if tf.io.gfile.exists(root):
+            tf.io.gfile.rmtree(root)
+    except (tf.errors.OpError, OSError):
+        pass
+    if tf.io.gfile.exists(root):
+        logger.error("export: could not remove %s; delete it (it is not a servable version)", root)
+
+
+def publish_remote(saved_model_dir: str, model_dir: str, version: int | None = None) -> int:
+    """Copies a complete, checked LOCAL SavedModel to a base without atomic rename (``gs://``, ``s3://``,
+    ``ram://``) and returns its version N. THE VERSION IS NOT SERVABLE YET: the caller makes it servable by
+    adding N to the model's ``specific`` version policy (``serving.tf_serving_config.ServedModel.versions``)
+    and reloading the config; a model directory on such a base must never be served with the ``latest`` or
+    ``all`` policy, which would load ``<N>`` while its files are still being copied.
+
+    Steps: copy into ``.tmp-<hex>/version`` (not a version name, see above; ``owner.json`` beside it);
+    pick N (``version`` or the next number; no atomic claim exists on these filesystems, so concurrent
+    exports to one remote model directory must pass distinct explicit versions); copy file by file into
+    ``<N>`` (``tf.io.gfile.rename`` is a per-object copy on object stores, and on ram:// it does not move a
+    directory's files at all); check every file's size; remove the staging copy. On failure nothing is
+    returned, and ``<N>`` (if this call started it) and the staging copy are removed.
+    """
+    files = _local_files(saved_model_dir)
+    if "saved_model.pb" not in files:
+        raise FileNotFoundError(f"{saved_model_dir}: no saved_model.pb (not a SavedModel version directory)")
+    tf.io.gfile.makedirs(model_dir)
+    remove_stale(model_dir)
+    staging = os.path.join(model_dir, f"{_TMP_PREFIX}{uuid.uuid4().hex[:12]}")
+    final = None  # set once this call starts writing <N>
+    try:
+        tf.io.gfile.makedirs(staging)
+        with tf.io.gfile.GFile(os.path.join(staging, _OWNER), "w") as fh:
+            fh.write(_owner_record())
+        staged = os.path.join(staging, "version")
+        _copy_files(files, saved_model_dir, staged)
+        number = next_version(model_dir) if version is None else int(version)
+        if tf.io.gfile.exists(os.path.join(model_dir, str(number))):
+            raise FileExistsError(f"export version {number} of {model_dir} already exists (never overwritten)")
+        final = os.path.join(model_dir, str(number))
+        _copy_files(files, staged, final)
+    except tf.errors.AlreadyExistsError:
+        raise  # another writer's <N> (the one-writer contract was broken): leave it alone
+    except BaseException:
+        if final is not None:
+            _remove_quietly(final, files)
+        raise
+    finally:
+        _remove_quietly(staging, {**{os.path.join("version", k): v for k, v in files.items()}, _OWNER: 0})
+    return number
 
 
 def build_scorer(model, contract: FeatureContract, optimize: bool = True, preproject_max_bytes: int = 0):
@@ -182,14 +425,24 @@ def build_scorer(model, contract: FeatureContract, optimize: bool = True, prepro
 
 def export_saved_model(model, tft_output_dir: str, contract: FeatureContract, export_base: str, model_name: str,
                        version: int | None = None, *, warmup_examples: Sequence[bytes] | None = None,
-                       optimize: bool = True, check: bool = True, preproject_max_bytes: int = 0) -> str:
-    """Writes a new version of ``model_name`` and returns its directory.
+                       optimize: bool = True, check: bool = True, preproject_max_bytes: int = 0,
+                       remote: bool | None = None) -> str:
+    """Writes a new version of ``model_name`` and returns its directory ``<export_base>/<model_name>/<N>``.
 
     ``warmup_examples``: serialized raw ``tf.Example``s (e.g. eval rows) for the TF Serving warmup file;
     they are scored once in-process first, so a bad example fails the export, not the server.
     ``optimize``: serve the verified ESM² scoring graph where possible (``preproject_max_bytes``: its
     pre-projected embeddings' size cap, 0 = off; see ``build_scorer``). ``check``: reject the version
     (nothing published) if stock TF Serving could not run it (``serving.graph_check``).
+    ``version``: the number to publish (FileExistsError if taken); default the next free one.
+
+    Local base (``remote`` False, the default for a plain path): written in ``.tmp-<hex>/version``, checked,
+    fsynced, then renamed to ``<N>`` while holding the claim ``.reserve-<N>`` (see ``_publish_local``), so
+    concurrent exports (processes) get distinct versions and a version is servable the moment it appears.
+    Stale ``.tmp-*`` / ``.reserve-*`` entries of crashed exports are removed first (``remove_stale``).
+    Remote base (``remote`` True, the default for ``gs://`` and other URLs): written and checked in a
+    local temporary directory, then ``publish_remote``: the returned version is NOT servable until the
+    caller adds ``int(os.path.basename(path))`` to the model's ``specific`` version policy.
     """
     import tensorflow_transform as tft
 
@@ -197,12 +450,16 @@ def export_saved_model(model, tft_output_dir: str, contract: FeatureContract, ex
     from serving.graph_check import check_servable
     from transforms.preprocessing import raw_feature_spec
 
+    remote = is_remote(export_base) if remote is None else remote
     model_dir = os.path.join(export_base, model_name)
-    os.makedirs(model_dir, exist_ok=True)
-    version = next_version(model_dir) if version is None else int(version)
-    final = os.path.join(model_dir, str(version))
-    if os.path.exists(final):
-        raise FileExistsError(f"export version already exists (never overwritten): {final}")
+    if remote:
+        tf.io.gfile.makedirs(model_dir)
+    else:
+        _makedirs_durable(model_dir)
+        remove_stale(model_dir)
+    if version is not None and tf.io.gfile.exists(os.path.join(model_dir, str(int(version)))):
+        raise FileExistsError(f"export version already exists (never overwritten): "
+                              f"{os.path.join(model_dir, str(int(version)))}")
     module = ServingModule(
         model, tft.TFTransformOutput(tft_output_dir),
         raw_feature_spec(contract, include_labels=False, include_oracle=False),
@@ -216,17 +473,23 @@ def export_saved_model(model, tft_output_dir: str, contract: FeatureContract, ex
             module.serve_examples(tf.constant(list(warmup_examples), dtype=tf.string))
         except tf.errors.OpError as exc:
             raise ValueError(f"warmup examples do not score through the export: {exc.message}") from None
-    tmp = os.path.join(model_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
+    if remote:
+        work = tempfile.mkdtemp(prefix="rankline-export-")
+    else:
+        work = os.path.join(model_dir, f"{_TMP_PREFIX}{uuid.uuid4().hex[:12]}")
+        os.mkdir(work)
+        with open(os.path.join(work, _OWNER), "w") as fh:
+            fh.write(_owner_record())
+    tmp = os.path.join(work, "version")
     try:
         tf.saved_model.save(module, tmp, signatures=module.signature_functions())
         if records:
             warmup.write_warmup_file(tmp, records)
         if check:
             check_servable(tmp)
+        if remote:
+            return os.path.join(model_dir, str(publish_remote(tmp, model_dir, version)))
         _fsync_tree(tmp)
-        os.rename(tmp, final)  # atomic within one filesystem; fails rather than overwrite a non-empty dir
-        _fsync_path(model_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+        return _publish_local(tmp, model_dir, version)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,5 +1,10 @@
-"""The exported SavedModel: signatures, equality with the Keras model, servability check, atomic publish."""
+"""The exported SavedModel: signatures, equality with the Keras model, servability check, atomic publish,
+concurrent exports, clean-up after crashed exports, and the remote (no atomic rename) publish path."""
+import json
 import os
+import socket
+import time
+import uuid
 import signal
 import subprocess
 import sys
@@ -11,7 +16,8 @@ import tensorflow as tf
 
 from serving import graph_check
 from serving.client import raw_columns
-from serving.export import export_saved_model, next_version
+from serving import export as export_mod
+from serving.export import export_saved_model, next_version, publish_remote, remove_stale
 from serving.warmup import read_warmup_file, warmup_path
 from tests.serving.conftest import complete_rows
 from transforms.features import BUILTIN
@@ -104,6 +110,9 @@ def test_check_rejects_python_ops_placement_and_unknown_ops(tmp_path):
 def test_failed_publish_leaves_no_version(served_export, esm2_model, raw_rows, tmp_path, monkeypatch):
     """A check failure after the files are written: nothing published, temp dir removed."""
     base = str(tmp_path / "export")
+    crashed = os.path.join(base, "esm2", ".tmp-crashed")  # a crashed export's temp dir: its writer is dead
+    os.makedirs(crashed)
+    _write_owner(os.path.join(crashed, "owner.json"), _dead_pid(), socket.gethostname(), time.time())
     monkeypatch.setattr(graph_check, "find_problems",
                         lambda d: [graph_check.Problem("graph", "n", "PyFunc", "injected for the test")])
     with pytest.raises(graph_check.ServabilityError, match="injected"):
@@ -142,10 +151,13 @@ def test_publish_killed_mid_write_never_shows_a_version(served_export, tmp_path)
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     tmp_written = (base / "saved").read_text()
-    assert os.path.basename(tmp_written).startswith(".tmp-")
+    assert os.path.basename(os.path.dirname(tmp_written)).startswith(".tmp-")
     entries = os.listdir(base / "esm2")
-    assert entries and all(not e.isdigit() for e in entries), entries  # only the hidden temp dir
+    assert entries and all(e.startswith(".tmp-") for e in entries), entries  # only the hidden temp dir
     assert next_version(str(base / "esm2")) == 1
+    # its writer is dead (owner.json names its pid on this host): the next export's clean-up removes it
+    assert remove_stale(str(base / "esm2")) == entries
+    assert os.listdir(base / "esm2") == []
 
 
 def test_scorer_falls_back_to_keras_when_the_graph_cannot_reproduce_it(esm2_model, monkeypatch):
@@ -160,3 +172,201 @@ def test_scorer_falls_back_to_keras_when_the_graph_cannot_reproduce_it(esm2_mode
 
     monkeypatch.setattr(scoring_graph.ESM2ScoringGraph, "__call__", off_by_a_bit)
     assert export.build_scorer(esm2_model, BUILTIN) is None  # verification failed: serve the Keras model
+
+
+def _dead_pid() -> int:
+    """The pid of a process of this host that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(timeout=60)
+    return proc.pid
+
+
+def _write_owner(path, pid, host, started):
+    with open(path, "w") as fh:
+        json.dump({"pid": pid, "host": host, "started": started}, fh)
+
+
+def test_remove_stale_removes_crashed_exports_only(tmp_path):
+    """Stale = the recorded writer is a dead process of this host, or the entry is older than the threshold
+    (another host's writer, no owner record); a reservation is also stale once its version is published."""
+    model_dir = tmp_path / "esm2"
+    model_dir.mkdir()
+    host, now, day = socket.gethostname(), time.time(), 24 * 3600
+    dead = _dead_pid()
+
+    def tmp_dir(name, owner=None, age_s=0.0):
+        d = model_dir / name
+        d.mkdir()
+        (d / "version").mkdir()
+        if owner is not None:
+            _write_owner(d / "owner.json", *owner)
+        os.utime(d, (now - age_s, now - age_s))
+
+    def reservation(name, owner):
+        _write_owner(model_dir / name, *owner)
+
+    tmp_dir(".tmp-dead", (dead, host, now))                          # crashed writer on this host
+    tmp_dir(".tmp-alive", (os.getpid(), host, now - 2 * day))        # live writer (old start): kept ...
+    tmp_dir(".tmp-other-host", (1, "elsewhere", now - 60))          # ... live on another host: kept
+    tmp_dir(".tmp-other-host-old", (1, "elsewhere", now - 2 * day))  # another host, 2 days old
+    tmp_dir(".tmp-3-0badc0de", None, age_s=2 * day)                  # an older rankline's, 2 days old
+    tmp_dir(".tmp-fresh-no-owner", None, age_s=10)                   # owner not written yet: kept
+    (model_dir / "3").mkdir()
+    reservation(".reserve-3", (os.getpid(), host, now))              # version 3 is published
+    reservation(".reserve-5", (dead, host, now))                     # crashed between claim and rename
+    reservation(".reserve-7", (os.getpid(), host, now))              # being published right now
+    (model_dir / "notes").mkdir()                                    # not ours: never touched
+    # a live writer older than the threshold is removed by age (an export never takes a day)
+    assert sorted(remove_stale(str(model_dir))) == sorted(
+        [".tmp-dead", ".tmp-alive", ".tmp-other-host-old", ".tmp-3-0badc0de", ".reserve-3", ".reserve-5"])
+    assert sorted(os.listdir(model_dir)) == sorted(
+        [".tmp-other-host", ".tmp-fresh-no-owner", "3", ".reserve-7", "notes"])
+    # a shorter threshold takes the young ownerless and foreign ones too, never a live writer of this host
+    assert sorted(remove_stale(str(model_dir), stale_after_s=5)) == [".tmp-fresh-no-owner", ".tmp-other-host"]
+    assert sorted(os.listdir(model_dir)) == sorted(["3", ".reserve-7", "notes"])
+
+
+CONCURRENT_SCRIPT = textwrap.dedent('''
+    import os, sys, time
+    sys.path.insert(0, sys.argv[1])
+    import tensorflow_transform as tft
+    from pipeline.train import model_inputs
+    from serving import export
+    from tests.serving.conftest import _build_esm2
+    from transforms.features import BUILTIN
+    tft_dir, base, barrier, me = sys.argv[2:6]
+    model = _build_esm2(model_inputs(BUILTIN, tft.TFTransformOutput(tft_dir)))
+    real, picked = export.next_version, []
+
+    def next_version_then_wait(model_dir):
+        """Both processes pick a number before either publishes: they pick the same one."""
+        picked.append(real(model_dir))
+        open(os.path.join(barrier, me), "w").close()
+        deadline = time.time() + 240
+        while len(os.listdir(barrier)) < 2:
+            if time.time() > deadline:
+                raise SystemExit("barrier: the other export never got here")
+            time.sleep(0.02)
+        return picked[-1]
+
+    export.next_version = next_version_then_wait
+    path = export.export_saved_model(model, tft_dir, BUILTIN, base, "esm2")
+    print("RESULT", picked[0], path)
+''')
+
+
+def test_two_processes_exporting_at_once_get_distinct_complete_versions(served_export, loaded_export, tmp_path):
+    """Two real processes export to one base and both pick version 1 before either publishes: one publishes
+    1, the other finds the claim (or the version) taken and publishes 2; both versions are complete."""
+    base, barrier = tmp_path / "export", tmp_path / "barrier"
+    base.mkdir()
+    barrier.mkdir()
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", TF_USE_LEGACY_KERAS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_SCRIPT, repo, served_export["tft_dir"], str(base),
+                               str(barrier), name], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for name in ("a", "b")]
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=400))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+    results = [next(line.split()[1:] for line in out.splitlines() if line.startswith("RESULT")) for out, _ in outs]
+    assert [r[0] for r in results] == ["1", "1"]  # the same number was picked by both
+    model_dir = base / "esm2"
+    assert sorted(r[1] for r in results) == [str(model_dir / "1"), str(model_dir / "2")]
+    assert sorted(os.listdir(model_dir)) == ["1", "2"]  # no temp dir or claim left behind
+    examples = tf.constant(served_export["examples"])
+    want = loaded_export.signatures["serving_default"](examples=examples)  # the same seeded ESM²
+    for version in ("1", "2"):
+        assert graph_check.find_problems(str(model_dir / version)) == []
+        got = tf.saved_model.load(str(model_dir / version)).signatures["serving_default"](examples=examples)
+        for name in want:
+            np.testing.assert_array_equal(got[name].numpy(), want[name].numpy(), err_msg=f"{version}/{name}")
+
+
+def _read_all(root, relpaths):
+    """{relative path: bytes} of the given files under ``root`` (any tf.io.gfile filesystem)."""
+    out = {}
+    for rel in relpaths:
+        with tf.io.gfile.GFile(os.path.join(root, rel), "rb") as fh:
+            out[rel] = fh.read()
+    return out
+
+
+def test_remote_publish_on_ram_filesystem_copies_everything_then_returns_the_version(served_export):
+    """ram:// (tf.io.gfile, no atomic rename; its rename of a directory does not even move the files, and
+    it lists ``assets.extra`` as ``assets/.extra``): the published version holds every byte of the source,
+    nothing else is left in the model directory, and numbers go on."""
+    src = served_export["version_dir"]
+    model_dir = f"ram://rankline-{uuid.uuid4().hex[:8]}/esm2"
+    want = {}
+    for dirpath, _, names in os.walk(src):
+        for name in names:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                want[os.path.relpath(os.path.join(dirpath, name), src)] = fh.read()
+    assert "saved_model.pb" in want and any(k.startswith("variables") for k in want)
+    assert publish_remote(src, model_dir) == 1
+    assert _read_all(f"{model_dir}/1", want) == want
+    assert publish_remote(src, model_dir) == 2
+    assert sorted(n.rstrip("/") for n in tf.io.gfile.listdir(model_dir)) == ["1", "2"]
+    with pytest.raises(FileExistsError, match="version 2 .* already exists"):
+        publish_remote(src, model_dir, version=2)
+    assert publish_remote(src, model_dir, version=7) == 7
+    assert _read_all(f"{model_dir}/7", want) == want
+    assert sorted(n.rstrip("/") for n in tf.io.gfile.listdir(model_dir)) == ["1", "2", "7"]
+
+
+def test_remote_publish_never_shows_a_version_before_it_returns_it(served_export, tmp_path, monkeypatch):
+    """Every file copy is watched: while the files go to the hidden staging copy no numeric child exists;
+    ``<N>`` fills up file by file (not atomic: why the caller adds N to a ``specific`` policy only after
+    the call returns); a failure in the middle leaves neither ``<N>`` nor the staging copy, and no number."""
+    src = served_export["version_dir"]
+    n_files = sum(len(names) for _, _, names in os.walk(src))
+    model_dir = str(tmp_path / "remote" / "esm2")
+    real_copy, seen = tf.io.gfile.copy, []
+
+    def watched_copy(a, b, overwrite=False):
+        numeric = {n: sum(len(f) for _, _, f in os.walk(os.path.join(model_dir, n)))
+                   for n in os.listdir(model_dir) if n.isdigit()}
+        seen.append((os.path.relpath(b, model_dir).split(os.sep)[0], numeric))
+        if fail_at is not None and len(seen) == fail_at:
+            raise tf.errors.UnavailableError(None, None, "injected: connection reset")
+        return real_copy(a, b, overwrite=overwrite)
+
+    monkeypatch.setattr(tf.io.gfile, "copy", watched_copy)
+    for fail_at in (n_files // 2, n_files + n_files // 2):  # in the staging copy, then in the version copy
+        seen.clear()
+        with pytest.raises(tf.errors.UnavailableError, match="injected"):
+            publish_remote(src, model_dir)
+        assert os.listdir(model_dir) == []
+    fail_at = None
+    seen.clear()
+    assert publish_remote(src, model_dir) == 1
+    assert len(seen) == 2 * n_files
+    staging = {dest for dest, _ in seen[:n_files]}
+    assert len(staging) == 1 and staging.pop().startswith(".tmp-")
+    assert all(numeric == {} for _, numeric in seen[:n_files])
+    assert {dest for dest, _ in seen[n_files:]} == {"1"}
+    # <N> exists during the call with k of its files before the k-th copy: partial, hence the contract
+    assert [numeric for _, numeric in seen[n_files:]] == [{"1": k} for k in range(n_files)]
+    assert os.listdir(model_dir) == ["1"]
+
+
+def test_export_to_a_remote_base_scores_like_the_local_export(esm2_model, served_export, loaded_export, tmp_path):
+    """``remote=True`` on a local path runs the remote path end to end (local write and check, gfile copy)."""
+    base = str(tmp_path / "bucket")
+    path = export_saved_model(esm2_model, served_export["tft_dir"], BUILTIN, base, "esm2", remote=True)
+    assert path == os.path.join(base, "esm2", "1") and os.listdir(os.path.join(base, "esm2")) == ["1"]
+    examples = tf.constant(served_export["examples"])
+    want = loaded_export.signatures["serving_default"](examples=examples)
+    got = tf.saved_model.load(path).signatures["serving_default"](examples=examples)
+    for name in want:
+        np.testing.assert_array_equal(got[name].numpy(), want[name].numpy(), err_msg=name)
+    assert export_mod.is_remote("gs://bucket/models") and not export_mod.is_remote(base)
