@@ -1,4 +1,6 @@
-"""The exported SavedModel needs neither this project nor the transform output directory."""
+"""The exported SavedModel needs neither this project nor the transform output directory: a process that
+cannot import either scores raw tf.Examples exactly as this process does running the signature the way TF
+Serving does (a TF1 Session on the SignatureDef's tensor names)."""
 import os
 import shutil
 import subprocess
@@ -72,7 +74,22 @@ def _score_in_clean_process(e2e_run, export, tmp_path):
                            repo, out_file], cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     scores = np.load(out_file, allow_pickle=True).item()
-    assert set(scores) == {"ctr", "ctavr", "cvr", "ctcvr"}
-    for v in scores.values():
-        assert v.shape == (6,) and np.all(np.isfinite(v)) and np.all((v >= 0) & (v <= 1))
-    assert np.all(scores["ctr"] >= scores["ctcvr"])
+    want = _session_scores(export, serialize_rows(rows, BUILTIN))
+    assert set(scores) == set(want) == {"ctr", "ctavr", "cvr", "ctcvr"}
+    for name, value in want.items():
+        assert value.shape == (6,) and scores[name].shape == (6,)
+        np.testing.assert_allclose(scores[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+    assert len(np.unique(want["ctr"])) == 6  # six different rows, six different scores: the order is checked
+
+
+def _session_scores(export, examples):
+    """{output: [B]} of ``serving_default`` run as TF Serving runs it: load the MetaGraph into a TF1 Session
+    and feed/fetch the SignatureDef's tensor names (no tf.function / Python object graph involved)."""
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as sess:
+        meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], export)
+        signature = meta.signature_def["serving_default"]
+        fetches = {name: info.name for name, info in signature.outputs.items()}
+        return sess.run(fetches, {signature.inputs["examples"].name: examples})
