@@ -252,8 +252,10 @@ class TFServingClient:
                 if self.version is not None and self.version in failed:
                     raise ModelLoadError(self._where("GetModelStatus"), {self.version: failed[self.version]},
                                          f"version {self.version}")
-                if failed and all(state == "END" for state, _ in status.values()):
-                    raise ModelLoadError(self._where("GetModelStatus"), failed, "every version")
+                if failed and all(state == "END" for state, _ in status.values()):  # nothing left to wait for
+                    what = "every version" if len(failed) == len(status) else \
+                        f"version(s) {sorted(failed)} (the others were unloaded)"
+                    raise ModelLoadError(self._where("GetModelStatus"), failed, what)
                 last = ", ".join(f"v{v}: {s}" for v, (s, _) in sorted(status.items())) or "no versions"
                 if any(state == "AVAILABLE" for state, _ in status.values()):
                     if self.version_label is None:
@@ -268,11 +270,10 @@ class TFServingClient:
                 if name not in self.NOT_YET and not label_not_yet:
                     raise
                 last = str(exc)
-            left = end - time.monotonic()
-            if left < 0.01:
+            self._sleep(max(0.0, min(poll_s, end - time.monotonic())))
+            if end - time.monotonic() < 0.01:  # no time left for another poll
                 raise TimeoutError(f"model {self.model_name!r} at {self.target} not available within "
                                    f"{timeout_s:g}s (last: {last})")
-            self._sleep(min(poll_s, left))
 
     # ---- metadata ------------------------------------------------------------------------------
     def _fetch_metadata(self, deadline: _Deadline, retry: bool = True) -> int:
