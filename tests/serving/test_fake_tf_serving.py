@@ -466,3 +466,19 @@ def test_hooks_delay_status_and_predict(servers, library):
     assert _error(models.GetModelStatus, request, timeout=0.2)[0] == C.DEADLINE_EXCEEDED
     assert _error(predict, _request(), timeout=0.2)[0] == C.DEADLINE_EXCEEDED
     assert srv.requests == 1 and srv.batch_sizes == [3]
+
+
+def test_project_export_serves_through_a_tf1_session(servers, served_export):
+    """The project's export (tf.Transform tables, warmup records) loads with the TF1 loader, replays its
+    warmup and scores like the TF2 in-process load of the same directory (an independent code path)."""
+    srv = servers({"esm2": {1: served_export["version_dir"]}}).start()
+    _, predict, models = _stubs(srv.target)
+    assert _status(models, "esm2") == [(1, "AVAILABLE", 0, "")]  # warmup replayed without error
+    examples = served_export["examples"][:6]
+    request = _request(name="esm2", inputs={"examples": np.array(examples, dtype=object)})
+    got, _ = _scores(predict, request)
+    want = tf.saved_model.load(served_export["version_dir"]).signatures["serving_default"](
+        examples=tf.constant(examples))
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key].numpy(), rtol=1e-6, atol=1e-7, err_msg=key)
