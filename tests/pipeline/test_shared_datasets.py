@@ -4,6 +4,7 @@ import math
 import os
 
 import pytest
+import tensorflow as tf
 
 from pipeline import run as run_mod
 from transforms.schema import SCHEMA_DIR, load_schema
@@ -34,8 +35,18 @@ def test_shared_dataset_end_to_end(name, tmp_path):
     summary = run_mod.run(["--schema", schema_path, "--epochs", "1", "--batch-size", "32", "--score-rows", "3",
                            "--work-dir", str(tmp_path)])
     pp = summary["preprocess"]
-    assert pp["rows_in"] == _data_lines(schema)
-    assert pp["rows_train"] + pp["rows_eval"] + pp["rows_test"] + pp["rows_rejected"] == pp["rows_in"]
+    lines = _data_lines(schema)
+    assert pp["rows_in"] == lines
+    # every record is in exactly one place, counted on disk: a split's shards or the dead letter
+    out = os.path.join(str(tmp_path), "preprocessed")
+    records = {s: sum(1 for _ in tf.data.TFRecordDataset(glob.glob(os.path.join(out, "data", s, "part-*")),
+                                                         compression_type="GZIP")) for s in ("train", "eval", "test")}
+    rejected = 0
+    for path in glob.glob(os.path.join(out, "rejected", "part*")):
+        with open(path) as fh:
+            rejected += sum(1 for line in fh if line.strip())
+    assert sum(records.values()) + rejected == lines
+    assert {s: pp[f"rows_{s}"] for s in records} == records and pp["rows_rejected"] == rejected
     assert pp["rows_train"] > 0 and pp["rows_eval"] > 0
     assert summary["model"] == EXPECTED_MODEL[schema.contract.labels.transformed]
     assert os.path.exists(os.path.join(summary["export"], "saved_model.pb"))

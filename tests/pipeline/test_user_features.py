@@ -102,3 +102,15 @@ def test_result_does_not_depend_on_input_order():
             for row in b.to_pylist():
                 out[row[ORDER_COL]] = {k: row[k] for k in row if k.startswith("uf_")}
     assert out == _features(batch)
+
+
+def test_users_go_to_pinned_buckets():
+    """All events of a user share a bucket chosen by CRC-32 of the user id's text mod 64 (zlib.crc32(b"7") =
+    1790921346 -> 2, b"42" = 841265288 -> 8, b"0" = 4108050209 -> 33; pinned, so a per-process hash fails);
+    a missing user goes to bucket 0."""
+    batch = _log(n=4)
+    users = pa.array([7, 42, None, 0], pa.int64())
+    batch = batch.set_column(batch.schema.get_field_index("user_id"), "user_id", users)
+    got = {key: sorted(part.column(part.schema.get_field_index(ORDER_COL)).to_pylist())
+           for key, part in split_by_user(batch, "user_id")}
+    assert got == {2: [0], 8: [1], 0: [2], 33: [3]}
