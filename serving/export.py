@@ -222,15 +222,13 @@ def _is_stale(owner_text: str | None, mtime: float | None, now: float, stale_aft
     """Stale = its writer can no longer finish it: the owner (pid, host) recorded in it is a dead process of
     THIS host, or it is older than ``stale_after_s`` (owner on another host sharing the filesystem, a pid
     that may have been reused, or no owner record: left by an older rankline or killed before writing it)."""
-    owner = None
-    if owner_text:
-        try:
-            owner = json.loads(owner_text)
-        except ValueError:
-            owner = None
-    if owner and owner.get("host") == socket.gethostname() and not _pid_alive(int(owner["pid"])):
+    try:
+        owner = json.loads(owner_text) if owner_text else {}
+        pid, host, started = int(owner["pid"]), owner["host"], float(owner["started"])
+    except (ValueError, KeyError, TypeError):  # no owner record (yet), or not ours
+        pid, host, started = None, None, mtime
+    if host == socket.gethostname() and not _pid_alive(pid):
         return True
-    started = float(owner["started"]) if owner and "started" in owner else mtime
     return started is not None and now - started > stale_after_s
 
 
@@ -292,9 +290,16 @@ def _reserve(model_dir: str, version: int) -> str | None:
     with os.fdopen(fd, "w") as fh:
         fh.write(_owner_record())
     if os.path.lexists(os.path.join(model_dir, str(version))):  # published before we claimed it
-        os.unlink(marker)
+        _unlink_quietly(marker)
         return None
     return marker
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _publish_local(staged: str, model_dir: str, version: int | None) -> str:
@@ -317,7 +322,7 @@ def _publish_local(staged: str, model_dir: str, version: int | None) -> str:
                 if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                     raise
             finally:
-                os.unlink(marker)
+                _unlink_quietly(marker)  # (a cleaner may have removed it: its version exists)
         if version is not None:
             raise FileExistsError(f"export version {number} of {model_dir} already exists or is being written "
                                   "by another export (never overwritten)")
