@@ -14,7 +14,10 @@ The loop (``fit_model``) is Keras ``fit`` over the gzip TFRecords with
   interrupted run's epochs instead of starting over;
 * a distribution strategy: ``default``, ``mirrored`` (all GPUs, else all logical CPU devices) or
   ``multiworker`` (``MultiWorkerMirroredStrategy`` from ``TF_CONFIG``; create it with ``make_strategy``
-  at program start, before other TensorFlow work).
+  at program start, before other TensorFlow work);
+* the training state at the end (the restored best weights, the optimizer's slots and step, non-trainable state
+  such as STAN's Beta state) in ``checkpoint_dir/final`` (``tf.train.Checkpoint`` of model and optimizer), from
+  which ``warm_start`` continues training on new data (``pipeline.retrain``).
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ class TrainConfig:
     steps_per_execution: int = 1
     jit_compile: bool = False             # XLA-compile the train/eval steps
     in_memory: bool = False               # parse the training TFRecords once into memory (data that fits)
+    warm_start: Optional[str] = None      # a ``final`` checkpoint (model + optimizer) to start from
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -147,6 +151,38 @@ def train_model(model_name: str, model_config, contract: FeatureContract, tft_ou
     if info is not None:
         info.update(facts)
     return model, history
+
+
+FINAL_DIR = "final"
+
+
+def final_checkpoint(checkpoint_dir: str) -> str:
+    """The prefix of the end-of-training checkpoint in ``checkpoint_dir`` (see ``save_final``)."""
+    return os.path.join(checkpoint_dir, FINAL_DIR, "ckpt")
+
+
+def save_final(model, checkpoint_dir: str) -> str:
+    """Writes the model's variables and its optimizer's (slots, iterations) to ``final_checkpoint``."""
+    prefix = final_checkpoint(checkpoint_dir)
+    tmp = prefix + ".tmp"
+    path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(tmp)
+    for name in tf.io.gfile.glob(tmp + "*"):  # publish the files of a complete write only
+        tf.io.gfile.rename(name, prefix + name[len(tmp):], overwrite=True)
+    return path.replace(tmp, prefix)
+
+
+def restore_warm_start(model, prefix: str) -> None:
+    """Loads model weights and optimizer slots saved by ``save_final`` into a built, compiled ``model``.
+    Every saved variable must find its place (a model of another shape is an error naming the checkpoint)."""
+    if not tf.io.gfile.glob(prefix + ".index"):
+        raise FileNotFoundError(f"warm start: no checkpoint at {prefix} (expected {prefix}.index)")
+    model.optimizer.build(model.trainable_variables)
+    status = tf.train.Checkpoint(model=model, optimizer=model.optimizer).read(prefix)
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as exc:
+        raise ValueError(f"warm start from {prefix}: the checkpoint does not match this model ({exc})") from None
+    logger.info("warm start from %s (optimizer step %d)", prefix, int(model.optimizer.iterations.numpy()))
 
 
 def main_metric(model) -> str:
@@ -265,6 +301,8 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
         model(sample)  # built before fit: BackupAndRestore restores into existing variables
         model.compile(optimizer=keras.optimizers.Adam(learning_rate, epsilon=adam_epsilon), steps_per_execution=cfg.steps_per_execution,
                       jit_compile=cfg.jit_compile)
+        if cfg.warm_start:
+            restore_warm_start(model, cfg.warm_start)
     monitor = main_metric(model)
 
     cbs = []
@@ -325,6 +363,10 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
     stopped = next((cb.stopped_epoch for cb in cbs if isinstance(cb, keras.callbacks.EarlyStopping)), 0)
     if stopped:
         info["early_stopped_after_epoch"] = int(stopped) + 1
+    if cfg.checkpoint_dir:
+        info["final_checkpoint"] = save_final(model, cfg.checkpoint_dir)
+    if cfg.warm_start:
+        info["warm_start"] = cfg.warm_start
     return model, {k: [float(v) for v in vs] for k, vs in history.history.items()}, info
 
 
