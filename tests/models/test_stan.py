@@ -401,6 +401,9 @@ def test_planted_beta_stage_state_beats_without_beta_on_new_users():
     event (counts x1000, so gamma ~ the running y~) gives +0.046, +0.069 (mean +0.058) and fails. Not separated:
     a Beta state frozen at Beta(1, 1) (uniform random weights) passes too (+0.158, +0.261), since it also keeps
     new users' weight; what the test pins is that Algorithm 1 does not collapse it to y~ for them.
+    The figures above predate issue #24 (the Beta state added every event again in each of the 4 epochs). After
+    it (each event once), on the asserted seeds 0, 1 of data seed 0: beta .635 .742, w/o .545 .484 (mean gain
+    +0.174).
     """
     beta = [_stage_cvr_aucs("stan", seed)[0] for seed in (0, 1)]
     no_beta = [_stage_cvr_aucs("stan_nobeta", seed)[0] for seed in (0, 1)]
@@ -424,6 +427,10 @@ def test_planted_stan_beats_its_ple_backbone_on_new_users_only_when_they_have_a_
     stage weights. Sabotage: no preference loss and a frozen state give +0.047, +0.008 and fail; a state frozen
     at Beta(1, 1) keeps the new users' gain but costs the mature users 0.027 and fails. Not separated: gamma = 1
     with the preference loss passes (+0.117, +0.059; mature -0.017).
+    All of the above predates issue #24 (the Beta state added every event again in each epoch). After it (each
+    event once), seeds 0, 1: new users +0.026, +0.126 (mean +0.076), control +0.010, +0.049 (mean +0.029), mature
+    users -0.002, -0.037 (mean -0.0195): the second and third assertions now hold by 0.007 and 0.0005 only, so
+    this test no longer clearly separates STAN from the frozen-Beta(1, 1) sabotage (not re-measured).
     """
     gain = [np.subtract(_stage_cvr_aucs("stan", s), _stage_cvr_aucs("ple", s)) for s in (0, 1)]
     control = [np.subtract(_stage_cvr_aucs("stan", s, False), _stage_cvr_aucs("ple", s, False)) for s in (0, 1)]
