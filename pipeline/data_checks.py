@@ -12,7 +12,9 @@ and ``KmvSketch`` (distinct count) per categorical column. Memory is constant in
 * Label columns are numeric; their mean is the positive rate.
 
 ``compare`` turns two statistics protos (plus the raw files' column lists, the dead-letter share and the OOV
-rates of the transformed partition) into ``Anomaly`` records, one per check and column:
+rates of the transformed partition) into ``Anomaly`` records, one per check and column. The reference is the
+data the served model was last trained on (the base run's training split, then each accepted partition: the
+"previous span" of TFDV's drift comparator):
 
 ==================  ==========================================================================================
 missing_column      a column the schema reads is absent from the partition's files
@@ -23,7 +25,10 @@ oov_rate            a vocabulary feature's out-of-vocabulary share rose by more 
 drift               numeric: L-infinity distance between the normalised histograms (TFDV's drift comparator
                     uses L-infinity for categorical and Jensen-Shannon for numeric features) > ``drift_linf``,
                     or PSI = sum (q - p) ln(q / p) > ``drift_psi``
-label_rate          a label's positive rate moved by more than ``label_rate_change`` of the training rate
+label_rate          a label's positive rate fell below (1 - c) times or rose above 1 / (1 - c) times the reference
+                    rate (c = ``label_rate_change``) and the change is significant: two-proportion
+                    z = |p1 - p0| / sqrt(p (1 - p) (1/n0 + 1/n1)) > ``label_rate_z`` (p the pooled rate), so a
+                    feed that stops is caught and the noise of a rare label in a small partition is not
 ==================  ==========================================================================================
 
 Which checks block is the schema's ``validation.blocking`` (``transforms.schema.ValidationSpec``).
@@ -294,12 +299,9 @@ def compare(reference, current, spec: ValidationSpec, contract: FeatureContract,
             add("missing_rate", column, m_cur, m_ref, spec.missing_rate_increase,
                 f"missing {m_cur:.1%} vs {m_ref:.1%} in training (max increase {spec.missing_rate_increase:.1%})")
         if kinds.get(column) == "label":
-            rate_ref, rate_cur = r.num_stats.mean, c.num_stats.mean
-            change = abs(rate_cur - rate_ref) / rate_ref if rate_ref > 0 else float(rate_cur > 0)
-            if change > spec.label_rate_change:
-                add("label_rate", column, rate_cur, rate_ref, spec.label_rate_change,
-                    f"positive rate {rate_cur:.4f} vs {rate_ref:.4f} in training ({change:+.0%} relative, max "
-                    f"{spec.label_rate_change:.0%})")
+            anomaly = _label_rate_shift(r, c, spec)
+            if anomaly:
+                add("label_rate", column, c.num_stats.mean, r.num_stats.mean, spec.label_rate_change, anomaly)
             continue
         hr, hc = histogram(r), histogram(c)
         if hr is None or hc is None or len(hr[1]) != len(hc[1]) or not hc[1].sum():
@@ -315,6 +317,24 @@ def compare(reference, current, spec: ValidationSpec, contract: FeatureContract,
             add("oov_rate", column, rate, base, spec.oov_rate_increase,
                 f"out-of-vocabulary {rate:.1%} vs {base:.1%} in training (max increase {spec.oov_rate_increase:.1%})")
     return out
+
+
+def _label_rate_shift(ref, cur, spec: ValidationSpec) -> Optional[str]:
+    """The label_rate anomaly's detail, or None: a shift by more than the factor and significant."""
+    n0, n1 = ref.num_stats.common_stats.num_non_missing, cur.num_stats.common_stats.num_non_missing
+    p0, p1 = ref.num_stats.mean, cur.num_stats.mean
+    if not n0 or not n1:
+        return None
+    low, high = p0 * (1.0 - spec.label_rate_change), p0 / (1.0 - spec.label_rate_change)
+    if low <= p1 <= high:
+        return None
+    pooled = (p0 * n0 + p1 * n1) / (n0 + n1)
+    se = math.sqrt(pooled * (1.0 - pooled) * (1.0 / n0 + 1.0 / n1))
+    z = abs(p1 - p0) / se if se > 0 else math.inf
+    if z <= spec.label_rate_z:
+        return None
+    return (f"positive rate {p1:.4f} vs {p0:.4f} in the reference (outside [{low:.4f}, {high:.4f}], "
+            f"z = {z:.1f} > {spec.label_rate_z:g})")
 
 
 def format_anomalies(anomalies: Sequence[Anomaly]) -> str:
@@ -342,6 +362,22 @@ class DataCheckFailed(RuntimeError):
         super().__init__(f"data check failed: {first.check} {first.column}: {first.detail}"
                          + (f" (and {more} more blocking anomalies)" if more else ""))
         self.anomalies = list(anomalies)
+
+
+def raw_columns(paths: Sequence[str], fmt: str) -> Optional[List[str]]:
+    """The column names of raw input files (the union over up to 8 files): Parquet schemas; None for other
+    formats (a CSV's columns are fixed by the schema, a tf.Example has no fixed columns)."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    if fmt != "parquet" or not paths:
+        return None
+    names: set = set()
+    for path in list(paths)[:8]:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+            names.update(pq.ParquetFile(fh).schema_arrow.names)
+    return sorted(names)
 
 
 def write_statistics(stats, path: str) -> None:

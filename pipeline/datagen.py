@@ -509,8 +509,9 @@ def _write_blocks(blocks, out_dir: str, rows_per_file: int, total_rows: int, pro
     return files, stats, written
 
 
-BREAKS = ("labels", "column")  # what --break-partition breaks: the purchase feed stops, or item_brand disappears
+BREAKS = ("labels", "column")  # what --break-partition breaks: the post-click feed stops, or item_brand disappears
 BROKEN_COLUMN = "item_brand"
+POST_CLICK = ("cart", "wish", "purchase")
 
 
 def _day_blocks(blocks, days: int):
@@ -526,7 +527,8 @@ def write_partitions(cfg: GeneratorConfig, out_dir: str, break_partition: Option
                      break_kind: str = "labels", progress: bool = True) -> Dict:
     """One log over ``cfg.days`` days of one world, written as daily partitions ``out_dir/day-NN/part-*.parquet``
     (NN from 01), each with its own ``_MANIFEST.json``. ``break_partition`` (1-based) breaks that day on purpose:
-    ``labels``, the purchase feed stops (every purchase 0); ``column``, ``item_brand`` is missing from its files."""
+    ``labels``, the post-click event feed stops (every cart, wish and purchase 0); ``column``, ``item_brand`` is
+    missing from its files."""
     import itertools
 
     if break_partition is not None and not 1 <= break_partition <= cfg.days:
@@ -538,8 +540,8 @@ def write_partitions(cfg: GeneratorConfig, out_dir: str, break_partition: Option
     for day, parts in itertools.groupby(_day_blocks(generate_blocks(cfg), cfg.days), key=lambda x: x[0]):
         broken = break_partition == day + 1
         blocks = (b for _, b in parts)
-        if broken and break_kind == "labels":
-            blocks = (dict(b, purchase=np.zeros_like(b["purchase"])) for b in blocks)
+        if broken and break_kind == "labels":  # the post-click event feed (cart, wish, purchase) stops
+            blocks = (dict(b, **{k: np.zeros_like(b[k]) for k in POST_CLICK}) for b in blocks)
         day_dir = os.path.join(out_dir, f"day-{day + 1:02d}")
         started = time.time()
         files, stats, written = _write_blocks(blocks, day_dir, cfg.rows_per_file, cfg.rows // cfg.days, False,
@@ -642,7 +644,8 @@ def main(argv=None) -> int:
     parser.add_argument("--break-partition", type=int, default=None, metavar="DAY",
                         help="with --partitions: break this day (1-based) on purpose, see --break")
     parser.add_argument("--break", dest="break_kind", choices=BREAKS, default="labels",
-                        help="labels: the purchase feed stops that day; column: item_brand is missing that day")
+                        help="labels: the post-click feed (cart, wish, purchase) stops that day; column: item_brand is "
+                             "missing that day")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:

@@ -12,6 +12,9 @@ Per task (``ctr``, ``ctavr``, ``cvr``, ``ctcvr`` where the labels exist), the ca
     ECE_cand     <= max_ece
     AUC_cand     >= min_auc                       (absolute floor; the only AUC bar for the first model)
 
+A task with fewer than ``min_positives`` positives in the slice is not judged (its AUC would be noise) and is
+listed under ``skipped``; the main task (``ctr``) must always be judged.
+
 Every comparison is recorded in ``evaluation.json`` with both figures, the threshold and pass/fail.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ class GateConfig:
     logloss_tolerance: float = 0.02    # relative LogLoss increase allowed (LogLoss scales with the positive rate)
     max_ece: float = 0.05              # expected calibration error bound
     min_auc: float = 0.55              # absolute floor for every candidate (and the first model's only AUC bar)
+    min_positives: int = 30            # a task with fewer positives in the slice is not judged (noise)
 
     def __post_init__(self):
         for name, value in asdict(self).items():
@@ -58,8 +62,13 @@ def judge(candidate: Mapping[str, Mapping], champion: Optional[Mapping[str, Mapp
     tasks = [t for t in GATED_TASKS if t in candidate]
     if not tasks:
         raise ValueError(f"candidate report has none of the gated tasks {GATED_TASKS}")
+    skipped = {}
     for task in tasks:
         cand = candidate[task]
+        positives = cand.get("positives")
+        if positives is not None and positives < cfg.min_positives and task != tasks[0]:
+            skipped[task] = f"{positives} positives in the slice < {cfg.min_positives}: not judged"
+            continue
         auc, logloss, ece = cand.get("auc"), cand["logloss"], cand["ece"]
         if auc is None or np.isnan(auc):
             check(task, "auc", None, None, None, False)
@@ -74,8 +83,8 @@ def judge(candidate: Mapping[str, Mapping], champion: Optional[Mapping[str, Mapp
         bar = champ["logloss"] * (1.0 + cfg.logloss_tolerance)
         check(task, "logloss", logloss, champ["logloss"], bar, logloss <= bar)
     reasons = [_reason(c) for c in checks if not c["passed"]]
-    return {"blessed": not reasons, "checks": checks, "reasons": reasons, "config": asdict(cfg),
-            "champion": champion is not None}
+    return {"blessed": not reasons, "checks": checks, "reasons": reasons, "skipped": skipped,
+            "config": asdict(cfg), "champion": champion is not None}
 
 
 def _reason(c: Dict) -> str:
@@ -93,6 +102,8 @@ def format_verdict(verdict: Dict) -> str:
     for c in verdict["checks"]:
         lines.append(f"{c['task']:8} {c['metric']:10} {fmt(c['candidate'])} {fmt(c['champion'])} "
                      f"{fmt(c['threshold'])}  {'yes' if c['passed'] else 'NO'}")
+    for task, why in verdict.get("skipped", {}).items():
+        lines.append(f"{task:8} {why}")
     lines.append("verdict: " + ("BLESSED" if verdict["blessed"] else "REFUSED (" + "; ".join(verdict["reasons"]) + ")"))
     return "\n".join(lines)
 

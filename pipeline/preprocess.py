@@ -12,7 +12,8 @@ Without per-user features, the analysis pass, the transform pass and (for a time
 stream their own read of the files, so memory does not grow with the data; with them, the shuffle by user
 feeds every pass. Analyzers (vocabularies, quantiles, means) see the training split only. Output in ``output_dir``:
 ``data/<split>/part-*.tfrecord.gz`` (gzip ``tf.Example``s), ``transform_fn_output/`` (the transform graph
-and the transformed schema), ``rejected/`` and ``summary.json`` (rows in / out / rejected per split and
+and the transformed schema), ``statistics.pb`` (the training split's statistics), ``user_state/`` (each user's
+per-user-feature state after the data), ``rejected/`` and ``summary.json`` (rows in / out / rejected per split and
 reason, truncations, vocabulary sizes, OOV rates on eval/test). Runs on any Beam runner; every path may be on
 any filesystem Beam and TensorFlow read (local, ``gs://``, ``hdfs://``, ``s3://``), shared by the workers.
 
@@ -38,6 +39,7 @@ import pyarrow.compute as pc
 
 from pipeline import sources
 from pipeline.beam_runner import make_pipeline
+from pipeline.data_checks import StatisticsFn, write_statistics
 from pipeline.files import write_json_atomically
 from pipeline.split import time_cutoffs
 from transforms import features as F
@@ -56,9 +58,11 @@ READ_COUNTS_FILE = "_READ_COUNTS.json"  # the readers' counts (rows in, rejected
 # Written last by a successful run (the summary plus the fingerprint of what produced it): its presence with a
 # matching fingerprint is what lets a restarted job skip preprocessing (``reusable_summary``).
 DONE_FILE = "_PREPROCESSED.json"
+STATISTICS_FILE = "statistics.pb"  # tensorflow_metadata statistics of the training split (pipeline.data_checks)
+USER_STATE_DIR = "user_state"      # every user's per-user-feature state after the data (pipeline.user_features)
 # The code whose behaviour decides the transformed output; its source is part of the fingerprint.
 _OUTPUT_CODE = ("transforms.schema", "transforms.features", "transforms.preprocessing", "pipeline.preprocess",
-                "pipeline.sources", "pipeline.user_features")
+                "pipeline.sources", "pipeline.user_features", "pipeline.data_checks")
 
 
 class TooManyRejected(RuntimeError):
@@ -298,9 +302,11 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
              | "WriteCounts" >> beam.Map(_write_json, counts_path))
         if contract.user_features:
             # Per-user features need a shuffle by user; every later pass reads its (materialised) output.
-            from pipeline.user_features import add_user_features
+            from pipeline.user_features import add_user_features_with_state, write_states
 
-            rows = add_user_features(first.rows, contract)
+            # Every user's state after the last event is kept, so pipeline.retrain continues from it.
+            rows, states = add_user_features_with_state(first.rows, p | "NoEarlierState" >> beam.Create([]), contract)
+            _ = write_states(states, os.path.join(cfg.output_dir, USER_STATE_DIR, "part"))
             cutoffs = _time_cutoffs(rows, contract, split) if split.kind == "time" else None
             if cutoffs is not None:
                 # A side input must not be computed in the stage it feeds: materialise the rows first.
@@ -318,6 +324,10 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
         analysis_keyed = keyed if analysis_rows is None else (
             analysis_rows | "SplitForAnalysis" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=side))
         parts = keyed | "Partition" >> beam.Partition(lambda kv, n: SPLITS.index(kv[0]), len(SPLITS))
+        # The training split's statistics: what pipeline.retrain checks new partitions against.
+        _ = (parts[SPLITS.index(TRAIN)] | "TrainBatches" >> beam.Map(lambda kv: kv[1])
+             | "Statistics" >> beam.CombineGlobally(StatisticsFn(contract, TRAIN))
+             | "WriteStatistics" >> beam.Map(write_statistics, os.path.join(cfg.output_dir, STATISTICS_FILE)))
         tft_in = {s: parts[i] | f"ToTFT[{s}]" >> beam.Map(lambda kv: to_tft_batch(kv[1], columns))
                   for i, s in enumerate(SPLITS)}
         analysis_in = (analysis_keyed | "TrainForAnalysis" >> beam.Filter(lambda kv: kv[0] == TRAIN)

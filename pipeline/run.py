@@ -142,6 +142,9 @@ def resolve_schema(args, work_dir: str, timings: Dict[str, float]):
         raise UsageError(f"{where}: no files match {schema.input.path!r}")
     info.setdefault("source", schema.input.path)
     info["files"] = len(files)
+    from pipeline.data_checks import raw_columns
+
+    info["columns"] = raw_columns(files, schema.input.format)  # what pipeline.retrain's column check compares
     info["schema"] = schema.source
     return schema, info
 

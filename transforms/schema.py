@@ -32,7 +32,8 @@ A schema is validated up front; every error names the schema file, the key path 
       oov_rate_increase: 0.1         # a vocabulary feature's out-of-vocabulary share rises by more than this
       drift_linf: 0.1                # numeric: L-infinity distance of bucket histograms (TFDV's drift comparator)
       drift_psi: 0.25                # numeric: population stability index over the same buckets
-      label_rate_change: 0.5         # a label's positive rate moves by more than this fraction of itself
+      label_rate_change: 0.8         # a label's positive rate falls below (1 - x) times, or rises above 1 / (1 - x)
+      label_rate_z: 4.0              #   times, the reference rate, and the change is significant (two-proportion z)
       blocking: [missing_column, missing_rate, reject_rate, label_rate]   # the rest only warn
 """
 from __future__ import annotations
@@ -100,7 +101,8 @@ class ValidationSpec:
     oov_rate_increase: float = 0.1
     drift_linf: float = 0.1
     drift_psi: float = 0.25
-    label_rate_change: float = 0.5
+    label_rate_change: float = 0.8
+    label_rate_z: float = 4.0
     blocking: Tuple[str, ...] = ("missing_column", "missing_rate", "reject_rate", "label_rate")
 
 
@@ -391,6 +393,9 @@ def _parse_validation(c: "_Ctx", doc) -> ValidationSpec:
     numbers = [f for f in ValidationSpec.__dataclass_fields__ if f != "blocking"]
     c.unknown_keys(doc, numbers + ["blocking"], "validation")
     values = {}
+    if "label_rate_change" in doc and not (isinstance(doc["label_rate_change"], (int, float))
+                                           and 0 <= doc["label_rate_change"] < 1):
+        c.fail("validation.label_rate_change", f"expected a number in [0, 1), got {doc['label_rate_change']!r}")
     for name in numbers:
         if name in doc:
             v = doc[name]

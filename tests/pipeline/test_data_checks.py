@@ -90,11 +90,34 @@ def test_clean_partition_of_the_same_generator_passes(train):
 
 def test_label_feed_that_stops_is_blocking_and_named(train):
     def stop(block):
-        block["purchase"] = np.zeros_like(block["purchase"])
+        block["cart"] = np.zeros_like(block["cart"])
     anomalies = _anomalies(train, stop)
-    assert [(a.check, a.column, a.blocking) for a in anomalies] == [("label_rate", "purchase", True)]
-    with pytest.raises(dc.DataCheckFailed, match=r"label_rate purchase: positive rate 0\.0000 vs 0\.00\d+"):
+    assert [(a.check, a.column, a.blocking) for a in anomalies] == [("label_rate", "cart", True)]
+    with pytest.raises(dc.DataCheckFailed, match=r"label_rate cart: positive rate 0\.0000 vs 0\.0\d+ in the reference"):
         raise dc.DataCheckFailed(anomalies)
+    # the z figure recomputed: pooled two-proportion test of the reference's rate against 0
+    _, ref = train
+    f = dc.features_by_name(ref)["cart"].num_stats
+    n0, p0 = f.common_stats.num_non_missing, f.mean
+    n1 = sum(b.num_rows for b in _batches(1))
+    pooled = p0 * n0 / (n0 + n1)
+    z = p0 / np.sqrt(pooled * (1 - pooled) * (1 / n0 + 1 / n1))
+    assert f"z = {z:.1f}" in anomalies[0].detail
+
+
+def test_label_rate_check_needs_both_the_factor_and_significance():
+    from tensorflow_metadata.proto.v0 import statistics_pb2
+
+    def label(rate, n):
+        f = statistics_pb2.FeatureNameStatistics()
+        f.num_stats.mean, f.num_stats.common_stats.num_non_missing = rate, n
+        return f
+
+    spec = ValidationSpec()  # factor 0.8: outside [0.2 p0, 5 p0]; z > 4
+    assert dc._label_rate_shift(label(0.01, 50_000), label(0.003, 50_000), spec) is None    # x0.3: inside
+    assert dc._label_rate_shift(label(0.01, 50_000), label(0.001, 50_000), spec)            # x0.1, z ~ 8.5
+    assert dc._label_rate_shift(label(0.01, 300), label(0.0, 300), spec) is None            # x0, z ~ 1.7: noise
+    assert dc._label_rate_shift(label(0.001, 50_000), label(0.006, 50_000), spec)           # x6, significant
 
 
 def test_shifted_numeric_distribution_is_found(train):

@@ -319,7 +319,8 @@ def test_price_drift_moves_every_items_log_price_by_the_drift_per_day():
 def test_partitions_split_one_log_by_day_and_break_the_chosen_day(tmp_path):
     cfg = GeneratorConfig(rows=9_000, seed=2, days=3)
     whole = [b for b in datagen.generate_blocks(cfg)]
-    whole = {k: np.concatenate([np.ma.getdata(b[k]) for b in whole]) for k in ("timestamp", "purchase", "item_id")}
+    whole = {k: np.concatenate([np.ma.getdata(b[k]) for b in whole])
+             for k in ("timestamp", "cart", "wish", "purchase", "item_id", "click")}
     datagen.write_partitions(cfg, str(tmp_path / "labels"), break_partition=3, break_kind="labels", progress=False)
     datagen.write_partitions(cfg, str(tmp_path / "column"), break_partition=2, break_kind="column", progress=False)
     days = (whole["timestamp"] - datagen.START_TS) // datagen.DAY
@@ -328,12 +329,14 @@ def test_partitions_split_one_log_by_day_and_break_the_chosen_day(tmp_path):
         sel = days == d
         np.testing.assert_array_equal(table.column("timestamp").to_numpy(), whole["timestamp"][sel])
         np.testing.assert_array_equal(table.column("item_id").to_numpy(), whole["item_id"][sel])
-        expected = np.zeros(sel.sum()) if d == 2 else whole["purchase"][sel]
-        np.testing.assert_array_equal(table.column("purchase").to_numpy(), expected)
+        for label in ("cart", "wish", "purchase"):  # the post-click feed stopped on day 3, clicks did not
+            expected = np.zeros(sel.sum()) if d == 2 else whole[label][sel]
+            np.testing.assert_array_equal(table.column(label).to_numpy(), expected)
+        np.testing.assert_array_equal(table.column("click").to_numpy(), whole["click"][sel])
         manifest = json.load(open(tmp_path / "labels" / f"day-{d + 1:02d}" / "_MANIFEST.json"))
         assert manifest["rows"] == sel.sum() and manifest["broken"] == ("labels" if d == 2 else None)
         names = pq.read_schema(glob.glob(str(tmp_path / "column" / f"day-{d + 1:02d}" / "*.parquet"))[0]).names
         assert ("item_brand" in names) == (d != 1)
-    assert whole["purchase"][days == 2].sum() > 0  # the break removed real purchases
+    assert whole["cart"][days == 2].sum() > 0  # the break removed real post-click events
     with pytest.raises(ValueError, match="break_partition must be in 1..3"):
         datagen.write_partitions(cfg, str(tmp_path / "x"), break_partition=4)

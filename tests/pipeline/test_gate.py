@@ -8,8 +8,8 @@ from sklearn.metrics import log_loss, roc_auc_score
 from pipeline import gate as G
 
 
-def _report(auc, logloss, ece=0.01, tasks=("ctr", "ctcvr")):
-    return {t: {"auc": auc, "logloss": logloss, "ece": ece} for t in tasks}
+def _report(auc, logloss, ece=0.01, tasks=("ctr", "ctcvr"), positives=100):
+    return {t: {"auc": auc, "logloss": logloss, "ece": ece, "positives": positives} for t in tasks}
 
 
 def test_candidate_at_least_as_good_is_blessed_and_a_worse_one_refused_with_reasons():
@@ -25,6 +25,14 @@ def test_candidate_at_least_as_good_is_blessed_and_a_worse_one_refused_with_reas
     assert uncalibrated["reasons"][0] == "ctr ECE 0.0600, needs <= 0.0500"
     text = G.format_verdict(worse)
     assert "REFUSED" in text and "0.8000" in text and "0.7900" in text
+
+
+def test_tasks_with_too_few_positives_are_not_judged_but_the_main_task_always_is():
+    cand, champ = _report(0.70, 0.3, positives=12), _report(0.80, 0.2, positives=12)
+    verdict = G.judge(cand, champ, G.GateConfig(min_positives=30))
+    assert set(verdict["skipped"]) == {"ctcvr"} and "12 positives" in verdict["skipped"]["ctcvr"]
+    assert not verdict["blessed"] and all(r.startswith("ctr ") for r in verdict["reasons"])
+    assert G.judge(_report(0.80, 0.2, positives=12), champ, G.GateConfig(min_positives=30))["blessed"]
 
 
 def test_first_model_is_judged_against_the_floors_only():

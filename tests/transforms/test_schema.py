@@ -75,6 +75,7 @@ _DELETE = object()
     (("validation",), {"drift_psi": -1}, "validation.drift_psi: expected a number >= 0, got -1"),
     (("validation",), {"blocking": ["drift", "typo"]}, "validation.blocking: expected a list of checks from"),
     (("validation",), {"drift_l1": 0.2}, "validation: unknown key(s) ['drift_l1']"),
+    (("validation",), {"label_rate_change": 1.5}, "validation.label_rate_change: expected a number in [0, 1)"),
 ])
 def test_validation_errors_name_the_file_key_and_problem(path, value, expected):
     with pytest.raises(SchemaError) as info:
@@ -95,7 +96,8 @@ def test_missing_schema_file_and_bad_yaml(tmp_path):
 
 def test_validation_section_defaults_and_overrides():
     default = parse_schema(_with(("name",), "t"), "s.yaml").validation
-    assert (default.drift_linf, default.drift_psi, default.label_rate_change) == (0.1, 0.25, 0.5)
+    assert (default.drift_linf, default.drift_psi, default.label_rate_change, default.label_rate_z) == (
+        0.1, 0.25, 0.8, 4.0)
     assert default.blocking == ("missing_column", "missing_rate", "reject_rate", "label_rate")
     custom = parse_schema(_with(("validation",), {"drift_linf": 0.3, "blocking": ["drift"]}), "s.yaml").validation
     assert (custom.drift_linf, custom.drift_psi, custom.blocking) == (0.3, 0.25, ("drift",))
