@@ -370,3 +370,26 @@ def test_export_to_a_remote_base_scores_like_the_local_export(esm2_model, served
     for name in want:
         np.testing.assert_array_equal(got[name].numpy(), want[name].numpy(), err_msg=name)
     assert export_mod.is_remote("gs://bucket/models") and not export_mod.is_remote(base)
+
+
+def test_local_export_fsyncs_the_new_directories_and_the_rename(esm2_model, served_export, tmp_path, monkeypatch):
+    """A crash right after the export must not lose the new version: the parents of the directories the
+    export created (the export base and its own parent here) and the model directory after the rename
+    (when it lists the version) are fsynced."""
+    base = tmp_path / "new" / "base"
+    synced = []
+    real = export_mod._fsync_path
+
+    def recording(path):
+        model_dir = base / "esm2"
+        synced.append((os.path.abspath(path), sorted(os.listdir(model_dir)) if model_dir.is_dir() else None))
+        real(path)
+
+    monkeypatch.setattr(export_mod, "_fsync_path", recording)
+    path = export_saved_model(esm2_model, served_export["tft_dir"], BUILTIN, str(base), "esm2", check=False)
+    assert path == str(base / "esm2" / "1")
+    dirs = [p for p, _ in synced]
+    assert str(tmp_path) in dirs and str(tmp_path / "new") in dirs and str(base) in dirs  # new entries' parents
+    assert any(p == str(base / "esm2") and "1" in listing for p, listing in synced)   # after the rename
+    version_files = [p for p in dirs if p.startswith(str(base / "esm2") + os.sep)]
+    assert any(p.endswith("saved_model.pb") for p in version_files)                  # the files themselves
