@@ -166,7 +166,7 @@ def load_state(base: str) -> Dict:
         "reference_oov": summary["preprocess"].get("oov_rate", {}).get("eval", {}),
         "reference_columns": config["input"].get("columns"),
         "tft_dir": os.path.join(pp_dir, TRANSFORM_DIR),
-        "export_base": os.path.dirname(summary["export"]),
+        "export_base": os.path.dirname(os.path.dirname(summary["export"])),  # BASE/<model>/<version>
         "model": config["model"], "model_config": config["model_config"],
         "schema": config["dataset"]["schema"], "eval_fraction": config["split"]["eval_fraction"],
     }
@@ -327,7 +327,7 @@ def retrain(argv: Optional[Sequence[str]] = None) -> Dict:
         from serving.promote import Promoter
 
         promotion = Promoter(args.serving_config, model_name, target=args.target,
-                             export_base=state["export_base"]).promote(int(os.path.basename(published)),
+                             export_base=os.path.join(state["export_base"], model_name)).promote(int(os.path.basename(published)),
                                                                        keep=args.keep)
     timings["publish"] = round(time.time() - t0, 2)
     entry["published"] = published
