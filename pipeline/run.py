@@ -167,7 +167,8 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     from pipeline.preprocess import PreprocessConfig
     from pipeline.train import TrainConfig, make_strategy
     work_dir = os.path.abspath(args.work_dir)
-    export_base = os.path.abspath(args.export_dir or os.path.join(work_dir, "export"))
+    export_dir = args.export_dir or os.path.join(work_dir, "export")
+    export_base = export_dir if "://" in export_dir else os.path.abspath(export_dir)  # gs://... stays remote
     pp_dir = os.path.join(work_dir, "preprocessed")
     try:
         train_cfg = TrainConfig(

@@ -3,7 +3,9 @@
 TF Serving replays the file once per record when it loads a version (``--enable_model_warmup``, on by
 default), before the version becomes AVAILABLE, so the first real requests do not pay for graph
 optimisation and lazy initialisation. The file is an uncompressed TFRecord file of
-``tensorflow_serving.apis.PredictionLog`` protos; TF Serving reads at most 1000 records.
+``tensorflow_serving.apis.PredictionLog`` protos; TF Serving fails the load of a version whose file has more than
+1000 records (saved_model_warmup_util.cc), and replays them through the batching session, so no record may
+hold more rows than the server's ``max_batch_size``.
 
 Here every record is a ``PredictLog`` whose ``PredictRequest`` calls ``serving_default`` with ``examples``
 (tf.string [B], serialized raw ``tf.Example``s). Records come in a few batch sizes so the shapes seen in

@@ -196,7 +196,7 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
     c.unknown_keys(inp, ("path", "format", "compression", "csv"), "input")
     raw_path = input_path or c.string(inp.get("path"), "input.path")
     path = raw_path.replace("{shared}", default_shared_dir())
-    if not os.path.isabs(path) and not input_path:
+    if not os.path.isabs(path) and not input_path and "://" not in path:  # gs://, s3://, hdfs:// stay as they are
         path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(source)), path))
     fmt = inp.get("format", "parquet")
     if fmt not in FORMATS:

@@ -848,6 +848,12 @@ class FakeTFServing(prediction_service_pb2_grpc.PredictionServiceServicer, model
             outputs = s.session._call_tf_sessionrun(None, feed_dict, fetches, [], None)
         except tf.errors.OpError as exc:
             raise TFStatus(_CODES.get(exc.error_code, grpc.StatusCode.UNKNOWN), exc.message) from None
+        except UnicodeDecodeError as exc:
+            # TF's Python binding fails to decode a C++ status message quoting non-UTF-8 input bytes (e.g. a
+            # serialized "example" of 0xff bytes); TF Serving returns that status as is: ParseExample's
+            # INVALID_ARGUMENT, with the bytes in the message.
+            raise _invalid("Could not parse example input, value: "
+                           f"'{exc.object.decode('utf-8', 'replace')[:200]}'") from None
         if rows is not None:
             for value in outputs:  # batching_session.cc:629-637
                 if np.ndim(value) == 0:
