@@ -66,7 +66,7 @@ def detect_format(path: str) -> str:
     if path.lower().endswith(_JSONL_SUFFIXES):
         return "jsonl"
     with open(path, "rb") as fh:
-        head = fh.read(4096).lstrip()
+        head = fh.read(4096).lstrip()  # (a .gz file is read as a gzipped TFRecord file)
     if not head:
         raise UsageError(f"{path}: the requests file is empty")
     if head[:1] == b"{":
@@ -74,7 +74,8 @@ def detect_format(path: str) -> str:
     import tensorflow as tf
 
     try:
-        next(iter(tf.data.TFRecordDataset(path).take(1).as_numpy_iterator()), None)
+        ctype = "GZIP" if path.endswith(".gz") else ""
+        next(iter(tf.data.TFRecordDataset(path, compression_type=ctype).take(1).as_numpy_iterator()), None)
     except tf.errors.OpError:
         raise UsageError(f"{path}: unknown request log format (neither JSONL nor a TFRecord file of PredictionLog); "
                          f"pass --format") from None
