@@ -283,9 +283,9 @@ def compare(reference, current, spec: ValidationSpec, contract: FeatureContract,
         have, had = set(current_columns), set(reference_columns)
         for column in sorted(set(contract.serving_columns) | set(contract.labels.binary_columns)):
             if column in had and column not in have:
-                add("missing_column", column, 1, 0, 0, "column absent from the partition's files")
+                add("missing_column", column, 1, 0, 0, "column absent from the new data")
         for column in sorted(have - had):
-            add("new_column", column, 1, 0, 0, "column not in the training files (ignored by the schema)")
+            add("new_column", column, 1, 0, 0, "column not in the reference data (ignored by the schema)")
     if current_reject_rate - reference_reject_rate > spec.reject_rate_increase:
         add("reject_rate", "(rows)", current_reject_rate, reference_reject_rate, spec.reject_rate_increase,
             f"dead letter {current_reject_rate:.1%} of rows vs {reference_reject_rate:.1%} in training "
