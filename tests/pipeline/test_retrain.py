@@ -5,10 +5,7 @@ shuffled labels by the gate, and neither publishes anything."""
 import glob
 import json
 import os
-import threading
-import time
 
-import grpc
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -51,7 +48,7 @@ def _retrain(loop, data, *extra):
 
 def test_broken_day_and_shuffled_labels_are_refused_and_a_good_day_is_published_under_load(loop, tmp_path):
     from tests.serving.fake_tf_serving import FakeTFServing
-    from tests.serving.test_promote import _predict_version
+    from tests.serving.test_promote import ContinuousScoring
 
     root, base = loop["root"], loop["export_base"]
     assert _versions(base) == [1]
@@ -64,21 +61,8 @@ def test_broken_day_and_shuffled_labels_are_refused_and_a_good_day_is_published_
 
     rows = pq.read_table(str(root / "logs" / "day-04")).slice(0, 8).to_pylist()
     examples = serialize_rows(rows, BUILTIN)
-    seen, failures, stop = [], [], threading.Event()
-
-    def score():
-        while not stop.is_set():
-            try:
-                seen.append(_predict_version(server.target, examples))
-            except grpc.RpcError as exc:
-                failures.append(f"{exc.code()}: {exc.details()}")
-            except Exception as exc:  # noqa: BLE001
-                failures.append(repr(exc))
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=score, daemon=True)
-    thread.start()
     serving = ["--serving-config", config, "--target", server.target, "--keep", "2"]
+    client = ContinuousScoring(server.target, examples, pause_s=0.02).__enter__()
     try:
         # the broken day (post-click feed stopped): refused by the data checks, nothing trained or published
         assert _retrain(loop, str(root / "logs" / "day-03" / "*.parquet"), *serving) == R.EXIT_DATA
@@ -96,9 +80,9 @@ def test_broken_day_and_shuffled_labels_are_refused_and_a_good_day_is_published_
         assert _retrain(loop, str(root / "logs" / "day-02" / "*.parquet"), *serving) == R.EXIT_PUBLISHED
         assert _retrain(loop, str(root / "logs" / "day-04" / "*.parquet"), *serving) == R.EXIT_PUBLISHED
     finally:
-        stop.set()
-        thread.join(10)
+        client.__exit__()
         server.stop(0)
+    seen, failures = client.seen, client.failures
     assert failures == []
     assert seen[0] == 1 and seen[-1] == 3 and seen == sorted(seen)
     assert _versions(base) == [2, 3]  # retention: keep 2, version 1 deleted after it unloaded

@@ -29,6 +29,33 @@ def _predict_version(target, examples, label="stable"):
     return response.model_spec.version.value
 
 
+class ContinuousScoring:
+    """A thread predicting through ``stable`` until stopped: ``seen`` the answering versions, ``failures`` every
+    failed request (gRPC code and message, or the exception)."""
+
+    def __init__(self, target, examples, pause_s=0.01):
+        self.seen, self.failures, self._stop = [], [], threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(target, examples, pause_s), daemon=True)
+
+    def _run(self, target, examples, pause_s):
+        while not self._stop.is_set():
+            try:
+                self.seen.append(_predict_version(target, examples))
+            except grpc.RpcError as exc:
+                self.failures.append(f"{exc.code()}: {exc.details()}")
+            except Exception as exc:  # noqa: BLE001  (any failed request fails the test)
+                self.failures.append(repr(exc))
+            time.sleep(pause_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+
+
 @pytest.fixture
 def served(served_export, tmp_path):
     """A model base with version 1, a models.config with stable=1, and a stand-in polling both."""
@@ -48,21 +75,7 @@ def served(served_export, tmp_path):
 def test_promotion_moves_stable_after_load_under_continuous_scoring_and_retires_old_versions(served):
     target, base = served["server"].target, served["base"]
     promoter = P.Promoter(served["config"], "esm2", target=target, export_base=str(base), timeout_s=60, poll_s=0.1)
-    seen, failures, stop = [], [], threading.Event()
-
-    def score():
-        while not stop.is_set():
-            try:
-                seen.append(_predict_version(target, served["examples"]))
-            except grpc.RpcError as exc:  # any failed request fails the test
-                failures.append(f"{exc.code()}: {exc.details()}")
-            except Exception as exc:  # noqa: BLE001
-                failures.append(repr(exc))
-            time.sleep(0.01)
-
-    thread = threading.Thread(target=score, daemon=True)
-    thread.start()
-    try:
+    with ContinuousScoring(target, served["examples"]) as client:
         for version in (2, 3):
             shutil.copytree(served["version_dir"], base / str(version))
             record = promoter.promote(version, keep=2)
@@ -70,9 +83,7 @@ def test_promotion_moves_stable_after_load_under_continuous_scoring_and_retires_
             # right after promote returns, stable answers with the new version
             assert _predict_version(target, served["examples"]) == version
             assert _predict_version(target, served["examples"], "canary") == version
-    finally:
-        stop.set()
-        thread.join(10)
+    seen, failures = client.seen, client.failures
     assert failures == []
     assert seen[0] == 1 and seen[-1] == 3 and sorted(set(seen)) == [1, 2, 3]
     assert seen == sorted(seen)  # stable only ever moved forward
