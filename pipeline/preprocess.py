@@ -263,6 +263,27 @@ def _write_json(obj, path: str) -> None:
     write_json_atomically(path, obj, indent=2)
 
 
+def read_files(p, schema: DatasetSchema, files, batch_rows: int, label: str = "Read", report: bool = True):
+    """``files`` (planned on the driver) -> ReadFile's outputs: canonical rows (``.rows``), the dead letter
+    (``[sources.REJECTED]``) and per-file counts (``[sources.STATS]``)."""
+    return (p | f"{label}/ListFiles" >> beam.Create([tuple(f) for f in files])
+            | f"{label}/SpreadFiles" >> beam.Reshuffle()
+            | f"{label}/ReadFiles" >> beam.ParDo(sources.ReadFile(schema, batch_rows, report=report))
+            .with_outputs(sources.REJECTED, sources.STATS, main="rows"))
+
+
+def read_reporting(p, schema: DatasetSchema, files, output_dir: str, batch_rows: int):
+    """The reporting read of ``files``: writes the dead letter to ``output_dir/rejected/`` and the readers' summed
+    counts to ``output_dir/_READ_COUNTS.json``; returns the canonical rows."""
+    read = read_files(p, schema, files, batch_rows, "Read", report=True)
+    _ = (read[sources.REJECTED] | "RejectedToJson" >> beam.Map(json.dumps, sort_keys=True)
+         | "WriteRejected" >> beam.io.WriteToText(os.path.join(output_dir, REJECTED_DIR, "part"),
+                                                  file_name_suffix=".jsonl"))
+    _ = (read[sources.STATS] | "SumCounts" >> beam.CombineGlobally(_add_counts)
+         | "WriteCounts" >> beam.Map(_write_json, os.path.join(output_dir, READ_COUNTS_FILE)))
+    return read.rows
+
+
 def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_fn,
                    beam_args: Optional[List[str]] = None) -> Dict:
     """Runs the Beam pipeline; returns the summary (also written to ``summary.json``). The fingerprint of what
@@ -288,24 +309,16 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
     p = make_pipeline(beam_args)
 
     def read(label: str, report: bool):
-        return (p | f"{label}/ListFiles" >> beam.Create([tuple(f) for f in files])
-                | f"{label}/SpreadFiles" >> beam.Reshuffle()
-                | f"{label}/ReadFiles" >> beam.ParDo(sources.ReadFile(schema, cfg.batch_rows, report=report))
-                .with_outputs(sources.REJECTED, sources.STATS, main="rows"))
+        return read_files(p, schema, files, cfg.batch_rows, label, report)
 
     with tft_beam.Context(temp_dir=os.path.join(cfg.output_dir, "tmp")):
-        first = read("Read", report=True)
-        _ = (first[sources.REJECTED] | "RejectedToJson" >> beam.Map(json.dumps, sort_keys=True)
-             | "WriteRejected" >> beam.io.WriteToText(os.path.join(cfg.output_dir, REJECTED_DIR, "part"),
-                                                      file_name_suffix=".jsonl"))
-        _ = (first[sources.STATS] | "SumCounts" >> beam.CombineGlobally(_add_counts)
-             | "WriteCounts" >> beam.Map(_write_json, counts_path))
+        first_rows = read_reporting(p, schema, files, cfg.output_dir, cfg.batch_rows)
         if contract.user_features:
             # Per-user features need a shuffle by user; every later pass reads its (materialised) output.
             from pipeline.user_features import add_user_features_with_state, write_states
 
             # Every user's state after the last event is kept, so pipeline.retrain continues from it.
-            rows, states = add_user_features_with_state(first.rows, p | "NoEarlierState" >> beam.Create([]), contract)
+            rows, states = add_user_features_with_state(first_rows, p | "NoEarlierState" >> beam.Create([]), contract)
             _ = write_states(states, os.path.join(cfg.output_dir, USER_STATE_DIR, "part"))
             cutoffs = _time_cutoffs(rows, contract, split) if split.kind == "time" else None
             if cutoffs is not None:
@@ -315,7 +328,7 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
         else:
             # No shuffle: the analysis pass and the transform pass each stream their own read of the files
             # (and the time range a third), so no pass holds the dataset and memory stays flat in its size.
-            rows = first.rows
+            rows = first_rows
             cutoffs = (_time_cutoffs(read("ReadForTimeRange", report=False).rows, contract, split)
                        if split.kind == "time" else None)
             analysis_rows = read("ReadForAnalysis", report=False).rows

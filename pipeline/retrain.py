@@ -93,18 +93,9 @@ def transform_partition(schema, base_tft_dir: str, out_dir: str, reference_stats
     columns = sources.canonical_columns(contract)
     tac = pp.tensor_adapter_config(contract)
     tf.io.gfile.makedirs(out_dir)
-    counts_path = os.path.join(out_dir, pp.READ_COUNTS_FILE)
     p = make_pipeline(beam_args)
     with tft_beam.Context(temp_dir=os.path.join(out_dir, "tmp")):
-        read = (p | "ListFiles" >> beam.Create([tuple(f) for f in files]) | "SpreadFiles" >> beam.Reshuffle()
-                | "ReadFiles" >> beam.ParDo(sources.ReadFile(schema, 10_000, report=True))
-                .with_outputs(sources.REJECTED, sources.STATS, main="rows"))
-        _ = (read[sources.REJECTED] | "RejectedToJson" >> beam.Map(json.dumps, sort_keys=True)
-             | "WriteRejected" >> beam.io.WriteToText(os.path.join(out_dir, pp.REJECTED_DIR, "part"),
-                                                      file_name_suffix=".jsonl"))
-        _ = (read[sources.STATS] | "SumCounts" >> beam.CombineGlobally(pp._add_counts)
-             | "WriteCounts" >> beam.Map(pp._write_json, counts_path))
-        rows = read.rows
+        rows = pp.read_reporting(p, schema, files, out_dir, 10_000)
         if contract.user_features:
             from pipeline import user_features as U
 

@@ -152,16 +152,17 @@ class Promoter:
         config = read_config(self.config_path)
         before = served_versions(config, self.model_name)
         old_labels = dict(_entry(config, self.model_name).version_labels)
+        moved = dict(old_labels, **{label: version for label in labels})  # the labels once promoted
+        served = sorted(set(before) | {version})  # the versions while the new one loads
         record = {"version": version, "versions_before": before, "labels_before": old_labels, "seconds": {}}
         started = time.monotonic()
         if self.target is None:
-            versions = sorted(set(before) | {version})[-keep:]
-            self.apply(with_versions(config, self.model_name, versions,
-                                     dict(old_labels, **{label: version for label in labels})))
+            versions = served[-keep:]
+            self.apply(with_versions(config, self.model_name, versions, moved))
             record.update(versions_after=versions, deleted=[], mode="file only")
             return record
         # 1. load: the version joins the policy, labels untouched
-        loading = with_versions(config, self.model_name, sorted(set(before) | {version}))
+        loading = with_versions(config, self.model_name, served)
         self.apply(loading)
         self.log(f"promote: version {version} added to {os.path.basename(self.config_path)}; waiting for AVAILABLE")
 
@@ -179,15 +180,13 @@ class Promoter:
         self._wait(loaded, f"version {version} to be AVAILABLE")
         record["seconds"]["load"] = round(time.monotonic() - started, 2)
         # 3. labels move to the loaded version
-        labelled = with_versions(loading, self.model_name, sorted(set(before) | {version}),
-                                 dict(old_labels, **{label: version for label in labels}))
+        labelled = with_versions(loading, self.model_name, served, moved)
         self.apply(labelled)
         self.log(f"promote: {', '.join(labels)} -> version {version}")
         # 4. retention: drop the oldest versions from the policy, delete them once unloaded
-        keep_versions = sorted(set(before) | {version})[-keep:]
-        retired = [v for v in sorted(set(before) | {version}) if v not in keep_versions]
-        labels_after = {k: v for k, v in dict(old_labels, **{label: version for label in labels}).items()
-                        if v in keep_versions}
+        keep_versions = served[-keep:]
+        retired = [v for v in served if v not in keep_versions]
+        labels_after = {k: v for k, v in moved.items() if v in keep_versions}
         deleted: List[str] = []
         if retired:
             self.apply(with_versions(labelled, self.model_name, keep_versions, labels_after))
