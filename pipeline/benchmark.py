@@ -49,10 +49,10 @@ def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, ep
     config goes into the report."""
     import tensorflow_transform as tft
 
-    from pipeline import evaluate as ev
-    from pipeline.preprocess import TRANSFORM_DIR, PreprocessConfig, preprocess_or_reuse, transformed_pattern
-    from pipeline.report import DIAGNOSTICS, write_report
-    from pipeline.train import TrainConfig, train_model
+    from pipeline.evaluation import evaluate as ev
+    from pipeline.beam.preprocess import TRANSFORM_DIR, PreprocessConfig, preprocess_or_reuse, transformed_pattern
+    from pipeline.evaluation.report import DIAGNOSTICS, write_report
+    from pipeline.training.train import TrainConfig, train_model
 
     pp_dir = os.path.join(work_dir, "preprocessed")
     pp_cfg = PreprocessConfig(output_dir=pp_dir)
@@ -89,7 +89,7 @@ def run_benchmark(models: List[str], seeds: List[int], schema, work_dir: str, ep
 
 def format_table(result: Dict) -> str:
     """The AUC table (mean ± std over seeds, oracle last) as markdown."""
-    from pipeline.report import TASK_ORDER, metric_table
+    from pipeline.evaluation.report import TASK_ORDER, metric_table
 
     tasks = [t for t in TASK_ORDER if any(t in per_task for per_task in result["summary"].values())]
     return "\n".join(metric_table(result, "auc", tasks))

@@ -334,7 +334,7 @@ def _cumcount(keys: np.ndarray) -> np.ndarray:
 def generate_blocks(cfg: GeneratorConfig, hidden: bool = False) -> Iterator[Dict[str, np.ndarray]]:
     """Yields column dicts of ``block_rows`` impressions each, in timestamp order. ``hidden``: also the
     generator's internal indices ``_user``, ``_item``, ``_device``, ``_page`` and the ``_is_repeat`` flag (for
-    analyses such as ``pipeline.oracle_gap``; never written to files)."""
+    analyses such as ``pipeline.bench.oracle_gap``; never written to files)."""
     rng = np.random.default_rng(cfg.seed)
     w = _World(cfg, rng)
     U, I, H = cfg.n_users, cfg.n_items, cfg.history_len
@@ -598,7 +598,7 @@ def ensure_builtin(cfg: GeneratorConfig, out_dir: str) -> Dict:
 
 def add_builtin_data_args(p: argparse.ArgumentParser) -> None:
     """The generator's options shared by every command that generates built-in data (``pipeline.run``,
-    ``pipeline.benchmark``, ``pipeline.oracle_gap`` and this module's CLI; ``--seed`` each adds itself)."""
+    ``pipeline.benchmark``, ``pipeline.bench.oracle_gap`` and this module's CLI; ``--seed`` each adds itself)."""
     p.add_argument("--rows", type=int, default=GeneratorConfig.rows,
                    help=f"rows of built-in data to generate (default {GeneratorConfig.rows})")
     p.add_argument("--users", type=int, default=None,

@@ -52,7 +52,7 @@ def load_work_dir(work_dir: str):
     """(resolved run config, contract, TFTransformOutput, preprocessed dir) of a ``pipeline.run`` work dir."""
     import tensorflow_transform as tft
 
-    from pipeline.preprocess import TRANSFORM_DIR
+    from pipeline.beam.preprocess import TRANSFORM_DIR
     from transforms.schema import builtin_schema_path, load_schema
 
     path = os.path.join(work_dir, "config.json")
@@ -75,7 +75,7 @@ def load_model(work_dir: str, run_config: Dict, contract, tft_output, model_dir:
 
     from models import registry
     from models.keras import keras
-    from pipeline.train import model_inputs
+    from pipeline.training.train import model_inputs
 
     expansions = _numbered(os.path.join(work_dir, KERAS_DIR))
     if model_dir is None and expansions:
@@ -120,7 +120,7 @@ def segment_id_of(name: str, contract, tft_output) -> int:
 def _arrays(model, contract, tft_output, pattern: str, batch_size: int = 4096):
     """All (features, labels) of ``pattern`` as numpy dicts (the model's inputs and its labels)."""
     from models import registry
-    from pipeline.data import make_dataset
+    from pipeline.training.data import make_dataset
 
     ds = make_dataset(pattern, tft_output.transformed_feature_spec(), contract.model_feature_names(),
                       registry.required_labels(MODEL_NAME), batch_size)
@@ -156,7 +156,7 @@ def _predict(model, feats, batch_size: int = 4096) -> np.ndarray:
 
 
 def _segment_aucs(y, p, seg) -> Dict[int, float]:
-    from pipeline.metrics import segment_auc
+    from pipeline.evaluation.metrics import segment_auc
 
     return {int(k): v for k, v in segment_auc(y, p, seg).per_segment.items()}
 
@@ -166,7 +166,7 @@ def expand(work_dir: str, add_segment: Optional[str] = None, segment_id: Optiona
            learning_rate: float = 1e-3, seed: int = 0, model_dir: Optional[str] = None,
            export_dir: Optional[str] = None) -> Dict:
     """Runs one expansion (see the module docstring); returns a summary dict."""
-    from pipeline.preprocess import TRANSFORM_DIR, transformed_pattern
+    from pipeline.beam.preprocess import TRANSFORM_DIR, transformed_pattern
     from serving.export import export_saved_model
 
     if bool(add_segment) == bool(add_cluster):

@@ -10,16 +10,16 @@ Each retrain works in ``BASE/retrain/NNN/`` and, in order:
 1. **Reads and transforms** the partition with the base run's transform graph (``tft_beam.ReadTransformFn``: no
    re-analysis, so ids and buckets keep their meaning; unseen values land in the OOV buckets and their rate is
    reported). Per-user features continue from the per-user state the previous partition left
-   (``pipeline.user_features``), so they equal one run over the concatenated partitions. Rejected rows go to the
+   (``pipeline.beam.user_features``), so they equal one run over the concatenated partitions. Rejected rows go to the
    dead letter as in ``pipeline.run``. The last ``eval_fraction`` of the partition's time range is held out: it
    is the gate's slice (and early stopping's).
-2. **Checks the data** (``pipeline.data_checks``) against the base run's training statistics, with the
+2. **Checks the data** (``pipeline.beam.data_checks``) against the base run's training statistics, with the
    thresholds of the schema's ``validation:`` section. A blocking anomaly stops here: ``anomalies.json``, one line
    naming the feature, the figure and the threshold, exit code 3; nothing is trained and the loop's state does
    not move (the next partition continues from the last good one).
 3. **Trains** the model warm-started from the last published model's weights and optimizer slots
    (``checkpoint_dir/final``), with ``pipeline.run``'s early stopping, backups and resume.
-4. **Gates** the candidate against the served model on the held-out slice (``pipeline.gate``): ``evaluation.json``.
+4. **Gates** the candidate against the served model on the held-out slice (``pipeline.evaluation.gate``): ``evaluation.json``.
    A refused candidate stays in ``retrain/NNN/candidate`` with the reasons, is never published, exit code 4.
 5. **Publishes** a blessed candidate as the next version in the export base (atomic export with warmup records)
    and, with ``--serving-config``, **promotes** it (``serving.promote``: loaded, AVAILABLE, then ``stable``;
@@ -38,7 +38,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from pipeline.preprocess import STATISTICS_FILE, USER_STATE_DIR
+from pipeline.beam.preprocess import STATISTICS_FILE, USER_STATE_DIR
 
 logger = logging.getLogger("rankline")
 
@@ -61,7 +61,7 @@ class _WriteParquet:
         import pyarrow.parquet as pq
         import tensorflow as tf
 
-        from pipeline.sources import ORDER_COL, SPLIT_COL
+        from pipeline.beam.sources import ORDER_COL, SPLIT_COL
 
         keep = [n for n in batch.schema.names if n not in (ORDER_COL, SPLIT_COL)]
         tf.io.gfile.makedirs(self.out_dir)
@@ -81,10 +81,10 @@ def transform_partition(schema, base_tft_dir: str, out_dir: str, reference_stats
     import tensorflow as tf
     import tensorflow_transform.beam as tft_beam
 
-    from pipeline import data_checks as dc
-    from pipeline import preprocess as pp
-    from pipeline import sources
-    from pipeline.beam_runner import make_pipeline
+    from pipeline.beam import data_checks as dc
+    from pipeline.beam import preprocess as pp
+    from pipeline.beam import sources
+    from pipeline.beam.runner import make_pipeline
 
     files = sources.plan_files(schema)
     if not files:
@@ -97,7 +97,7 @@ def transform_partition(schema, base_tft_dir: str, out_dir: str, reference_stats
     with tft_beam.Context(temp_dir=os.path.join(out_dir, "tmp")):
         rows = pp.read_reporting(p, schema, files, out_dir, 10_000)
         if contract.user_features:
-            from pipeline import user_features as U
+            from pipeline.beam import user_features as U
 
             states = U.read_states(p, states_in) if states_in else p | "NoStates" >> beam.Create([])
             rows, after = U.add_user_features_with_state(rows, states, contract)
@@ -133,7 +133,7 @@ def transform_partition(schema, base_tft_dir: str, out_dir: str, reference_stats
 def load_state(base: str) -> Dict:
     """The loop's state: from ``retrain/state.json`` when a retrain has run, else from the base run."""
     from pipeline.files import read_json
-    from pipeline.preprocess import TRANSFORM_DIR
+    from pipeline.beam.preprocess import TRANSFORM_DIR
 
     state = read_json(os.path.join(base, "retrain", STATE_FILE))
     if state is not None:
@@ -203,11 +203,11 @@ def retrain(argv: Optional[Sequence[str]] = None) -> Dict:
     import tensorflow_transform as tft
 
     from models import registry
-    from pipeline import data_checks as dc
-    from pipeline import gate as G
-    from pipeline.preprocess import oov_rates, transformed_pattern
+    from pipeline.beam import data_checks as dc
+    from pipeline.evaluation import gate as G
+    from pipeline.beam.preprocess import oov_rates, transformed_pattern
     from pipeline.run import split_beam_args
-    from pipeline.train import TrainConfig, final_checkpoint, train_model
+    from pipeline.training.train import TrainConfig, final_checkpoint, train_model
     from serving.examples import serialize_rows
     from serving.export import export_saved_model
     from transforms.schema import load_schema

@@ -142,7 +142,7 @@ def resolve_schema(args, work_dir: str, timings: Dict[str, float]):
         raise UsageError(f"{where}: no files match {schema.input.path!r}")
     info.setdefault("source", schema.input.path)
     info["files"] = len(files)
-    from pipeline.data_checks import raw_columns
+    from pipeline.beam.data_checks import raw_columns
 
     info["columns"] = raw_columns(files, schema.input.format)  # what pipeline.retrain's column check compares
     info["schema"] = schema.source
@@ -164,8 +164,8 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     if args.eval_fraction is not None and not 0.0 < args.eval_fraction < 1.0:
         raise UsageError(f"--eval-fraction must be in (0, 1), got {args.eval_fraction}")
 
-    from pipeline.preprocess import PreprocessConfig
-    from pipeline.train import TrainConfig, make_strategy
+    from pipeline.beam.preprocess import PreprocessConfig
+    from pipeline.training.train import TrainConfig, make_strategy
     work_dir = os.path.abspath(args.work_dir)
     export_dir = args.export_dir or os.path.join(work_dir, "export")
     export_base = export_dir if "://" in export_dir else os.path.abspath(export_dir)  # gs://... stays remote
@@ -208,9 +208,9 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     import numpy as np
     import tensorflow_transform as tft
 
-    from pipeline import evaluate as ev
-    from pipeline.preprocess import TRANSFORM_DIR, preprocess_or_reuse, transformed_pattern
-    from pipeline.train import train_model
+    from pipeline.evaluation import evaluate as ev
+    from pipeline.beam.preprocess import TRANSFORM_DIR, preprocess_or_reuse, transformed_pattern
+    from pipeline.training.train import train_model
     from serving.examples import serialize_rows
     from serving.export import export_saved_model
     from serving.score import score_saved_model
@@ -266,7 +266,7 @@ def sample_canonical_rows(schema, n: int) -> List[Dict]:
     """The last ``n`` valid rows of the last input file, as canonical raw values (what a client sends)."""
     if n <= 0:
         return []
-    from pipeline.sources import ORDER_COL, SPLIT_COL, ReadFile
+    from pipeline.beam.sources import ORDER_COL, SPLIT_COL, ReadFile
 
     reader = ReadFile(schema)
     reader.setup()
@@ -318,8 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001
-        from pipeline.preprocess import TooManyRejected
-        from pipeline.train import ModelDataMismatch
+        from pipeline.beam.preprocess import TooManyRejected
+        from pipeline.training.train import ModelDataMismatch
 
         if isinstance(exc, (TooManyRejected, ModelDataMismatch)):
             print(f"error: {exc}", file=sys.stderr)

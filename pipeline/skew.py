@@ -1,4 +1,4 @@
-"""Training/serving skew: the data checks of ``pipeline.data_checks`` run on logged serving requests.
+"""Training/serving skew: the data checks of ``pipeline.beam.data_checks`` run on logged serving requests.
 
     python -m pipeline.skew --base WORK_DIR --requests FILE [--out DIR] [--format auto|predictionlog|jsonl]
     python -m pipeline.skew --statistics statistics.pb --schema SCHEMA.yaml --requests FILE [--out DIR]
@@ -39,8 +39,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pyarrow as pa
 
-from pipeline import data_checks as dc
-from pipeline.sources import Rejected, canonical_columns, parse_timestamp
+from pipeline.beam import data_checks as dc
+from pipeline.beam.sources import Rejected, canonical_columns, parse_timestamp
 from transforms.features import FeatureContract
 
 EXIT_OK, EXIT_USAGE, EXIT_DATA = 0, 2, 3

@@ -34,7 +34,7 @@ HOUR_CARDINALITY = 24
 MISSING_TOKEN = "__missing__"
 
 
-# Leakage-safe per-user features (computed in Beam, see pipeline/user_features.py).
+# Leakage-safe per-user features (computed in Beam, see pipeline/beam/user_features.py).
 UF_COUNT = "uf_count"
 UF_IN_HISTORY = "uf_item_in_history"
 UF_REPEAT_RATIO = "uf_repeat_ratio"

@@ -93,7 +93,7 @@ class ValidationSpec:
     """Thresholds of the data checks a new partition goes through before it is trained on (``validation:``).
 
     Each check compares the partition with the training statistics; a check named in ``blocking`` stops the
-    run, the others are reported as warnings. See ``pipeline.data_checks`` for how each figure is computed.
+    run, the others are reported as warnings. See ``pipeline.beam.data_checks`` for how each figure is computed.
     """
 
     missing_rate_increase: float = 0.1

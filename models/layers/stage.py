@@ -89,9 +89,9 @@ class BetaStageState(keras.layers.Layer):
     buckets) share a state; rows with the same position count as one event (a bucket of one-event users keeps
     the first event that arrives: a new user's Beta(1 + y~, 2 - y~)).
     Chosen over the alternatives: a per-user "last position seen" watermark is exact only when each user's rows
-    arrive in time order, and ``pipeline.train`` shuffles (a pass would apply only the running maxima, about
+    arrive in time order, and ``pipeline.training.train`` shuffles (a pass would apply only the running maxima, about
     ln n of a user's n events); a reset at each epoch needs a callback and breaks when a run resumes from a
-    backup taken at an epoch's end or in mid-epoch. Here a resumed run (``pipeline.train`` restores the state
+    backup taken at an epoch's end or in mid-epoch. Here a resumed run (``pipeline.training.train`` restores the state
     with the backup and skips the batches it covers) applies the rest of the pass once, and a replayed batch is
     skipped too wherever the user's applied positions are 0..m-1 (always, when rows arrive in time order).
     All of it is tensor ops (graph mode, ``steps_per_execution``).

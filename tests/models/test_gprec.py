@@ -426,8 +426,8 @@ def test_gprec_trains_on_pipeline_data_and_exports_ctr(e2e_run, tmp_path):
     import pyarrow.parquet as pq
     import tensorflow_transform as tft
 
-    from pipeline.preprocess import TRANSFORM_DIR, transformed_pattern
-    from pipeline.train import TrainConfig, train_model
+    from pipeline.beam.preprocess import TRANSFORM_DIR, transformed_pattern
+    from pipeline.training.train import TrainConfig, train_model
     from serving.examples import serialize_rows
     from serving.export import export_saved_model
     from serving.score import score_saved_model

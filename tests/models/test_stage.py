@@ -67,7 +67,7 @@ def test_beta_updates_follow_algorithm_1_for_a_scripted_sequence():
 
 
 def test_events_arriving_out_of_time_order_give_the_time_ordered_pass_once():
-    """Shuffled batches (pipeline.train's default): the first pass applies every event, with c = its position + 1,
+    """Shuffled batches (pipeline.training.train's default): the first pass applies every event, with c = its position + 1,
     so the state is Algorithm 1 over the user's events in time order; later passes, in any order, are no-ops.
     Rows of one batch with the same (user, position) are one event (users sharing an OOV index)."""
     rng = np.random.default_rng(0)

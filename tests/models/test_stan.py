@@ -168,7 +168,7 @@ def _one_pass_of_algorithm_1(calls, num_users=6, num_tasks=3):
 def test_beta_state_after_three_shuffled_epochs_of_fit_is_one_pass_of_algorithm_1():
     """Issue #24: Algorithm 1 is one pass over a user's events, so E epochs must not add each event E times
     (that gives alpha + beta = 2 + E n (E n + 1) / 2 instead of 2 + n (n + 1) / 2). Trained through keras fit in
-    graph mode with steps_per_execution = 3, rows reshuffled every epoch (pipeline.train's default), real updates
+    graph mode with steps_per_execution = 3, rows reshuffled every epoch (pipeline.training.train's default), real updates
     (y~ changes between epochs, so the state of the first pass differs from any later one)."""
     m = _model()
     calls = _record_updates(m)
@@ -188,7 +188,7 @@ def test_beta_state_after_three_shuffled_epochs_of_fit_is_one_pass_of_algorithm_
 
 
 def test_fit_resumed_from_a_mid_epoch_checkpoint_applies_each_event_once(tmp_path):
-    """pipeline.train resumes mid-epoch: the backup restores the state, the stream skips the steps it covers. Here
+    """pipeline.training.train resumes mid-epoch: the backup restores the state, the stream skips the steps it covers. Here
     a run stops after 5 of the first epoch's 8 steps (shuffled), a fresh model restores its checkpoint and runs
     the remaining 19 steps of 3 epochs: the state is one pass of Algorithm 1 over every event."""
     feats, labels = _batch(256, seed=1)
@@ -306,7 +306,7 @@ def test_paper_preset_is_stans_own_setting(model_name):
     assert cfg.batch_size == 2048              # BATCH
     assert cfg.learning_rate == 0.001          # LR
     assert cfg.adam_epsilon == 1e-6            # ADAM: epsilon = 1 x 10^-6
-    adam = keras.optimizers.Adam(cfg.learning_rate, epsilon=cfg.adam_epsilon)  # as pipeline.train builds it
+    adam = keras.optimizers.Adam(cfg.learning_rate, epsilon=cfg.adam_epsilon)  # as pipeline.training.train builds it
     assert (adam.beta_1, adam.beta_2, adam.epsilon) == (0.9, 0.999, 1e-6)      # ADAM: beta_1, beta_2 left default
     assert cfg.embedding_dim == 128            # EMBEDDING
     assert max(cfg.hidden_units + cfg.expert_units) <= 1024  # BOUND

@@ -361,7 +361,7 @@ def test_added_segment_trains_only_new_parameters_and_old_segments_stay_bit_iden
     new_feats, _ = _batch(256, seed=8, segments=[3])
     x = new_feats["a_id"].numpy().reshape(-1)
     new_labels = {"click": tf.constant((x >= 3).reshape(-1, 1), tf.int64)}  # the opposite relation
-    from pipeline.metrics import log_loss
+    from pipeline.evaluation.metrics import log_loss
     loss_before = log_loss(x >= 3, expanded(new_feats, training=False)["ctr"].numpy().reshape(-1))
     _fit(expanded, new_feats, new_labels, epochs=5)
     for v, before in zip(_frozen(expanded), frozen_before):

@@ -8,7 +8,7 @@ import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import run as run_mod
-from pipeline.beam_runner import make_pipeline
+from pipeline.beam.runner import make_pipeline
 from transforms.schema import SCHEMA_DIR
 
 
@@ -72,7 +72,7 @@ def test_beam_options_reach_the_runner_inside_run(tmp_path, monkeypatch):
     options it will hand that runner (``Pipeline.run`` passes ``pipeline.options`` to ``run_pipeline``)."""
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
-    from pipeline import preprocess
+    from pipeline.beam import preprocess
 
     seen = []
     real = preprocess.make_pipeline

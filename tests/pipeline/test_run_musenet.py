@@ -10,10 +10,10 @@ def test_musenet_trains_evaluates_exports_and_serves_its_extra_outputs(e2e_run, 
     import tensorflow_transform as tft
 
     from models import registry
-    from pipeline import evaluate as ev
-    from pipeline.preprocess import TRANSFORM_DIR, transformed_pattern
+    from pipeline.evaluation import evaluate as ev
+    from pipeline.beam.preprocess import TRANSFORM_DIR, transformed_pattern
     from pipeline.run import sample_canonical_rows
-    from pipeline.train import TrainConfig, train_model
+    from pipeline.training.train import TrainConfig, train_model
     from serving.examples import serialize_rows
     from serving.export import export_saved_model
     from serving.score import score_saved_model

@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import data_checks as dc
+from pipeline.beam import data_checks as dc
 from pipeline import skew
 from pipeline.datagen import GeneratorConfig, generate_blocks
-from pipeline.sources import canonical_columns
-from pipeline.user_features import compute_user_features
+from pipeline.beam.sources import canonical_columns
+from pipeline.beam.user_features import compute_user_features
 from serving.examples import serialize_rows
 from serving.warmup import build_records
 from transforms import features as F

@@ -14,8 +14,8 @@ def ussr_run(e2e_run, tmp_path_factory):
     import tensorflow_transform as tft
 
     from models import registry
-    from pipeline.preprocess import TRANSFORM_DIR, transformed_pattern
-    from pipeline.train import TrainConfig, train_model
+    from pipeline.beam.preprocess import TRANSFORM_DIR, transformed_pattern
+    from pipeline.training.train import TrainConfig, train_model
     from serving.examples import serialize_rows
     from serving.export import export_saved_model
     from transforms.schema import builtin_schema_path, load_schema

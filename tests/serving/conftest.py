@@ -21,7 +21,7 @@ def esm2_model(e2e_run):
     """An ESM² (random weights, seeded) with the e2e run's input cardinalities, built and called once."""
     import tensorflow_transform as tft
 
-    from pipeline.train import model_inputs
+    from pipeline.training.train import model_inputs
     from transforms.features import BUILTIN
 
     tft_dir = os.path.join(e2e_run["work_dir"], "preprocessed", "transform_fn_output")

@@ -127,7 +127,7 @@ KILL_SCRIPT = textwrap.dedent('''
     sys.path.insert(0, sys.argv[1])
     import tensorflow as tf
     import tensorflow_transform as tft
-    from pipeline.train import model_inputs
+    from pipeline.training.train import model_inputs
     from serving.export import export_saved_model
     from tests.serving.conftest import _build_esm2
     from transforms.features import BUILTIN
@@ -230,7 +230,7 @@ CONCURRENT_SCRIPT = textwrap.dedent('''
     import os, sys, time
     sys.path.insert(0, sys.argv[1])
     import tensorflow_transform as tft
-    from pipeline.train import model_inputs
+    from pipeline.training.train import model_inputs
     from serving import export
     from tests.serving.conftest import _build_esm2
     from transforms.features import BUILTIN

@@ -1,0 +1,530 @@
+"""Beam + tensorflow-transform preprocessing stage, driven by a dataset schema.
+
+    files (listed once, on the driver) ──ReadFile──► canonical Arrow batches ──split (time / hash / files)──►
+                 │                                                                   train / eval / test
+                 ├────► dead letter (rejected/*.jsonl: source, reason, record)
+                 └────► per-file counts ──sum──► _READ_COUNTS.json
+    train (its own read) ──Analyze──► transform graph
+    train, eval, test ──Transform (the graph)──► one gzip TFRecord file per batch ──publish──► part-*
+                                                                                   └──► _SHARDS.json (rows)
+
+Without per-user features, the analysis pass, the transform pass and (for a time split) the time range each
+stream their own read of the files, so memory does not grow with the data; with them, the shuffle by user
+feeds every pass. Analyzers (vocabularies, quantiles, means) see the training split only. Output in ``output_dir``:
+``data/<split>/part-*.tfrecord.gz`` (gzip ``tf.Example``s), ``transform_fn_output/`` (the transform graph
+and the transformed schema), ``statistics.pb`` (the training split's statistics), ``user_state/`` (each user's
+per-user-feature state after the data), ``rejected/`` and ``summary.json`` (rows in / out / rejected per split and
+reason, truncations, vocabulary sizes, OOV rates on eval/test). Runs on any Beam runner; every path may be on
+any filesystem Beam and TensorFlow read (local, ``gs://``, ``hdfs://``, ``s3://``), shared by the workers.
+
+The counts in the summary come from the pipeline's own committed outputs, never from runner metrics (which
+may count retried bundles twice, or not at all): rows per split are the records in the published shards
+(``_SHARDS.json``), rows in / rejected / truncated are the readers' per-file counts summed by a combine
+(``_READ_COUNTS.json``). A run whose rows in differ from train + eval + test + rejected fails.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.beam import sources
+from pipeline.beam.runner import make_pipeline
+from pipeline.beam.data_checks import StatisticsFn, write_statistics
+from pipeline.files import write_json_atomically
+from pipeline.beam.split import time_cutoffs
+from transforms import features as F
+from transforms.features import FeatureContract
+from transforms.schema import DatasetSchema
+
+logger = logging.getLogger(__name__)
+
+TRAIN, EVAL, TEST = "train", "eval", "test"
+SPLITS = (TRAIN, EVAL, TEST)
+TRANSFORM_DIR = "transform_fn_output"
+DATA_DIR = "data"
+REJECTED_DIR = "rejected"
+SHARDS_FILE = "_SHARDS.json"         # in data/<split>/: the published shards and their record counts
+READ_COUNTS_FILE = "_READ_COUNTS.json"  # the readers' counts (rows in, rejected by reason...), summed
+# Written last by a successful run (the summary plus the fingerprint of what produced it): its presence with a
+# matching fingerprint is what lets a restarted job skip preprocessing (``reusable_summary``).
+DONE_FILE = "_PREPROCESSED.json"
+STATISTICS_FILE = "statistics.pb"  # tensorflow_metadata statistics of the training split (pipeline.beam.data_checks)
+USER_STATE_DIR = "user_state"      # every user's per-user-feature state after the data (pipeline.beam.user_features)
+# The code whose behaviour decides the transformed output; its source is part of the fingerprint.
+_OUTPUT_CODE = ("transforms.schema", "transforms.features", "transforms.preprocessing", "pipeline.beam.preprocess",
+                "pipeline.beam.sources", "pipeline.beam.user_features", "pipeline.beam.data_checks")
+
+
+class TooManyRejected(RuntimeError):
+    """More rows were rejected than ``max_reject_fraction`` allows."""
+
+
+class RowsLost(RuntimeError):
+    """The published outputs do not hold every row read: rows in != train + eval + test + rejected."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    output_dir: str
+    max_reject_fraction: Optional[float] = None
+    batch_rows: int = 10_000
+    # gzip level of the output TFRecords: 1 writes ~5x faster than zlib's default 6 for ~40% larger files
+    # (decompression speed is about the same), and compression was the largest per-row cost of the stage.
+    compression_level: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.compression_level <= 9:
+            raise ValueError(f"compression_level must be in 0..9, got {self.compression_level}")
+        if self.max_reject_fraction is not None and not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise ValueError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
+        if self.batch_rows < 1:
+            raise ValueError("batch_rows must be >= 1")
+
+
+def _tft_type(t: pa.DataType) -> pa.DataType:
+    return pa.large_binary() if pa.types.is_string(t) else t
+
+
+def to_tft_batch(batch: pa.RecordBatch, columns: Dict[str, pa.DataType]) -> pa.RecordBatch:
+    """Canonical batch -> the list-typed batch tensorflow-transform's TFXIO reads (one list per cell)."""
+    arrays = []
+    for name, t in columns.items():
+        arr = batch.column(batch.schema.get_field_index(name))
+        if pa.types.is_list(t):
+            arrays.append(arr.cast(pa.list_(pa.large_binary())))
+            continue
+        valid = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=np.int32)
+        offsets = np.zeros(len(arr) + 1, dtype=np.int32)
+        np.cumsum(valid, out=offsets[1:])
+        values = pc.drop_null(arr).cast(_tft_type(t))
+        arrays.append(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values))
+    return pa.RecordBatch.from_arrays(arrays, list(columns))
+
+
+def tensor_adapter_config(contract: FeatureContract):
+    from tensorflow_transform.tf_metadata import schema_utils
+    from tfx_bsl.tfxio import tensor_adapter, tensor_representation_util
+
+    from transforms.preprocessing import raw_feature_spec
+
+    columns = sources.canonical_columns(contract)
+    schema = schema_utils.schema_from_feature_spec(raw_feature_spec(contract))
+    arrow_schema = pa.schema([(c, pa.list_(pa.large_binary() if pa.types.is_list(t) else _tft_type(t)))
+                              for c, t in columns.items()])
+    reps = tensor_representation_util.InferTensorRepresentationsFromSchema(schema)
+    return tensor_adapter.TensorAdapterConfig(arrow_schema, reps)
+
+
+class _SplitBatches(beam.DoFn):
+    """Canonical batch -> (split, batch without ``__split``), by time cutoffs or by the reader's decision."""
+
+    def __init__(self, timestamp: Optional[str]):
+        self._timestamp = timestamp
+
+    def process(self, batch: pa.RecordBatch, cutoffs=None):
+        hint = batch.column(batch.schema.get_field_index(sources.SPLIT_COL))
+        if cutoffs is not None:
+            parts = sources.split_batch_by_time(batch, self._timestamp, cutoffs)
+        else:
+            parts = {s: batch.filter(pc.equal(hint, s)) for s in SPLITS}
+        for split, part in parts.items():
+            if part.num_rows:
+                yield split, part
+
+
+class _TimeRange(beam.CombineFn):
+    def create_accumulator(self):
+        return (float("inf"), float("-inf"), 0)
+
+    def add_input(self, acc, item):
+        return (min(acc[0], item[0]), max(acc[1], item[1]), acc[2] + item[2])
+
+    def merge_accumulators(self, accs):
+        return sources.time_range(list(accs))
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _time_cutoffs(rows, contract: FeatureContract, split):
+    """Rows -> singleton PCollection of the (eval, test) timestamp cutoffs of the time split."""
+    time_range = (rows | "BatchTimeRange" >> beam.Map(sources.batch_time_range, contract.timestamp)
+                  | "TimeRange" >> beam.CombineGlobally(_TimeRange()))
+    return time_range | "Cutoffs" >> beam.Map(time_cutoffs, split.eval_fraction, split.test_fraction)
+
+
+class _WriteBatchFile(beam.DoFn):
+    """(transformed RecordBatch, passthrough) -> one gzip TFRecord file of ``tf.Example``s in ``temp_dir``;
+    emits (its path, its number of records).
+
+    A whole batch is encoded (tfx_bsl, C++) and written (TF's record writer, C++) per element, instead of
+    one Beam element per row: the per-element cost of a Beam sink dominated the stage otherwise. The file
+    gets a unique temporary name; only the names this DoFn emits (i.e. from committed bundles) are published.
+    """
+
+    def __init__(self, temp_dir: str, compression_level: int):
+        self._temp_dir = temp_dir
+        self._level = compression_level
+
+    def process(self, batch_and_passthrough):
+        import uuid
+
+        import tensorflow as tf
+        from tfx_bsl.coders import example_coder
+
+        batch = batch_and_passthrough[0]
+        if batch.num_rows == 0:
+            return
+        tf.io.gfile.makedirs(self._temp_dir)
+        path = os.path.join(self._temp_dir, f"{uuid.uuid4().hex}.tfrecord.gz")
+        options = tf.io.TFRecordOptions(compression_type="GZIP", compression_level=self._level)
+        with tf.io.TFRecordWriter(path, options) as writer:
+            for record in example_coder.RecordBatchToExamples(batch):
+                writer.write(record)
+        yield path, batch.num_rows
+
+
+def _publish_shards(written: List[Tuple[str, int]], out_dir: str, temp_dir: str) -> List[str]:
+    """Renames the committed temporary files (``written``: (path, records) from ``_WriteBatchFile``) to
+    ``out_dir/part-NNNNN-of-MMMMM.tfrecord.gz`` and records them with their record counts in
+    ``out_dir/_SHARDS.json``; returns the final names. Files of failed bundles (not in ``written``) are dropped.
+
+    A committed file that is not there is an error naming it (e.g. workers that wrote to their own local
+    disk): a shard is never published by name without its rows. Shards of an earlier run in ``out_dir`` are
+    deleted, so the directory holds exactly this run's rows. Safe to retry: ``_SHARDS.json`` is written
+    before the first rename, so a retry of this step (same ``temp_dir``) accepts a file it already renamed.
+    """
+    import tensorflow as tf
+
+    from pipeline.files import read_json
+
+    tf.io.gfile.makedirs(out_dir)
+    total = len(written)
+    plan = [[temp, os.path.join(out_dir, f"part-{i:05d}-of-{total:05d}.tfrecord.gz"), int(rows)]
+            for i, (temp, rows) in enumerate(sorted(written))]
+    record = {"temp_dir": temp_dir, "shards": plan, "rows": sum(rows for _, _, rows in plan)}
+    state_path = os.path.join(out_dir, SHARDS_FILE)
+    if read_json(state_path) != record:  # a first attempt: every committed file must be there
+        missing = [temp for temp, _, _ in plan if not tf.io.gfile.exists(temp)]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {total} committed shard(s) for {out_dir} missing, e.g. {missing[0]} (the "
+                f"workers must write to a filesystem the publishing step reads, e.g. gs://)")
+        write_json_atomically(state_path, record)
+    keep = {dest for _, dest, _ in plan}
+    for old in tf.io.gfile.glob(os.path.join(out_dir, "part-*")):
+        if old not in keep:
+            tf.io.gfile.remove(old)
+    for temp, dest, _ in plan:
+        if tf.io.gfile.exists(temp):
+            tf.io.gfile.rename(temp, dest, overwrite=True)
+        elif not tf.io.gfile.exists(dest):
+            raise FileNotFoundError(f"committed shard {temp} is missing and was not published as {dest}")
+    if tf.io.gfile.exists(temp_dir):   # files of failed (retried) bundles are left only here
+        tf.io.gfile.rmtree(temp_dir)
+    return [dest for _, dest, _ in plan]
+
+
+class WriteExampleShards(beam.PTransform):
+    """Transformed RecordBatches -> ``out_dir/part-*.tfrecord.gz``: write to a temp dir, then publish."""
+
+    def __init__(self, out_dir: str, compression_level: int = 1):
+        super().__init__()
+        self._out_dir = out_dir
+        self._level = compression_level
+
+    def expand(self, batches):
+        import uuid
+
+        temp_dir = os.path.join(os.path.dirname(self._out_dir.rstrip("/")), f".tmp-{uuid.uuid4().hex}")
+        return (batches | "WriteFiles" >> beam.ParDo(_WriteBatchFile(temp_dir, self._level))
+                | "Collect" >> beam.combiners.ToList()
+                | "Publish" >> beam.Map(_publish_shards, self._out_dir, temp_dir))
+
+
+def _add_counts(counts) -> Dict[str, int]:
+    total: Counter = Counter()
+    for c in counts:
+        total.update(c)
+    return dict(total)
+
+
+def _write_json(obj, path: str) -> None:
+    write_json_atomically(path, obj, indent=2)
+
+
+def read_files(p, schema: DatasetSchema, files, batch_rows: int, label: str = "Read", report: bool = True):
+    """``files`` (planned on the driver) -> ReadFile's outputs: canonical rows (``.rows``), the dead letter
+    (``[sources.REJECTED]``) and per-file counts (``[sources.STATS]``)."""
+    return (p | f"{label}/ListFiles" >> beam.Create([tuple(f) for f in files])
+            | f"{label}/SpreadFiles" >> beam.Reshuffle()
+            | f"{label}/ReadFiles" >> beam.ParDo(sources.ReadFile(schema, batch_rows, report=report))
+            .with_outputs(sources.REJECTED, sources.STATS, main="rows"))
+
+
+def read_reporting(p, schema: DatasetSchema, files, output_dir: str, batch_rows: int):
+    """The reporting read of ``files``: writes the dead letter to ``output_dir/rejected/`` and the readers' summed
+    counts to ``output_dir/_READ_COUNTS.json``; returns the canonical rows."""
+    read = read_files(p, schema, files, batch_rows, "Read", report=True)
+    _ = (read[sources.REJECTED] | "RejectedToJson" >> beam.Map(json.dumps, sort_keys=True)
+         | "WriteRejected" >> beam.io.WriteToText(os.path.join(output_dir, REJECTED_DIR, "part"),
+                                                  file_name_suffix=".jsonl"))
+    _ = (read[sources.STATS] | "SumCounts" >> beam.CombineGlobally(_add_counts)
+         | "WriteCounts" >> beam.Map(_write_json, os.path.join(output_dir, READ_COUNTS_FILE)))
+    return read.rows
+
+
+def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_fn,
+                   beam_args: Optional[List[str]] = None) -> Dict:
+    """Runs the Beam pipeline; returns the summary (also written to ``summary.json``). The fingerprint of what
+    produced the output (``preprocess_fingerprint``) is recorded in ``DONE_FILE`` only once the run succeeded."""
+    import tensorflow as tf
+    import tensorflow_transform.beam as tft_beam
+
+    files = sources.plan_files(schema)  # listed and numbered once, here; the workers get the list as elements
+    if not files:
+        raise FileNotFoundError(f"schema {schema.name!r}: no input files match {schema.input.path}")
+    started = time.time()
+    contract = schema.contract
+    tf.io.gfile.makedirs(cfg.output_dir)
+    fingerprint = preprocess_fingerprint(schema, cfg)  # of the inputs as they are now, before they are read
+    done_path = os.path.join(cfg.output_dir, DONE_FILE)
+    counts_path = os.path.join(cfg.output_dir, READ_COUNTS_FILE)
+    for stale in (done_path, counts_path):  # the outputs are about to change: not reusable until this run succeeds
+        if tf.io.gfile.exists(stale):
+            tf.io.gfile.remove(stale)
+    columns = sources.canonical_columns(contract)
+    tac = tensor_adapter_config(contract)
+    split = schema.split
+    p = make_pipeline(beam_args)
+
+    def read(label: str, report: bool):
+        return read_files(p, schema, files, cfg.batch_rows, label, report)
+
+    with tft_beam.Context(temp_dir=os.path.join(cfg.output_dir, "tmp")):
+        first_rows = read_reporting(p, schema, files, cfg.output_dir, cfg.batch_rows)
+        if contract.user_features:
+            # Per-user features need a shuffle by user; every later pass reads its (materialised) output.
+            from pipeline.beam.user_features import add_user_features_with_state, write_states
+
+            # Every user's state after the last event is kept, so pipeline.retrain continues from it.
+            rows, states = add_user_features_with_state(first_rows, p | "NoEarlierState" >> beam.Create([]), contract)
+            _ = write_states(states, os.path.join(cfg.output_dir, USER_STATE_DIR, "part"))
+            cutoffs = _time_cutoffs(rows, contract, split) if split.kind == "time" else None
+            if cutoffs is not None:
+                # A side input must not be computed in the stage it feeds: materialise the rows first.
+                rows = rows | "Materialise" >> beam.Reshuffle()
+            analysis_rows = None
+        else:
+            # No shuffle: the analysis pass and the transform pass each stream their own read of the files
+            # (and the time range a third), so no pass holds the dataset and memory stays flat in its size.
+            rows = first_rows
+            cutoffs = (_time_cutoffs(read("ReadForTimeRange", report=False).rows, contract, split)
+                       if split.kind == "time" else None)
+            analysis_rows = read("ReadForAnalysis", report=False).rows
+        side = beam.pvalue.AsSingleton(cutoffs) if cutoffs is not None else None
+        keyed = rows | "Split" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=side)
+        analysis_keyed = keyed if analysis_rows is None else (
+            analysis_rows | "SplitForAnalysis" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=side))
+        parts = keyed | "Partition" >> beam.Partition(lambda kv, n: SPLITS.index(kv[0]), len(SPLITS))
+        # The training split's statistics: what pipeline.retrain checks new partitions against.
+        _ = (parts[SPLITS.index(TRAIN)] | "TrainBatches" >> beam.Map(lambda kv: kv[1])
+             | "Statistics" >> beam.CombineGlobally(StatisticsFn(contract, TRAIN))
+             | "WriteStatistics" >> beam.Map(write_statistics, os.path.join(cfg.output_dir, STATISTICS_FILE)))
+        tft_in = {s: parts[i] | f"ToTFT[{s}]" >> beam.Map(lambda kv: to_tft_batch(kv[1], columns))
+                  for i, s in enumerate(SPLITS)}
+        analysis_in = (analysis_keyed | "TrainForAnalysis" >> beam.Filter(lambda kv: kv[0] == TRAIN)
+                       | "ToTFT[analysis]" >> beam.Map(lambda kv: to_tft_batch(kv[1], columns)))
+        transform_fn = (analysis_in, tac) | "Analyze" >> tft_beam.AnalyzeDataset(preprocessing_fn)
+        outs = {}
+        for s in SPLITS:
+            outs[s], _ = (((tft_in[s], tac), transform_fn)
+                          | f"Transform[{s}]" >> tft_beam.TransformDataset(output_record_batches=True))
+        for s, pcoll in outs.items():
+            _ = pcoll | f"Write[{s}]" >> WriteExampleShards(os.path.join(cfg.output_dir, DATA_DIR, s),
+                                                              cfg.compression_level)
+        _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(
+            os.path.join(cfg.output_dir, TRANSFORM_DIR))
+    logger.info("preprocess %s: pipeline built in %.1fs; running", schema.name, time.time() - started)
+    result = p.run()
+    result.wait_until_finish()
+    summary = _summary(schema, cfg, _pipeline_counts(cfg.output_dir), files, time.time() - started)
+    with tf.io.gfile.GFile(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
+        fh.write(json.dumps(summary, indent=2))
+    _log_counts(summary)
+    written = sum(summary[f"rows_{s}"] for s in SPLITS) + summary["rows_rejected"]
+    if written != summary["rows_in"]:
+        raise RowsLost(f"{summary['rows_in']} rows read but {written} published (train + eval + test + "
+                       f"rejected) in {cfg.output_dir}")
+    frac = summary["rows_rejected"] / max(1, summary["rows_in"])
+    if cfg.max_reject_fraction is not None and frac > cfg.max_reject_fraction:
+        raise TooManyRejected(
+            f"{summary['rows_rejected']} of {summary['rows_in']} rows rejected ({frac:.1%}) > --max-reject-fraction "
+            f"{cfg.max_reject_fraction:.1%}; reasons in {os.path.join(cfg.output_dir, REJECTED_DIR)}")
+    write_json_atomically(done_path, {"fingerprint": fingerprint, "summary": summary}, indent=2)
+    return summary
+
+
+def preprocess_fingerprint(schema: DatasetSchema, cfg: PreprocessConfig) -> str:
+    """What the transformed output depends on, hashed: the parsed schema (input path and format, roles, labels,
+    features and transforms, split; not where the YAML lives); every input file's path, size and modification
+    time; the preprocessing options (not the output directory); the source of the modules that compute the
+    output; the TFT / Beam versions."""
+    import hashlib
+    import importlib
+    import inspect
+    from dataclasses import asdict
+
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    files = []
+    for path in sources.match_files(schema.input.path):
+        st = tf.io.gfile.stat(path)
+        files.append([path, int(st.length), int(st.mtime_nsec)])
+    doc = {
+        "schema": {k: v for k, v in asdict(schema).items() if k != "source"},
+        "files": files,
+        "config": {k: v for k, v in asdict(cfg).items() if k != "output_dir"},
+        "code": {m: digest(inspect.getsource(importlib.import_module(m)).encode()) for m in _OUTPUT_CODE},
+        "versions": {"tensorflow_transform": tft.__version__, "apache_beam": beam.__version__},
+    }
+    return digest(json.dumps(doc, sort_keys=True, default=str).encode())[:16]
+
+
+def preprocess_or_reuse(schema: DatasetSchema, cfg: PreprocessConfig, beam_args: Optional[List[str]] = None,
+                        reuse: bool = True) -> Dict:
+    """The summary of the completed run in ``cfg.output_dir`` when ``reuse`` and it was made from exactly these
+    inputs, schema, options and code (with ``reused: True``); otherwise runs the pipeline with the contract's
+    ``preprocessing_fn`` and returns the new summary. Says which, and why, in the log."""
+    from transforms.preprocessing import build_preprocessing_fn
+
+    if reuse:
+        summary = reusable_summary(schema, cfg)
+        if summary is not None:
+            logger.info("preprocess: reusing the completed run in %s (same inputs, schema, options and code)",
+                        cfg.output_dir)
+            return dict(summary, reused=True)
+        logger.info("preprocess: %s holds no completed run of these inputs, schema, options and code; "
+                    "preprocessing", cfg.output_dir)
+    return run_preprocess(schema, cfg, build_preprocessing_fn(schema.contract), beam_args)
+
+
+def reusable_summary(schema: DatasetSchema, cfg: PreprocessConfig) -> Optional[Dict]:
+    """The summary of a completed run in ``cfg.output_dir`` made from exactly these inputs, schema, options and
+    code (its fingerprint matches and its outputs are there), else None: the run must be (re)done."""
+    import tensorflow as tf
+
+    try:
+        with tf.io.gfile.GFile(os.path.join(cfg.output_dir, DONE_FILE)) as fh:
+            done = json.loads(fh.read())
+    except (OSError, ValueError, tf.errors.OpError):
+        return None
+    if not isinstance(done, dict) or done.get("fingerprint") != preprocess_fingerprint(schema, cfg):
+        return None
+    if (not tf.io.gfile.isdir(os.path.join(cfg.output_dir, TRANSFORM_DIR))
+            or not tf.io.gfile.glob(transformed_pattern(cfg.output_dir, TRAIN))):
+        return None
+    return done.get("summary")
+
+
+def _pipeline_counts(output_dir: str) -> Dict[str, int]:
+    """The finished pipeline's counts, from its committed outputs: the readers' summed per-file counts and,
+    as ``rows_<split>``, the records in each split's published shards. Fails when an output is missing."""
+    from pipeline.files import read_json
+
+    counts = read_json(os.path.join(output_dir, READ_COUNTS_FILE))
+    if counts is None:
+        raise FileNotFoundError(f"the pipeline wrote no {READ_COUNTS_FILE} in {output_dir}")
+    for s in SPLITS:
+        shards = read_json(os.path.join(output_dir, DATA_DIR, s, SHARDS_FILE))
+        if shards is None:
+            raise FileNotFoundError(f"the pipeline published no shards for split {s!r} "
+                                    f"({os.path.join(output_dir, DATA_DIR, s, SHARDS_FILE)} missing)")
+        counts[f"rows_{s}"] = int(shards["rows"])
+    return counts
+
+
+def _summary(schema: DatasetSchema, cfg: PreprocessConfig, counters: Dict[str, int], files, seconds) -> Dict:
+    import tensorflow_transform as tft
+
+    tft_output = tft.TFTransformOutput(os.path.join(cfg.output_dir, TRANSFORM_DIR))
+    contract = schema.contract
+    summary = {
+        "dataset": schema.name,
+        "seconds": round(seconds, 2),
+        "input_files": len(files),
+        "empty_files": counters.get("empty_files", 0),
+        "rows_in": counters.get("rows_in", 0),
+        "rows_rejected": counters.get("rows_rejected", 0),
+        "rejected_by_reason": {k.split(": ", 1)[1]: v for k, v in counters.items() if k.startswith("rejected: ")},
+        "sequences_truncated": {k.split(": ", 1)[1]: v for k, v in counters.items()
+                                if k.startswith("sequence_truncated: ")},
+        "vocabulary_sizes": {f.name: int(tft_output.vocabulary_size_by_name(f.vocab_name))
+                             for f in list(contract.vocab_features) + list(contract.sequences)},
+    }
+    summary["log1p_negatives_clipped"] = {k.split(": ", 1)[1]: v for k, v in counters.items()
+                                          if k.startswith("log1p_clipped: ")}
+    for s in SPLITS:
+        summary[f"rows_{s}"] = counters.get(f"rows_{s}", 0)
+    summary["oov_rate"] = {s: oov_rates(contract, tft_output, transformed_pattern(cfg.output_dir, s))
+                           for s in (EVAL, TEST) if summary[f"rows_{s}"]}
+    return summary
+
+
+def oov_rates(contract: FeatureContract, tft_output, pattern: str, max_rows: int = 200_000) -> Dict[str, float]:
+    """Share of (non-missing) values per vocabulary feature that fell into an OOV bucket."""
+    import tensorflow as tf
+
+    files = sorted(tf.io.gfile.glob(pattern))
+    feats = list(contract.vocab_features)
+    if not files or not feats:
+        return {}
+    spec = {F.categorical_id(f.name): tf.io.FixedLenFeature([1], tf.int64) for f in feats}
+    sizes = {f.name: tft_output.vocabulary_size_by_name(f.vocab_name) for f in feats}
+    oov = {f.name: 0 for f in feats}
+    n = 0
+    ds = tf.data.TFRecordDataset(files, compression_type="GZIP").take(max_rows).batch(4096)
+    for batch in ds:
+        parsed = tf.io.parse_example(batch, spec)
+        for f in feats:
+            oov[f.name] += int(np.sum(parsed[F.categorical_id(f.name)].numpy() >= sizes[f.name]))
+        n += int(batch.shape[0])
+    return {k: round(v / max(1, n), 4) for k, v in oov.items()}
+
+
+def _log_counts(summary: Dict) -> None:
+    logger.info("preprocess %s: %d rows in, %d rejected, train %d / eval %d / test %d, %.1fs",
+                summary["dataset"], summary["rows_in"], summary["rows_rejected"], summary["rows_train"],
+                summary["rows_eval"], summary["rows_test"], summary["seconds"])
+    for reason, n in sorted(summary["rejected_by_reason"].items()):
+        logger.info("  rejected (%s): %d", reason, n)
+    for name, n in sorted(summary["sequences_truncated"].items()):
+        logger.info("  sequence %s truncated in %d rows", name, n)
+
+
+def transformed_pattern(output_dir: str, split: str) -> str:
+    return os.path.join(output_dir, DATA_DIR, split, "part-*")
+
+
+def read_rejected(output_dir: str) -> List[Dict]:
+    import tensorflow as tf
+
+    rows = []
+    for path in sorted(tf.io.gfile.glob(os.path.join(output_dir, REJECTED_DIR, "part*"))):
+        with tf.io.gfile.GFile(path) as fh:
+            rows.extend(json.loads(line) for line in fh.read().splitlines() if line.strip())
+    return rows
