@@ -23,7 +23,7 @@ def _pinned(image):
 
 def test_serving_service_flags_ports_and_mounts():
     svc = _compose("docker-compose.yml")["services"]["tf-serving"]
-    assert svc["image"] == "tensorflow/serving:2.19.1" and _pinned(svc["image"])
+    assert svc["image"].startswith("tensorflow/serving:") and _pinned(svc["image"])
     flags = _flags(svc)
     assert flags["--port"] == "8500" and flags["--rest_api_port"] == "8501"
     assert flags["--model_config_file"] == "/config/models.config"
@@ -100,3 +100,19 @@ def test_tls_override_is_the_base_command_plus_ssl_config():
     mounts = {m["target"]: m for m in tls["volumes"]}
     assert mounts["/tls"]["read_only"] is True and mounts["/tls"]["type"] == "bind"
     assert "/tls" not in {m["target"] for m in base["volumes"]}
+
+
+def test_serving_image_is_the_tensorflow_that_writes_the_savedmodels():
+    """TF Serving loads the SavedModels that the installed TensorFlow exports: the image tags (CPU and GPU) name
+    the same major.minor release as ``tensorflow.__version__`` (an older server may lack ops the exporter uses)."""
+    import tensorflow as tf
+
+    want = ".".join(tf.__version__.split(".")[:2])
+    cpu = _compose("docker-compose.yml")["services"]["tf-serving"]["image"]
+    gpu = _compose("docker-compose.gpu.yml")["services"]["tf-serving"]["image"]
+    for image, suffix in ((cpu, ""), (gpu, "-gpu")):
+        name, _, tag = image.rpartition(":")
+        assert name == "tensorflow/serving", image
+        m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)" + re.escape(suffix), tag)
+        assert m, image
+        assert f"{m.group(1)}.{m.group(2)}" == want, (image, tf.__version__)
