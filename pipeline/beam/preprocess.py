@@ -478,6 +478,8 @@ def _summary(schema: DatasetSchema, cfg: PreprocessConfig, counters: Dict[str, i
     }
     summary["log1p_negatives_clipped"] = {k.split(": ", 1)[1]: v for k, v in counters.items()
                                           if k.startswith("log1p_clipped: ")}
+    summary["values_invalid_as_missing"] = {k.split(": ", 1)[1]: v for k, v in counters.items()
+                                            if k.startswith("invalid_as_missing: ")}  # on_invalid: missing
     for s in SPLITS:
         summary[f"rows_{s}"] = counters.get(f"rows_{s}", 0)
     summary["oov_rate"] = {s: oov_rates(contract, tft_output, transformed_pattern(cfg.output_dir, s))
