@@ -21,7 +21,7 @@ A schema is validated up front; every error names the schema file, the key path 
       purchase: purchase             # optional
       continuous: [staytime]         # optional
     features:
-      - {name: I1, type: float, transform: numeric, log1p: true, buckets: 10}
+      - {name: I1, type: float, transform: numeric, log1p: true, buckets: 10, on_invalid: missing}
       - {name: C1, type: string, transform: vocabulary, top_k: 1000, min_frequency: 2, oov_buckets: 1}
       - {name: device_ip, type: string, transform: hash, hash_buckets: 1000}
       - {name: click_sequence, type: string, transform: sequence, separator: "^", max_length: 20}
@@ -35,6 +35,15 @@ A schema is validated up front; every error names the schema file, the key path 
       label_rate_change: 0.8         # a label's positive rate falls below (1 - x) times, or rises above 1 / (1 - x)
       label_rate_z: 4.0              #   times, the reference rate, and the change is significant (two-proportion z)
       blocking: [missing_column, missing_rate, reject_rate, label_rate]   # the rest only warn
+
+``on_invalid`` (int/float features; default ``reject``): what a value that is not a finite number of the
+feature's type does (``"abc"``, ``nan``, ``inf``, ``1.5`` for an int): ``reject`` sends the row to the dead
+letter, ``missing`` reads the value as missing (the feature's missing handling applies) and counts it in the
+summary's ``values_invalid_as_missing``.
+
+A drafted schema (``python -m pipeline.infer_schema``) leaves the roles it cannot know as strings
+``"CHOOSE_ONE_OF [a, b, ...]"``; such a value fails validation, naming the key and the candidates, until it is
+replaced by one column name (or the optional key is deleted).
 """
 from __future__ import annotations
 
@@ -54,6 +63,8 @@ COMPRESSIONS = ("auto", "none", "gzip")
 TRANSFORMS = ("hash", "numeric", "sequence", "vocabulary")
 TYPES = {"string": "string", "int": "int64", "int64": "int64", "float": "float32", "float32": "float32"}
 SPLITS = ("time", "hash", "files")
+ON_INVALID = ("reject", "missing")
+CHOOSE = "CHOOSE_ONE_OF"  # prefix of a draft's unfilled choice
 CHECKS = ("missing_column", "new_column", "missing_rate", "reject_rate", "oov_rate", "drift", "label_rate")
 
 
@@ -115,6 +126,7 @@ class DatasetSchema:
     timestamp_format: str = "unix"
     split: SplitSpec = field(default_factory=SplitSpec)
     validation: ValidationSpec = field(default_factory=ValidationSpec)
+    on_invalid: Mapping[str, str] = field(default_factory=dict)  # feature -> "missing" (absent: "reject")
 
 
 def expand_names(pattern: str) -> List[str]:
@@ -184,9 +196,24 @@ class _Ctx:
             self.fail(key, f"unknown key(s) {extra} (allowed: {', '.join(sorted(allowed))})")
 
 
+def _unfilled_choices(c: "_Ctx", value, key: str) -> None:
+    """Fails on the first draft choice (a string starting with ``CHOOSE_ONE_OF``) left in ``value``."""
+    if isinstance(value, str) and value.strip().startswith(CHOOSE):
+        c.fail(key, f"still a draft choice ({value.strip()}): replace it with one of these column names, "
+                    "or delete the key if it is optional")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _unfilled_choices(c, v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _unfilled_choices(c, v, f"{key}[{i}]")
+
+
 def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> DatasetSchema:
     c = _Ctx(source)
     doc = c.mapping(doc, "<top level>")
+    for section in ("roles", "labels", "features", "split"):
+        _unfilled_choices(c, doc.get(section), section)
     c.unknown_keys(doc, ("name", "input", "roles", "labels", "features", "split", "oracle", "user_features",
                          "validation"),
                    "<top level>")
@@ -268,6 +295,7 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
     if not isinstance(feats, list) or not feats:
         c.fail("features", "expected a non-empty list of features")
     categorical, numeric, sequences = [], [], []
+    on_invalid: Dict[str, str] = {}
     entries = []
     for i, f in enumerate(feats):
         f = c.mapping(f, f"features[{i}]")
@@ -295,16 +323,23 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
         if ftype not in TYPES:
             c.fail(f"{key}.type", f"unknown type {ftype!r} (expected one of: {', '.join(TYPES)})")
         dtype = TYPES[ftype]
+        if "on_invalid" in f:
+            if f["on_invalid"] not in ON_INVALID:
+                c.fail(f"{key}.on_invalid", f"expected one of: {', '.join(ON_INVALID)}, got {f['on_invalid']!r}")
+            if dtype == "string":
+                c.fail(f"{key}.on_invalid", "only int and float features have invalid values (type is string)")
+            if f["on_invalid"] == "missing":
+                on_invalid[fname] = "missing"
         try:
             if transform == "numeric":
-                c.unknown_keys(f, ("name", "type", "transform", "log1p", "buckets"), key)
+                c.unknown_keys(f, ("name", "type", "transform", "log1p", "buckets", "on_invalid"), key)
                 if dtype == "string":
                     c.fail(f"{key}.type", "a numeric transform needs type int or float")
                 numeric.append(NumericFeature(fname, dtype=dtype, log1p=bool(f.get("log1p", True)),
                                               num_buckets=c.integer(f.get("buckets", 10), f"{key}.buckets", 2)))
             elif transform == "vocabulary":
                 c.unknown_keys(f, ("name", "type", "transform", "top_k", "min_frequency", "oov_buckets",
-                                   "approximate"), key)
+                                   "approximate", "on_invalid"), key)
                 if dtype == "float32":
                     c.fail(f"{key}.type", "a vocabulary needs type string or int")
                 top_k = f.get("top_k")
@@ -314,7 +349,7 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
                     num_oov_buckets=c.integer(f.get("oov_buckets", 1), f"{key}.oov_buckets", 1),
                     approximate=bool(f.get("approximate", False))))
             elif transform == "hash":
-                c.unknown_keys(f, ("name", "type", "transform", "hash_buckets"), key)
+                c.unknown_keys(f, ("name", "type", "transform", "hash_buckets", "on_invalid"), key)
                 if dtype == "float32":
                     c.fail(f"{key}.type", "hashing needs type string or int")
                 categorical.append(CategoricalFeature(
@@ -385,7 +420,8 @@ def parse_schema(doc: Any, source: str, input_path: Optional[str] = None) -> Dat
     if unknown_user:
         c.fail("roles.user_columns", f"column(s) {unknown_user} must also be declared under features")
     return DatasetSchema(name=name, source=os.path.abspath(source), input=input_spec, contract=contract,
-                         timestamp_format=ts_format, split=split, validation=_parse_validation(c, doc.get("validation")))
+                         timestamp_format=ts_format, split=split, validation=_parse_validation(c, doc.get("validation")),
+                         on_invalid=on_invalid)
 
 
 def _parse_validation(c: "_Ctx", doc) -> ValidationSpec:

@@ -10,9 +10,13 @@ opens it through Beam's ``FileSystems``. Records become canonical columns typed 
 * the timestamp as int64 Unix seconds; labels int64 0/1 (continuous labels float32); oracle columns;
 * ``__split``: the split where the reader can decide it (``files`` and ``hash`` splits), else ``""``.
 
-A record that cannot be used goes to the dead-letter output as ``{"source": "file:line", "reason": ...,
-"record": ...}``: missing required fields, NaN/inf, wrong types, truncated lines, bad timestamps, labels
-outside {0, 1}, funnel violations (post-click action or purchase without a click), undecodable bytes.
+A record that cannot be used goes to the dead-letter output as ``{"source": "file:line", "category": ...,
+"reason": ..., "record": ...}``; every reason belongs to one of the ``CATEGORIES`` (the summary's
+``rejected_by_reason`` counts them): a CSV line with the wrong number of fields (truncated or malformed),
+undecodable bytes, a TFRecord that is not a ``tf.Example``, a missing required field, a bad timestamp, a
+label outside {0, 1}, a funnel violation (post-click action or purchase without a click), a non-finite
+number, a value of the wrong type. A feature with ``on_invalid: missing`` in the schema reads its non-finite
+or unparsable values as missing instead (counted per feature, ``invalid_as_missing: <feature>``).
 Each file's counts (rows in, rejected by reason, truncations...) leave the DoFn as one ``stats`` output, so
 they are counted from committed outputs only, like the rows themselves.
 """
@@ -48,8 +52,26 @@ NAMESPACE = "rankline"
 _ARROW = {"string": pa.string(), "int64": pa.int64(), "float32": pa.float32()}
 
 
+# Dead-letter categories: every rejection names one (``Rejected.category``); the summary counts by category.
+WRONG_FIELD_COUNT = "wrong field count"
+INVALID_UTF8 = "invalid UTF-8"
+NOT_A_TF_EXAMPLE = "not a tf.Example"
+MISSING_FIELD = "missing required field"
+BAD_TIMESTAMP = "bad timestamp"
+LABEL_NOT_BINARY = "label not 0/1"
+FUNNEL_VIOLATION = "funnel violation"
+NON_FINITE = "non-finite value"
+WRONG_TYPE = "wrong type"
+CATEGORIES = (WRONG_FIELD_COUNT, INVALID_UTF8, NOT_A_TF_EXAMPLE, MISSING_FIELD, BAD_TIMESTAMP, LABEL_NOT_BINARY,
+              FUNNEL_VIOLATION, NON_FINITE, WRONG_TYPE)
+
+
 class Rejected(Exception):
-    """A record-level problem; the message is the dead-letter reason."""
+    """A record-level problem: ``category`` (one of ``CATEGORIES``) and the message, the dead-letter reason."""
+
+    def __init__(self, category: str, reason: str):
+        super().__init__(reason)
+        self.category = category
 
 
 def canonical_columns(contract: FeatureContract) -> Dict[str, pa.DataType]:
@@ -107,7 +129,7 @@ def plan_files(schema: DatasetSchema) -> List[InputFile]:
 def parse_timestamp(value, fmt: str) -> int:
     """Raw timestamp -> Unix seconds. ``fmt``: 'unix', 'unix_ms' or a strftime pattern (UTC)."""
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise Rejected("missing required field timestamp")
+        raise Rejected(MISSING_FIELD, "missing required field timestamp")
     try:
         if fmt == "unix":
             return int(float(value))
@@ -116,7 +138,7 @@ def parse_timestamp(value, fmt: str) -> int:
         text = value.decode() if isinstance(value, bytes) else str(value)
         return int(dt.datetime.strptime(text.strip(), fmt).replace(tzinfo=dt.timezone.utc).timestamp())
     except (ValueError, OverflowError):
-        raise Rejected(f"bad timestamp {value!r} (format {fmt!r})") from None
+        raise Rejected(BAD_TIMESTAMP, f"bad timestamp {value!r} (format {fmt!r})") from None
 
 
 class RowConverter:
@@ -132,6 +154,7 @@ class RowConverter:
         self.required_labels = list(c.labels.binary_columns)
         self.continuous = list(c.labels.continuous)
         self.oracle = list(c.oracle)
+        self.invalid_as_missing = {n for n, how in schema.on_invalid.items() if how == "missing"}
 
     @staticmethod
     def _missing(v) -> bool:
@@ -144,35 +167,47 @@ class RowConverter:
             try:
                 x = float(text)
             except ValueError:
-                raise Rejected(f"field {name}: expected {'int' if dtype == 'int64' else 'float'}, got {text[:40]!r}") from None
+                raise Rejected(WRONG_TYPE, f"field {name}: expected {'int' if dtype == 'int64' else 'float'}, "
+                                           f"got {text[:40]!r}") from None
         else:
             x = float(v)
         if not math.isfinite(x):
-            raise Rejected(f"field {name}: non-finite value {x}")
+            raise Rejected(NON_FINITE, f"field {name}: non-finite value {x}")
         if dtype == "int64":
             if x != int(x):
-                raise Rejected(f"field {name}: expected int, got {x}")
+                raise Rejected(WRONG_TYPE, f"field {name}: expected int, got {x}")
             return int(x)
         return x
 
     def _label(self, name: str, v) -> int:
         if self._missing(v):
-            raise Rejected(f"missing required field {name}")
+            raise Rejected(MISSING_FIELD, f"missing required field {name}")
         x = self._number(name, v, "float32")
         if x not in (0.0, 1.0):
-            raise Rejected(f"label {name}: expected 0 or 1, got {x}")
+            raise Rejected(LABEL_NOT_BINARY, f"label {name}: expected 0 or 1, got {x}")
         return int(x)
 
-    def convert(self, record: Dict) -> Tuple[Dict, List[str]]:
-        """Returns (canonical values, names of truncated sequences); raises ``Rejected``."""
+    def convert(self, record: Dict, invalid: Optional[List[str]] = None) -> Tuple[Dict, List[str]]:
+        """Returns (canonical values, names of truncated sequences); raises ``Rejected``. A feature with
+        ``on_invalid: missing`` whose value is not a finite number of its type becomes None, and its name is
+        appended to ``invalid`` (when given)."""
         out: Dict = {}
         truncated: List[str] = []
         for name, dtype in self.types.items():
             v = record.get(name)
             if self._missing(v):
                 out[name] = None
+                if isinstance(v, float) and name in self.invalid_as_missing and invalid is not None:
+                    invalid.append(name)  # a NaN number (Parquet, TFRecord): counted like the vectorised path
             elif dtype == "string":
                 out[name] = (v.decode() if isinstance(v, bytes) else str(v)).strip()
+            elif name in self.invalid_as_missing:
+                try:
+                    out[name] = self._number(name, v, dtype)
+                except Rejected:
+                    out[name] = None
+                    if invalid is not None:
+                        invalid.append(name)
             else:
                 out[name] = self._number(name, v, dtype)
         for name, f in self.sequences.items():
@@ -202,16 +237,16 @@ class RowConverter:
         if not click:
             bad = [n for n in list(c.labels.daction) + ([c.labels.purchase] if c.labels.purchase else []) if out[n]]
             if bad:
-                raise Rejected(f"funnel violation: {', '.join(bad)} without click")
+                raise Rejected(FUNNEL_VIOLATION, f"funnel violation: {', '.join(bad)} without click")
         for name in self.continuous:
             v = record.get(name)
             if self._missing(v):
-                raise Rejected(f"missing required field {name}")
+                raise Rejected(MISSING_FIELD, f"missing required field {name}")
             out[name] = self._number(name, v, "float32")
         for name in self.oracle:
             v = record.get(name)
             if self._missing(v):
-                raise Rejected(f"missing required field {name}")
+                raise Rejected(MISSING_FIELD, f"missing required field {name}")
             out[name] = self._number(name, v, c.raw_dtype(name))
         return out, truncated
 
@@ -301,16 +336,19 @@ class ReadFile(beam.DoFn):
         for source, record, problem in self._records(path, self.schema.input.format):
             rows += 1
             self._counter("rows_in")
+            invalid: List[str] = []
             try:
                 if problem:
-                    raise Rejected(problem)
-                values, truncated = self.converter.convert(record)
+                    raise problem
+                values, truncated = self.converter.convert(record, invalid)
             except Rejected as exc:
                 self._counter("rows_rejected")
-                self._counter("rejected: " + _category(str(exc)))
-                yield beam.pvalue.TaggedOutput(REJECTED, {"source": source, "reason": str(exc),
-                                                          "record": _printable(record)})
+                self._counter("rejected: " + exc.category)
+                yield beam.pvalue.TaggedOutput(REJECTED, {"source": source, "category": exc.category,
+                                                          "reason": str(exc), "record": _printable(record)})
                 continue
+            for name in invalid:
+                self._counter(f"invalid_as_missing: {name}")
             for name in truncated:
                 self._counter(f"sequence_truncated: {name}")
             for name in self.log1p:
@@ -340,15 +378,15 @@ class ReadFile(beam.DoFn):
         for table in _row_groups(path, self.columns):
             n = table.num_rows
             self._counter("rows_in", n)
-            cols, reasons = self._validate_table(table, n)
+            cols, reasons, categories = self._validate_table(table, n)
             bad = np.flatnonzero(reasons != None)  # noqa: E711  (object array)
             if len(bad):
                 self._counter("rows_rejected", len(bad))
                 records = table.take(pa.array(bad)).to_pylist()
                 for i, rec in zip(bad, records):
-                    reason = reasons[i]
-                    self._counter("rejected: " + _category(reason))
-                    yield beam.pvalue.TaggedOutput(REJECTED, {"source": f"{name}:row {offset + i}", "reason": reason,
+                    self._counter("rejected: " + categories[i])
+                    yield beam.pvalue.TaggedOutput(REJECTED, {"source": f"{name}:row {offset + i}",
+                                                              "category": categories[i], "reason": reasons[i],
                                                               "record": _printable(rec)})
             good = np.flatnonzero(reasons == None)  # noqa: E711
             for col in self.log1p:
@@ -380,14 +418,22 @@ class ReadFile(beam.DoFn):
         return offset
 
     def _validate_table(self, table: pa.Table, n: int):
-        """Canonical column arrays and a per-row reason (None = good), like ``RowConverter``."""
+        """Canonical column arrays, a per-row reason (None = good) and its category, like ``RowConverter``.
+
+        A feature with ``on_invalid: missing`` gets a null where its value is not a finite number of its type
+        (counted, ``invalid_as_missing: <feature>``) instead of a reason."""
         c = self.schema.contract
         reasons = np.full(n, None, dtype=object)
+        categories = np.full(n, None, dtype=object)
+        invalid_as_missing = self.converter.invalid_as_missing
 
-        def flag(mask, reason_fn):
+        def flag(mask, category, reason_fn, col=None):
             mask = np.asarray(mask, dtype=bool) & (reasons == None)  # noqa: E711  (first reason wins)
+            if col in invalid_as_missing:  # no reason: the caller nulls these values
+                return
             for i in np.flatnonzero(mask):
                 reasons[i] = reason_fn(i)
+                categories[i] = category
 
         cols: Dict[str, pa.Array] = {}
         for col, t in self.columns.items():
@@ -406,19 +452,26 @@ class ReadFile(beam.DoFn):
                 if pa.types.is_floating(arr.type):
                     values = arr.to_numpy(zero_copy_only=False)
                     valid = np.asarray(arr.is_valid())
-                    flag(valid & ~np.isfinite(np.where(valid, values, 0.0)),
-                         lambda i, col=col, v=values: f"field {col}: non-finite value {v[i]}")
+                    finite = np.isfinite(np.where(valid, values, 0.0))
+                    bad = valid & ~finite
+                    flag(bad, NON_FINITE, lambda i, col=col, v=values: f"field {col}: non-finite value {v[i]}", col)
                     if pa.types.is_integer(t):
-                        frac = valid & np.isfinite(np.where(valid, values, 0.0)) & (np.where(valid, values, 0) % 1 != 0)
-                        flag(frac, lambda i, col=col, v=values: f"field {col}: expected int, got {v[i]}")
-                        values = np.where(valid & np.isfinite(np.where(valid, values, 0.0)) &
-                                          (np.where(valid, values, 0) % 1 == 0), values, 0)
+                        frac = valid & finite & (np.where(valid, values, 0) % 1 != 0)
+                        flag(frac, WRONG_TYPE, lambda i, col=col, v=values: f"field {col}: expected int, got {v[i]}",
+                             col)
+                        bad |= frac
+                        values = np.where(valid & finite & (np.where(valid, values, 0) % 1 == 0), values, 0)
                         arr = pa.array(values.astype(np.int64), mask=~valid)
+                    if col in invalid_as_missing and bad.any():
+                        self._counter(f"invalid_as_missing: {col}", int(bad.sum()))
+                        arr = pc.if_else(pa.array(bad), pa.scalar(None, arr.type), arr)
+                if col in invalid_as_missing and (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+                    arr = self._parse_or_null(col, arr, t)
                 try:
                     arr = pc.cast(arr, t, safe=False)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                     text = arr.to_pylist()
-                    flag(np.ones(n, bool), lambda i, col=col: f"field {col}: expected "
+                    flag(np.ones(n, bool), WRONG_TYPE, lambda i, col=col: f"field {col}: expected "
                          f"{'int' if pa.types.is_integer(t) else 'float'}, got {str(text[i])[:40]!r}")
                     arr = pa.nulls(n, type=t)
             cols[col] = arr
@@ -427,22 +480,40 @@ class ReadFile(beam.DoFn):
         for col in required:
             valid = np.asarray(cols[col].is_valid())
             what = "timestamp" if col == c.timestamp else col
-            flag(~valid, lambda i, what=what: f"missing required field {what}")
+            flag(~valid, MISSING_FIELD, lambda i, what=what: f"missing required field {what}")
         if c.timestamp and self.schema.timestamp_format == "unix_ms":
             cols[c.timestamp] = pc.divide(cols[c.timestamp], 1000)
         for col in c.labels.binary_columns:
             v = cols[col].to_numpy(zero_copy_only=False)
             ok = np.isin(np.nan_to_num(v.astype(np.float64), nan=0.0), (0.0, 1.0))
-            flag(~ok, lambda i, col=col, v=v: f"label {col}: expected 0 or 1, got {float(v[i])}")
+            flag(~ok, LABEL_NOT_BINARY, lambda i, col=col, v=v: f"label {col}: expected 0 or 1, got {float(v[i])}")
         click = np.nan_to_num(cols[c.labels.click].to_numpy(zero_copy_only=False).astype(np.float64)) == 1
         later = list(c.labels.daction) + ([c.labels.purchase] if c.labels.purchase else [])
         if later:
             pos = {col: np.nan_to_num(cols[col].to_numpy(zero_copy_only=False).astype(np.float64)) == 1
                    for col in later}
             any_later = np.logical_or.reduce([pos[col] for col in later])
-            flag(~click & any_later,
+            flag(~click & any_later, FUNNEL_VIOLATION,
                  lambda i: "funnel violation: " + ", ".join(col for col in later if pos[col][i]) + " without click")
-        return cols, reasons
+        return cols, reasons, categories
+
+    def _parse_or_null(self, col: str, arr: pa.Array, t: pa.DataType) -> pa.Array:
+        """Text values of an ``on_invalid: missing`` column -> float64 with null where the text is not a finite
+        number of type ``t`` (counted); the caller casts to ``t``."""
+        parsed, bad = [], 0
+        for v in arr.to_pylist():
+            x = None
+            if v is not None and v.strip():
+                try:
+                    x = float(v)
+                except ValueError:
+                    x = None
+                if x is None or not math.isfinite(x) or (pa.types.is_integer(t) and x != int(x)):
+                    x, bad = None, bad + 1
+            parsed.append(x)
+        if bad:
+            self._counter(f"invalid_as_missing: {col}", bad)
+        return pa.array(parsed, pa.float64())
 
     def _hash_split(self, key_value, source: str) -> str:
         """Split of a record by its key column's value, or by its source position when it has none."""
@@ -498,13 +569,14 @@ class ReadFile(beam.DoFn):
                 try:
                     text = raw.decode("utf-8").rstrip("\r\n")
                 except UnicodeDecodeError as exc:
-                    yield source, None, f"invalid UTF-8 at byte {exc.start}"
+                    yield source, None, Rejected(INVALID_UTF8, f"invalid UTF-8 at byte {exc.start}")
                     continue
                 if not text.strip():
                     continue
                 fields = next(csv.reader([text], delimiter=opts.delimiter))
                 if len(fields) != len(header):
-                    yield source, {"line": text[:200]}, f"expected {len(header)} fields, got {len(fields)} (truncated or malformed line)"
+                    yield source, {"line": text[:200]}, Rejected(
+                        WRONG_FIELD_COUNT, f"expected {len(header)} fields, got {len(fields)} (truncated or malformed line)")
                     continue
                 yield source, dict(zip(header, fields)), None
 
@@ -525,7 +597,7 @@ class ReadFile(beam.DoFn):
             try:
                 ex = tf.train.Example.FromString(raw)
             except Exception as exc:  # noqa: BLE001  (any decode failure is a bad record)
-                yield source, None, f"not a tf.Example ({type(exc).__name__})"
+                yield source, None, Rejected(NOT_A_TF_EXAMPLE, f"not a tf.Example ({type(exc).__name__})")
                 continue
             record = {}
             for key, feat in ex.features.feature.items():
@@ -555,18 +627,6 @@ def _row_groups(path: str, columns) -> Iterator[pa.Table]:
         wanted = [c for c in columns if c in pf.schema_arrow.names]
         for rg in range(pf.num_row_groups):
             yield pf.read_row_group(rg, columns=wanted)
-
-
-def _category(reason: str) -> str:
-    for prefix in ("funnel violation", "missing required field", "bad timestamp", "invalid UTF-8", "expected",
-                   "label", "not a tf.Example"):
-        if reason.startswith(prefix):
-            return prefix
-    if "non-finite" in reason:
-        return "non-finite value"
-    if "expected" in reason:
-        return "wrong type"
-    return "other"
 
 
 def _printable(record) -> str:
@@ -605,5 +665,5 @@ def batch_time_range(batch: pa.RecordBatch, timestamp: str) -> Tuple[float, floa
     return float(mm["min"].as_py()), float(mm["max"].as_py()), batch.num_rows
 
 
-__all__ = ["InputFile", "ReadFile", "RowConverter", "Rejected", "canonical_columns", "hash_split", "match_files",
+__all__ = ["CATEGORIES", "InputFile", "ReadFile", "RowConverter", "Rejected", "canonical_columns", "hash_split", "match_files",
            "plan_files", "split_batch_by_time", "REJECTED", "SPLIT_COL", "ORDER_COL", "STATS"]

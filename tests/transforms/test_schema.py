@@ -76,6 +76,13 @@ _DELETE = object()
     (("validation",), {"blocking": ["drift", "typo"]}, "validation.blocking: expected a list of checks from"),
     (("validation",), {"drift_l1": 0.2}, "validation: unknown key(s) ['drift_l1']"),
     (("validation",), {"label_rate_change": 1.5}, "validation.label_rate_change: expected a number in [0, 1)"),
+    (("features", 0), {"name": "a", "type": "float", "transform": "numeric", "on_invalid": "drop"},
+     "features[0] (a).on_invalid: expected one of: reject, missing, got 'drop'"),
+    (("features", 0), {"name": "a", "transform": "vocabulary", "on_invalid": "missing"},
+     "features[0] (a).on_invalid: only int and float features have invalid values (type is string)"),
+    (("labels", "click"), "CHOOSE_ONE_OF [clk, buy]",
+     "labels.click: still a draft choice (CHOOSE_ONE_OF [clk, buy]): replace it with one of these column names"),
+    (("roles",), {"user_id": "CHOOSE_ONE_OF [a]"}, "roles.user_id: still a draft choice (CHOOSE_ONE_OF [a])"),
 ])
 def test_validation_errors_name_the_file_key_and_problem(path, value, expected):
     with pytest.raises(SchemaError) as info:
@@ -101,3 +108,13 @@ def test_validation_section_defaults_and_overrides():
     assert default.blocking == ("missing_column", "missing_rate", "reject_rate", "label_rate")
     custom = parse_schema(_with(("validation",), {"drift_linf": 0.3, "blocking": ["drift"]}), "s.yaml").validation
     assert (custom.drift_linf, custom.drift_psi, custom.blocking) == (0.3, 0.25, ("drift",))
+
+
+def test_on_invalid_defaults_to_reject_and_is_kept_per_feature():
+    doc = _with(("features",), [
+        {"names": ["x", "y"], "type": "float", "transform": "numeric", "on_invalid": "missing"},
+        {"name": "n", "type": "int", "transform": "hash", "hash_buckets": 8, "on_invalid": "missing"},
+        {"name": "k", "type": "int", "transform": "vocabulary", "on_invalid": "reject"},
+        {"name": "a", "transform": "vocabulary"}])
+    assert parse_schema(doc, "s.yaml").on_invalid == {"x": "missing", "y": "missing", "n": "missing"}
+    assert parse_schema(_with(("name",), "t"), "s.yaml").on_invalid == {}

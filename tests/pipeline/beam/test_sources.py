@@ -37,23 +37,25 @@ def _row(**overrides):
     return row
 
 
-@pytest.mark.parametrize("overrides,reason", [
-    ({"click": ""}, "missing required field click"),
-    ({"price": "nan"}, "field price: non-finite value nan"),
-    ({"price": "inf"}, "field price: non-finite value inf"),
-    ({"user": "abc"}, "field user: expected int, got 'abc'"),
-    ({"user": "1.5"}, "field user: expected int, got 1.5"),
-    ({"ts": "2024-13-45 00:00:00"}, "bad timestamp '2024-13-45 00:00:00'"),
-    ({"ts": ""}, "missing required field timestamp"),
-    ({"click": "0", "buy": "1"}, "funnel violation: buy without click"),
-    ({"click": "0", "cart": "1", "buy": "0"}, "funnel violation: cart without click"),
-    ({"click": "2"}, "label click: expected 0 or 1, got 2.0"),
+@pytest.mark.parametrize("overrides,reason,category", [
+    ({"click": ""}, "missing required field click", "missing required field"),
+    ({"price": "nan"}, "field price: non-finite value nan", "non-finite value"),
+    ({"price": "inf"}, "field price: non-finite value inf", "non-finite value"),
+    ({"user": "abc"}, "field user: expected int, got 'abc'", "wrong type"),
+    ({"user": "1.5"}, "field user: expected int, got 1.5", "wrong type"),
+    ({"ts": "2024-13-45 00:00:00"}, "bad timestamp '2024-13-45 00:00:00'", "bad timestamp"),
+    ({"ts": ""}, "missing required field timestamp", "missing required field"),
+    ({"click": "0", "buy": "1"}, "funnel violation: buy without click", "funnel violation"),
+    ({"click": "0", "cart": "1", "buy": "0"}, "funnel violation: cart without click", "funnel violation"),
+    ({"click": "2"}, "label click: expected 0 or 1, got 2.0", "label not 0/1"),
+    ({"click": "yes"}, "field click: expected float, got 'yes'", "wrong type"),
 ])
-def test_row_converter_rejects_with_a_reason(overrides, reason):
+def test_row_converter_rejects_with_a_reason(overrides, reason, category):
     conv = RowConverter(_schema("/tmp/none.csv"))
     with pytest.raises(Rejected) as info:
         conv.convert(_row(**overrides))
     assert str(info.value).startswith(reason), str(info.value)
+    assert info.value.category == category
 
 
 def test_row_converter_values_missing_and_truncation():
@@ -142,6 +144,16 @@ def test_dead_letter_names_source_and_reason(dirty_run):
     assert by_source["b.csv.gz:3"].startswith("invalid UTF-8")
 
 
+def test_rejections_are_counted_by_category(dirty_run):
+    """One crafted bad row per category: the summary counts each under its category's name (the old
+    prefix-matching counted the truncated line as "expected"), and the dead letter names it too."""
+    assert dirty_run["summary"]["rejected_by_reason"] == {
+        "missing required field": 1, "non-finite value": 1, "wrong field count": 1, "bad timestamp": 1,
+        "funnel violation": 1, "wrong type": 1, "invalid UTF-8": 1}
+    by_source = {r["source"]: r["category"] for r in dirty_run["rejected"]}
+    assert by_source["a.csv:24"] == "wrong field count" and by_source["b.csv.gz:3"] == "invalid UTF-8"
+
+
 def test_max_reject_fraction_fails_with_a_clear_message(dirty_run):
     assert "7 of 48 rows rejected (14.6%) > --max-reject-fraction 10.0%" in dirty_run["error"]
     assert "rejected" in dirty_run["error"]
@@ -226,6 +238,79 @@ def test_tfrecord_input_of_tf_examples(tmp_path):
     assert [(r["user"], r["cat"], r["price"], r["hist"]) for r in good] == [(1, "a", 2.5, ["p", "q"])]
     assert bad["x.tfrecord:record 1"] == "funnel violation: buy without click"
     assert bad["x.tfrecord:record 2"].startswith("not a tf.Example")
+    stats = [o.value for o in reader.process(path) if getattr(o, "tag", None) == "stats"]
+    assert {k: v for k, v in stats[0].items() if k.startswith("rejected: ")} == {
+        "rejected: funnel violation": 1, "rejected: not a tf.Example": 1}
+
+
+def _stats(reader, path):
+    return [o.value for o in reader.process(path) if getattr(o, "tag", None) == "stats"][0]
+
+
+def test_on_invalid_missing_reads_bad_values_as_missing_and_counts_them(tmp_path):
+    """``on_invalid: missing`` on price (float) and user (int): 'abc', nan, inf and 1.5 (for the int) become
+    missing instead of rejecting the row; the same rows are rejected without it. Row path (CSV)."""
+    from pipeline.beam.sources import ReadFile
+
+    values = [("1", "3.5"), ("abc", "2.0"), ("2", "nan"), ("1.5", "inf"), ("3", "x7"), ("4", "")]
+    lines = [HEADER] + [",".join(_row(user=u, price=p).values()) for u, p in values]
+    path = str(tmp_path / "a.csv")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    features = [dict(f, on_invalid="missing") if f["name"] in ("user", "price") else f for f in SCHEMA_DOC["features"]]
+    lenient = ReadFile(parse_schema(dict(SCHEMA_DOC, input={"path": path, "format": "csv"}, features=features),
+                                    "/x/unit.yaml"))
+    lenient.setup()
+    good, bad = _read_all(lenient, path)
+    assert bad == {}
+    assert [(r["user"], r["price"]) for r in good] == [(1, 3.5), (None, 2.0), (2, None), (None, None), (3, None),
+                                                       (4, None)]
+    stats = _stats(lenient, path)
+    # user: abc, 1.5; price: nan, inf, x7 (the empty price is an ordinary missing value, not counted)
+    assert stats["invalid_as_missing: user"] == 2 and stats["invalid_as_missing: price"] == 3
+    strict = ReadFile(_schema(path))
+    strict.setup()
+    good, bad = _read_all(strict, path)
+    assert len(good) == 2 and sorted(bad) == ["a.csv:3", "a.csv:4", "a.csv:5", "a.csv:6"]
+
+
+def test_on_invalid_missing_on_the_vectorised_parquet_path(tmp_path):
+    """The same rule on Parquet, vectorised and row-wise alike: float column with inf/nan, an int column stored
+    as floats with a fraction, a float column stored as text with a word."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.beam.sources import ReadFile
+
+    table = pa.table({
+        "user": pa.array([1.0, 2.5, 3.0, 4.0]),
+        "cat": pa.array(["a", "b", "c", "d"]),
+        "price": pa.array(["1.5", "abc", "inf", "2"]),
+        "size": pa.array([1.0, float("inf"), float("nan"), 4.0]),
+        "ts": pa.array([10, 11, 12, 13], pa.int64()),
+        "click": pa.array([1, 0, 1, 0], pa.int64()),
+        "cart": pa.array([0, 0, 0, 0], pa.int64()),
+        "buy": pa.array([0, 0, 0, 0], pa.int64()),
+    })
+    path = str(tmp_path / "x.parquet")
+    pq.write_table(table, path)
+    features = [{"name": "user", "type": "int", "transform": "vocabulary", "on_invalid": "missing"},
+                {"name": "cat", "transform": "vocabulary"},
+                {"name": "price", "type": "float", "transform": "numeric", "on_invalid": "missing"},
+                {"name": "size", "type": "float", "transform": "numeric", "on_invalid": "missing"}]
+    doc = dict(SCHEMA_DOC, roles={"timestamp": "ts"}, features=features,
+               input={"path": path, "format": "parquet"}, split={"kind": "hash", "eval_fraction": 0.3})
+    for vectorised in (True, False):
+        reader = ReadFile(parse_schema(doc, "/x/unit.yaml"))
+        reader.setup()
+        reader._vectorisable = lambda v=vectorised: v
+        good, bad = _read_all(reader, path)
+        assert bad == {}, vectorised
+        assert [(r["user"], r["price"], r["size"]) for r in good] == [
+            (1, 1.5, 1.0), (None, None, None), (3, None, None), (4, 2.0, 4.0)], vectorised
+        stats = _stats(reader, path)
+        assert (stats["invalid_as_missing: user"], stats["invalid_as_missing: price"],
+                stats["invalid_as_missing: size"]) == (1, 2, 2), vectorised
 
 
 def test_files_are_numbered_and_assigned_once_by_the_driver(tmp_path, monkeypatch):
