@@ -6,7 +6,8 @@ quantiles, mean/variance) is a tensorflow-transform analyzer and runs over the t
 """
 from __future__ import annotations
 
-from typing import Dict
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Tuple
 
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -62,21 +63,109 @@ def bucket_scope(name: str) -> str:
     return f"rl_numeric_{name}"
 
 
-def _numeric(f, inputs, outputs) -> None:
-    """log1p (negatives clipped to 0), quantile buckets (0 = missing) and z-score of a numeric feature."""
+@dataclass(frozen=True)
+class NumericStatistics:
+    """A numeric feature's analyzer results, fixed: quantile ``boundaries`` [n] (of the log1p'd values when the
+    feature has log1p) and the ``mean`` and ``var`` of its z-score, all float32 as in the transform graph."""
+
+    boundaries: Tuple[float, ...]
+    mean: float
+    var: float
+
+
+# Names of the constants a preprocessing_fn with fixed statistics puts in each numeric feature's scope.
+_FIXED = {"boundaries": "fixed_boundaries", "mean": "fixed_mean", "var": "fixed_var"}
+
+
+def _numeric(f, inputs, outputs, fixed: Optional[NumericStatistics] = None) -> None:
+    """log1p (negatives clipped to 0), quantile buckets (0 = missing) and z-score of a numeric feature.
+
+    ``fixed``: the statistics to apply instead of running the quantiles and mean/variance analyzers; the ops are
+    those ``tft.bucketize`` / ``tft.scale_to_z_score`` apply, so outputs equal the graph the statistics came from.
+    """
     x = _as_sparse(inputs[f.name])
     values = tf.cast(x.values, tf.float32)
     if f.log1p:
         values = tf.math.log1p(tf.maximum(values, 0.0))
     x = tf.SparseTensor(x.indices, values, x.dense_shape)
-    # Analyzers see present values only; missing becomes bucket 0 and z-score 0 (the mean).
-    buckets = tft.bucketize(x, f.num_buckets, elementwise=False)
+    if fixed is None:
+        # Analyzers see present values only; missing becomes bucket 0 and z-score 0 (the mean).
+        buckets = tft.bucketize(x, f.num_buckets, elementwise=False)
+        outputs[F.bucket_id(f.name)] = _dense(buckets, tf.constant(-1, tf.int64)) + 1
+        outputs[F.zscore(f.name)] = _dense(tft.scale_to_z_score(x), 0.0)
+        return
+    boundaries = tf.constant([list(fixed.boundaries)], tf.float32, name=_FIXED["boundaries"])
+    buckets = tft.apply_buckets(x, boundaries)
     outputs[F.bucket_id(f.name)] = _dense(buckets, tf.constant(-1, tf.int64)) + 1
-    outputs[F.zscore(f.name)] = _dense(tft.scale_to_z_score(x), 0.0)
+    centred = x.values - tf.constant(fixed.mean, tf.float32, name=_FIXED["mean"])
+    std = tf.sqrt(tf.constant(fixed.var, tf.float32, name=_FIXED["var"]))
+    z = tf.where(tf.not_equal(std, 0), tf.divide(centred, std), centred)
+    outputs[F.zscore(f.name)] = _dense(tf.SparseTensor(x.indices, z, x.dense_shape), 0.0)
 
 
-def build_preprocessing_fn(contract: FeatureContract):
-    """Returns a ``preprocessing_fn(inputs) -> outputs`` for ``contract`` (names in transforms.features)."""
+def read_numeric_statistics(tft_dir: str, contract: FeatureContract) -> Dict[str, NumericStatistics]:
+    """{numeric feature: its ``NumericStatistics``} as applied by the transform graph in ``tft_dir`` (the
+    ``transform_fn_output`` of tft_beam.WriteTransformFn), made by either ``preprocessing_fn`` path.
+
+    Analyzer results are the transform function's captured inputs, named after the ops that consume them in the
+    feature's ``bucket_scope`` (``..._bucketize_apply_buckets_N``, ``..._scale_to_z_score_sub_y`` (mean),
+    ``..._scale_to_z_score_sqrt_x`` (variance)); fixed statistics are its named constants. Raises ``ValueError``
+    naming the feature and the directory when one is not found.
+    """
+    import os
+    import re
+
+    loaded = tf.saved_model.load(os.path.join(tft_dir, "transform_fn"))
+    fn = loaded.signatures["serving_default"]
+    graph = fn.graph
+    captured = {inner.ref(): ext for ext, inner in zip(fn.captured_inputs, graph.internal_captures)}
+    library = {f.signature.name: f for f in graph.as_graph_def().library.function}
+    values: Dict[str, object] = {}
+    for op in graph.get_operations():
+        if op.type not in ("PartitionedCall", "StatefulPartitionedCall"):
+            continue
+        fdef = library.get(op.get_attr("f").name)
+        if fdef is None:
+            continue
+        for arg, tensor in zip(fdef.signature.input_arg, op.inputs):
+            if tensor.ref() in captured and captured[tensor.ref()].dtype != tf.resource:
+                values[arg.name] = captured[tensor.ref()].numpy()
+    for fdef in library.values():
+        for node in fdef.node_def:
+            if node.op == "Const" and node.name.rsplit("/", 1)[-1] in _FIXED.values():
+                values[node.name] = tf.make_ndarray(node.attr["value"].tensor)
+    out = {}
+    for f in contract.numeric:
+        scope = bucket_scope(f.name)
+
+        def find(fixed_key: str, pattern: str):
+            if f"{scope}/{_FIXED[fixed_key]}" in values:
+                return values[f"{scope}/{_FIXED[fixed_key]}"]
+            hits = [v for k, v in values.items() if re.fullmatch(re.escape(scope) + pattern, k)]
+            if len(hits) != 1:
+                raise ValueError(f"numeric feature {f.name!r}: {len(hits)} {fixed_key} values in the transform "
+                                 f"graph of {tft_dir} (expected 1)")
+            return hits[0]
+
+        boundaries = find("boundaries", r"_bucketize_apply_buckets_\d+")
+        out[f.name] = NumericStatistics(tuple(float(b) for b in boundaries.reshape(-1)),
+                                        float(find("mean", "_scale_to_z_score_sub_y")),
+                                        float(find("var", "_scale_to_z_score_sqrt_x")))
+    return out
+
+
+def build_preprocessing_fn(contract: FeatureContract,
+                           numeric_statistics: Optional[Mapping[str, NumericStatistics]] = None):
+    """Returns a ``preprocessing_fn(inputs) -> outputs`` for ``contract`` (names in transforms.features).
+
+    ``numeric_statistics`` ({numeric feature: ``NumericStatistics``}, e.g. ``read_numeric_statistics`` of an
+    earlier transform graph): numeric features apply these instead of analyzing the data, so only the
+    vocabularies are re-analyzed (``pipeline.retrain --refresh-vocabulary``); every numeric feature needs one.
+    """
+    if numeric_statistics is not None:
+        missing = [f.name for f in contract.numeric if f.name not in numeric_statistics]
+        if missing:
+            raise ValueError(f"numeric_statistics lacks the numeric feature(s) {', '.join(missing)}")
 
     def preprocessing_fn(inputs):
         outputs = {}
@@ -107,7 +196,7 @@ def build_preprocessing_fn(contract: FeatureContract):
                 ids, [None, f.max_length], default_value=0)
         for f in contract.numeric:
             with tf.name_scope(bucket_scope(f.name)):
-                _numeric(f, inputs, outputs)
+                _numeric(f, inputs, outputs, numeric_statistics[f.name] if numeric_statistics else None)
         if contract.timestamp:
             ts = tf.reshape(tf.cast(inputs[contract.timestamp], tf.int64), [-1, 1])
             outputs[F.HOUR_ID] = tf.math.floormod(tf.math.floordiv(ts, 3600), F.HOUR_CARDINALITY)
