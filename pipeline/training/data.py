@@ -1,9 +1,25 @@
-"""tf.data input from the transformed gzip TFRecords."""
+"""tf.data input from the transformed gzip TFRecords.
+
+Two formats are read, told apart by each split's first record:
+
+* ``columnar`` (``COLUMNAR_FORMAT``, what ``pipeline.beam.preprocess`` writes): one ``tf.Example`` per batch of
+  n transformed rows. Feature ``__format__`` = [``COLUMNAR_FORMAT``], ``__rows__`` = [n], and every transformed
+  feature of spec shape [k] holds the batch's n·k values row-major (row i is values[i·k:(i+1)·k]).
+* ``examples``: one ``tf.Example`` per row (earlier preprocessing outputs, hand-written test data).
+
+A record whose ``__format__`` names another format is an error naming the file.
+"""
 from __future__ import annotations
 
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import tensorflow as tf
+
+COLUMNAR_FORMAT = "rankline.columnar.v1"
+EXAMPLES_FORMAT = "examples"
+FORMAT_KEY = "__format__"
+ROWS_KEY = "__rows__"
+SHUFFLE_ROWS = 50_000  # rows mixed by a shuffle: the buffer of one tf.Example per row, the window of columnar
 
 
 def _files(file_pattern: str):
@@ -13,11 +29,79 @@ def _files(file_pattern: str):
     return sorted(files)
 
 
+def transformed_format(files: Sequence[str]) -> Tuple[str, int]:
+    """(format, rows in its first record) of transformed TFRecords, from the first record of the first
+    non-empty file: ``COLUMNAR_FORMAT`` or ``EXAMPLES_FORMAT`` (1 row a record). Unknown formats raise."""
+    for path in files:
+        for record in tf.data.TFRecordDataset(path, compression_type="GZIP").take(1).as_numpy_iterator():
+            feature = tf.train.Example.FromString(record).features.feature
+            if FORMAT_KEY not in feature:
+                return EXAMPLES_FORMAT, 1
+            tag = b"".join(feature[FORMAT_KEY].bytes_list.value[:1]).decode(errors="replace")
+            if tag != COLUMNAR_FORMAT:
+                raise ValueError(f"{path}: transformed-data format {tag!r} is unknown to this reader (it reads "
+                                 f"{COLUMNAR_FORMAT!r} and one tf.Example per row); preprocess the data again")
+            return COLUMNAR_FORMAT, int(feature[ROWS_KEY].int64_list.value[0])
+    return EXAMPLES_FORMAT, 1
+
+
+def _columnar_parser(spec: Dict):
+    """One columnar record -> {key: [n] + spec[key].shape} (n = its ``__rows__``)."""
+    for key, f in spec.items():
+        if not isinstance(f, tf.io.FixedLenFeature):
+            raise TypeError(f"transformed feature {key!r}: the columnar format holds FixedLenFeatures only, got {f}")
+    values = {k: tf.io.FixedLenSequenceFeature([], f.dtype, allow_missing=True) for k, f in spec.items()}
+    values[FORMAT_KEY] = tf.io.FixedLenFeature([], tf.string)
+    values[ROWS_KEY] = tf.io.FixedLenFeature([], tf.int64)
+
+    def parse(record) -> Dict:
+        p = tf.io.parse_single_example(record, values)
+        check = tf.debugging.assert_equal(p[FORMAT_KEY], COLUMNAR_FORMAT,
+                                          message="transformed record of another format than its split's first")
+        with tf.control_dependencies([check]):
+            return {k: tf.reshape(p[k], [p[ROWS_KEY]] + list(f.shape)) for k, f in spec.items()}
+
+    return parse
+
+
 def count_records(file_pattern: str) -> int:
-    """Number of records in the gzip TFRecords matching ``file_pattern`` (one pass, no parsing)."""
-    ds = tf.data.TFRecordDataset(_files(file_pattern), compression_type="GZIP", num_parallel_reads=tf.data.AUTOTUNE)
+    """Number of rows in the transformed TFRecords matching ``file_pattern`` (one pass; columnar records are
+    counted by their ``__rows__``, one tf.Example per row by records)."""
+    files = _files(file_pattern)
+    ds = tf.data.TFRecordDataset(files, compression_type="GZIP", num_parallel_reads=tf.data.AUTOTUNE)
+    if transformed_format(files)[0] == COLUMNAR_FORMAT:
+        rows = {ROWS_KEY: tf.io.FixedLenFeature([], tf.int64)}
+        ds = ds.map(lambda r: tf.io.parse_single_example(r, rows)[ROWS_KEY], num_parallel_calls=tf.data.AUTOTUNE)
+        return int(ds.reduce(tf.constant(0, tf.int64), lambda n, k: n + k).numpy())
     return int(ds.batch(4096).reduce(tf.constant(0, tf.int64),
                                      lambda n, b: n + tf.shape(b, out_type=tf.int64)[0]).numpy())
+
+
+def _columnar_batches(files, spec: Dict, batch_size: int, shuffle: bool, seed: int, ordered: bool,
+                      cache: bool, block_rows: int) -> tf.data.Dataset:
+    """One epoch of {key: [<=batch_size] + shape} batches from columnar records. Shuffling permutes windows of
+    max(SHUFFLE_ROWS, 4 blocks) consecutive rows (blocks interleaved from 4 files), anew every epoch."""
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    cycle = min(4, len(files))
+    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"), cycle_length=cycle,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)
+    if cache:
+        ds = ds.cache()
+    ds = ds.map(_columnar_parser(spec), num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)
+    if shuffle:
+        key = next(iter(spec))
+        windows = ds.rebatch(max(SHUFFLE_ROWS, cycle * block_rows))
+
+        def permute(window, r):
+            order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(window[key])[0]),
+                                                             seed=tf.stack([r, tf.constant(seed, tf.int64)]))
+            return {k: tf.gather(v, order) for k, v in window.items()}
+
+        ds = tf.data.Dataset.zip((windows, tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)))
+        ds = ds.map(permute, num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)
+    return ds.rebatch(batch_size)
 
 
 def make_dataset(file_pattern: str, feature_spec: Dict, feature_keys: Sequence[str], label_keys: Sequence[str],
@@ -34,6 +118,8 @@ def make_dataset(file_pattern: str, feature_spec: Dict, feature_keys: Sequence[s
     False lets parallel stages emit out of order; None (default) = ordered unless shuffling.
     ``cache`` keeps the decompressed serialized records in memory after the first pass (later epochs skip
     file reads and gzip; records are still reshuffled and parsed every epoch).
+    Columnar records are parsed a record (a block of rows) at a time and cut into batches (``rebatch``);
+    shuffling permutes windows of ``SHUFFLE_ROWS`` rows or more instead of a buffer of rows.
     """
     files = _files(file_pattern)
     wanted = set(feature_keys) | set(label_keys) | set(extra_keys)
@@ -41,39 +127,49 @@ def make_dataset(file_pattern: str, feature_spec: Dict, feature_keys: Sequence[s
     if missing:
         raise KeyError(f"transformed data lacks feature(s) {missing} (files {file_pattern})")
     ordered = (not shuffle) if deterministic is None else bool(deterministic)
-    spec = {k: feature_spec[k] for k in wanted}
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle:
-        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
-                       cycle_length=min(4, len(files)), num_parallel_calls=tf.data.AUTOTUNE,
-                       deterministic=ordered)
-    if cache:
-        ds = ds.cache()
-    if shuffle:
-        ds = ds.shuffle(50_000, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
+    spec = {k: feature_spec[k] for k in sorted(wanted)}
+    labels_and_extra = list(dict.fromkeys(list(label_keys) + list(extra_keys)))
+    fmt, block_rows = transformed_format(files)
+    if fmt == COLUMNAR_FORMAT:
+        ds = _columnar_batches(files, spec, batch_size, shuffle, seed, ordered, cache, block_rows)
+        parse = lambda cols: cols  # noqa: E731 (parsed a block at a time)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices(files)
+        if shuffle:
+            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+                           cycle_length=min(4, len(files)), num_parallel_calls=tf.data.AUTOTUNE,
+                           deterministic=ordered)
+        if cache:
+            ds = ds.cache()
+        if shuffle:
+            ds = ds.shuffle(SHUFFLE_ROWS, seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size)
+        parse = lambda serialized: tf.io.parse_example(serialized, spec)  # noqa: E731
     if epochs is None or epochs != 1:
         ds = ds.repeat(epochs)
     if skip_batches:
         ds = ds.skip(skip_batches)
-    labels_and_extra = list(dict.fromkeys(list(label_keys) + list(extra_keys)))
 
-    def parse(serialized) -> Tuple[Dict, Dict]:
-        parsed = tf.io.parse_example(serialized, spec)
+    def split(batch) -> Tuple[Dict, Dict]:
+        parsed = parse(batch)
         return ({k: parsed[k] for k in feature_keys}, {k: parsed[k] for k in labels_and_extra})
 
-    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(split, num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered).prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = ordered
     return ds.with_options(options)
 
 
 def load_columns(file_pattern: str, feature_spec: Dict, keys: Sequence[str], batch_size: int = 8192) -> Dict:
-    """Every record of the gzip TFRecords, parsed once into one in-memory tensor per key (file order)."""
+    """Every row of the transformed TFRecords, parsed once into one in-memory tensor per key (file order)."""
     spec = {k: feature_spec[k] for k in dict.fromkeys(keys)}
-    ds = tf.data.TFRecordDataset(_files(file_pattern), compression_type="GZIP", num_parallel_reads=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size).map(lambda s: tf.io.parse_example(s, spec), num_parallel_calls=tf.data.AUTOTUNE)
+    files = _files(file_pattern)
+    ds = tf.data.TFRecordDataset(files, compression_type="GZIP", num_parallel_reads=tf.data.AUTOTUNE)
+    if transformed_format(files)[0] == COLUMNAR_FORMAT:
+        ds = ds.map(_columnar_parser(spec), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.batch(batch_size).map(lambda s: tf.io.parse_example(s, spec), num_parallel_calls=tf.data.AUTOTUNE)
     parts: Dict[str, list] = {k: [] for k in spec}
     for batch in ds:
         for k, v in batch.items():

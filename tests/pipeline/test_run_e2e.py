@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-import tensorflow as tf
+from tests.pipeline.beam.shard_rows import rows_on_disk
 
 
 def test_run_reports_aucs_beside_oracle(e2e_run):
@@ -48,8 +48,7 @@ def test_every_input_row_is_published_exactly_once(e2e_run):
     pp, work = e2e_run["summary"]["preprocess"], e2e_run["work_dir"]
     n_input = sum(pq.ParquetFile(f).metadata.num_rows
                   for f in glob.glob(os.path.join(e2e_run["summary"]["input"]["dir"], "*.parquet")))
-    records = {s: sum(1 for _ in tf.data.TFRecordDataset(
-        sorted(glob.glob(os.path.join(work, "preprocessed", "data", s, "part-*"))), compression_type="GZIP"))
+    records = {s: rows_on_disk(glob.glob(os.path.join(work, "preprocessed", "data", s, "part-*")))
         for s in ("train", "eval", "test")}
     rejected = 0
     for path in glob.glob(os.path.join(work, "preprocessed", "rejected", "part*")):

@@ -1,11 +1,12 @@
-"""Batch-at-a-time TFRecord output of the preprocessing stage: every row written once, shards published
-under final names only from committed bundles (a committed file that is not there is an error, never a
-name), their record counts recorded beside them, temporary files cleaned up."""
+"""Batch-at-a-time TFRecord output of the preprocessing stage (one columnar record per batch): every row
+written once, shards published under final names only from committed bundles (a committed file that is not
+there is an error, never a name), their row counts recorded beside them, temporary files cleaned up."""
 import glob
 import json
 import os
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pytest
 import tensorflow as tf
@@ -29,20 +30,32 @@ def _records(paths):
     return [r.numpy() for r in tf.data.TFRecordDataset(list(paths), compression_type="GZIP")]
 
 
+def _columnar_rows(path):
+    """The rows of one columnar shard, decoded literally: {feature: [n, k] values} from its one record."""
+    (record,) = _records([path])
+    feature = tf.train.Example.FromString(record).features.feature
+    assert feature["__format__"].bytes_list.value == [b"rankline.columnar.v1"]
+    n = feature["__rows__"].int64_list.value[0]
+    return n, {"id": np.reshape(feature["id"].int64_list.value, (n, -1)),
+               "z": np.reshape(feature["z"].float_list.value, (n, -1))}
+
+
 def test_writes_every_row_once_into_published_shards(tmp_path):
     out_dir = str(tmp_path / "data" / "train")
     with make_pipeline() as p:
         _ = p | beam.Create(_batches(), reshuffle=False) | WriteExampleShards(out_dir, compression_level=1)
     files = sorted(glob.glob(os.path.join(out_dir, "part-*")))
     assert [os.path.basename(f) for f in files] == [f"part-{i:05d}-of-00003.tfrecord.gz" for i in range(3)]
-    spec = {"id": tf.io.FixedLenFeature([1], tf.int64), "z": tf.io.FixedLenFeature([1], tf.float32)}
-    rows = [tf.io.parse_single_example(r, spec) for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
-    ids = sorted(int(r["id"][0]) for r in rows)
-    assert ids == sorted(b * 100 + i for b in range(3) for i in range(7 + b))
-    assert all(float(r["z"][0]) == int(r["id"][0]) / 2 for r in rows)
-    # the recorded count is the number of records on disk: 7 + 8 + 9
+    shards = [_columnar_rows(f) for f in files]   # one record per batch, holding its rows
+    assert sorted(n for n, _ in shards) == [7, 8, 9]
+    ids = np.concatenate([cols["id"] for _, cols in shards])
+    z = np.concatenate([cols["z"] for _, cols in shards])
+    assert ids.shape == z.shape == (24, 1)
+    assert sorted(ids[:, 0]) == sorted(b * 100 + i for b in range(3) for i in range(7 + b))
+    assert (z == ids / 2).all()
+    # the recorded count is the number of rows on disk: 7 + 8 + 9
     with open(os.path.join(out_dir, SHARDS_FILE)) as fh:
-        assert json.load(fh)["rows"] == len(rows) == 24
+        assert json.load(fh)["rows"] == len(ids) == 24
     assert sorted(os.listdir(out_dir)) == [SHARDS_FILE] + [os.path.basename(f) for f in files]
     # nothing but the data directory is left beside it (the temporary directory is gone)
     assert os.listdir(tmp_path / "data") == ["train"]
