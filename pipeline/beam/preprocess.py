@@ -8,9 +8,10 @@
     train, eval, test ──Transform (the graph)──► one gzip TFRecord file per batch ──publish──► part-*
                                                                                    └──► _SHARDS.json (rows)
 
-Without per-user features, the analysis pass, the transform pass and (for a time split) the time range each
-stream their own read of the files, so memory does not grow with the data; with them, the shuffle by user
-feeds every pass. Analyzers (vocabularies, quantiles, means) see the training split only. Output in ``output_dir``:
+The analysis pass, the transform pass and (for a time split) the time range each stream their own read of the
+files, so memory does not grow with the data. Per-user features need a group by user, which an in-process runner
+holds in memory: with them, earlier pipeline runs read the files, spill the rows by user bucket and add the
+features a chunk of users at a time (``user_chunk_rows``), and the passes read those rows instead. Analyzers (vocabularies, quantiles, means) see the training split only. Output in ``output_dir``:
 ``data/<split>/part-*.tfrecord.gz`` (gzip, one columnar ``tf.Example`` per transformed batch, read by
 ``pipeline.training.data``), ``transform_fn_output/`` (the transform graph
 and the transformed schema), ``statistics.pb`` (the training split's statistics), ``user_state/`` (each user's
@@ -82,6 +83,9 @@ class PreprocessConfig:
     # gzip level of the output TFRecords: 1 writes ~5x faster than zlib's default 6 for ~40% larger files
     # (decompression speed is about the same), and compression was the largest per-row cost of the stage.
     compression_level: int = 1
+    # Per-user features are computed a chunk of users at a time, at most this many rows each (plus one user
+    # bucket): one chunk is what a run holds in memory on an in-process runner.
+    user_chunk_rows: int = 1_000_000
 
     def __post_init__(self):
         if not 0 <= self.compression_level <= 9:
@@ -90,6 +94,8 @@ class PreprocessConfig:
             raise ValueError(f"max_reject_fraction must be in [0, 1], got {self.max_reject_fraction}")
         if self.batch_rows < 1:
             raise ValueError("batch_rows must be >= 1")
+        if self.user_chunk_rows < 1:
+            raise ValueError(f"user_chunk_rows must be >= 1, got {self.user_chunk_rows}")
 
 
 def _tft_type(t: pa.DataType) -> pa.DataType:
@@ -310,6 +316,56 @@ def read_reporting(p, schema: DatasetSchema, files, output_dir: str, batch_rows:
     return read.rows
 
 
+def user_feature_chunks(schema: DatasetSchema, cfg: PreprocessConfig, files,
+                         beam_args: Optional[List[str]]) -> Tuple[List[str], str]:
+    """Per-user features a chunk of users at a time (``pipeline.beam.user_features``), in pipeline runs of their
+    own: one does the reporting read (dead letter, counts) and spills the rows to files by user bucket; then one
+    per chunk of whole buckets (at most ``cfg.user_chunk_rows`` rows, all events of each of its users) adds the
+    features and writes its users' states to ``user_state/``. Returns (the files of the rows with their features,
+    the temporary directory holding them)."""
+    import uuid
+
+    import tensorflow as tf
+
+    from pipeline.beam import user_features as U
+
+    contract = schema.contract
+    work = os.path.join(cfg.output_dir, "tmp", f"user-features-{uuid.uuid4().hex}")
+    state_dir = os.path.join(cfg.output_dir, USER_STATE_DIR)
+    if tf.io.gfile.exists(state_dir):
+        tf.io.gfile.rmtree(state_dir)  # only this run's states (the chunks' files replace one earlier set)
+
+    def run(name: str, build) -> None:
+        logger.info("preprocess: stage %s started", name)
+        start = time.time()
+        p = make_pipeline(beam_args)
+        build(p)
+        p.run().wait_until_finish()
+        logger.info("preprocess: stage %s done in %.1fs", name, time.time() - start)
+
+    spill = os.path.join(work, "spill.json")
+    run("read, spill by user", lambda p: U.write_arrow_files(
+        read_reporting(p, schema, files, cfg.output_dir, cfg.batch_rows), os.path.join(work, "spill"), spill,
+        contract.user_id))
+    chunks = U.plan_chunks(U.read_manifest(spill), cfg.user_chunk_rows)
+    featured: List[str] = []
+    for k, paths in enumerate(chunks):
+        manifest = os.path.join(work, f"chunk-{k}.json")
+
+        def build(p, paths=paths, k=k, manifest=manifest):
+            # Every user's state after its last event is kept, so pipeline.retrain continues from it.
+            rows, states = U.add_user_features_with_state(U.read_arrow_files(p, paths, cfg.batch_rows, "ReadChunk"),
+                                                          p | "NoEarlierState" >> beam.Create([]), contract)
+            _ = U.write_states(states, os.path.join(state_dir, f"part-c{k:04d}"))
+            U.write_arrow_files(rows, os.path.join(work, f"chunk-{k}"), manifest)
+
+        run(f"user features, chunk {k + 1}/{len(chunks)}", build)
+        featured += [path for _, path, _ in U.read_manifest(manifest)]
+        for path in paths:
+            tf.io.gfile.remove(path)  # this chunk's spill is no longer needed
+    return featured, work
+
+
 def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_fn,
                    beam_args: Optional[List[str]] = None) -> Dict:
     """Runs the Beam pipeline; returns the summary (also written to ``summary.json``). The fingerprint of what
@@ -332,36 +388,32 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
     columns = sources.canonical_columns(contract)
     tac = tensor_adapter_config(contract)
     split = schema.split
+    # Per-user features need a group by user, which an in-process runner holds in memory: earlier pipeline runs
+    # compute them a chunk of users at a time (and do the reporting read); this pipeline then reads their output.
+    featured = user_feature_chunks(schema, cfg, files, beam_args) if contract.user_features else None
     p = make_pipeline(beam_args)
 
     def read(label: str, report: bool):
         return read_files(p, schema, files, cfg.batch_rows, label, report)
 
-    with tft_beam.Context(temp_dir=os.path.join(cfg.output_dir, "tmp")):
-        first_rows = read_reporting(p, schema, files, cfg.output_dir, cfg.batch_rows)
-        if contract.user_features:
-            # Per-user features need a shuffle by user; every later pass reads its (materialised) output.
-            from pipeline.beam.user_features import add_user_features_with_state, write_states
+    def read_rows(label: str):
+        if featured is not None:
+            from pipeline.beam.user_features import read_arrow_files
 
-            # Every user's state after the last event is kept, so pipeline.retrain continues from it.
-            rows, states = add_user_features_with_state(first_rows, p | "NoEarlierState" >> beam.Create([]), contract)
-            _ = write_states(states, os.path.join(cfg.output_dir, USER_STATE_DIR, "part"))
-            cutoffs = _time_cutoffs(rows, contract, split) if split.kind == "time" else None
-            if cutoffs is not None:
-                # A side input must not be computed in the stage it feeds: materialise the rows first.
-                rows = rows | "Materialise" >> beam.Reshuffle()
-            analysis_rows = None
-        else:
-            # No shuffle: the analysis pass and the transform pass each stream their own read of the files
-            # (and the time range a third), so no pass holds the dataset and memory stays flat in its size.
-            rows = first_rows
-            cutoffs = (_time_cutoffs(read("ReadForTimeRange", report=False).rows, contract, split)
-                       if split.kind == "time" else None)
-            analysis_rows = read("ReadForAnalysis", report=False).rows
+            return read_arrow_files(p, featured[0], cfg.batch_rows, label)
+        return read(label, report=False).rows
+
+    with tft_beam.Context(temp_dir=os.path.join(cfg.output_dir, "tmp")):
+        # No shuffle: the analysis pass and the transform pass each stream their own read of the files
+        # (and the time range a third), so no pass holds the dataset and memory stays flat in its size.
+        rows = (read_rows("ReadFeatured") if featured is not None
+                else read_reporting(p, schema, files, cfg.output_dir, cfg.batch_rows))
+        cutoffs = _time_cutoffs(read_rows("ReadForTimeRange"), contract, split) if split.kind == "time" else None
+        analysis_rows = read_rows("ReadForAnalysis")
         side = beam.pvalue.AsSingleton(cutoffs) if cutoffs is not None else None
         keyed = rows | "Split" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=side)
-        analysis_keyed = keyed if analysis_rows is None else (
-            analysis_rows | "SplitForAnalysis" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=side))
+        analysis_keyed = (analysis_rows
+                          | "SplitForAnalysis" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=side))
         parts = keyed | "Partition" >> beam.Partition(lambda kv, n: SPLITS.index(kv[0]), len(SPLITS))
         # The training split's statistics: what pipeline.retrain checks new partitions against.
         _ = (parts[SPLITS.index(TRAIN)] | "TrainBatches" >> beam.Map(lambda kv: kv[1])
@@ -382,8 +434,13 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(
             os.path.join(cfg.output_dir, TRANSFORM_DIR))
     logger.info("preprocess %s: pipeline built in %.1fs; running", schema.name, time.time() - started)
+    logger.info("preprocess: stage analyze, transform, write started")
+    pass_started = time.time()
     result = p.run()
     result.wait_until_finish()
+    logger.info("preprocess: stage analyze, transform, write done in %.1fs", time.time() - pass_started)
+    if featured is not None and tf.io.gfile.exists(featured[1]):
+        tf.io.gfile.rmtree(featured[1])  # the rows with their per-user features, spilled
     summary = _summary(schema, cfg, _pipeline_counts(cfg.output_dir), files, time.time() - started)
     with tf.io.gfile.GFile(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
         fh.write(json.dumps(summary, indent=2))

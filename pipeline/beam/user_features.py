@@ -17,6 +17,14 @@ Across log partitions (``pipeline.retrain``) the per-user state at the end of on
 sums, clicked items, click history, clicks and repeats) is saved and the next partition starts from it
 (``add_user_features_with_state``), so a row's features equal what one run over the concatenated partitions
 gives (tested), with no look-ahead: a partition only ever starts from the state of the partitions before it.
+
+Memory (``pipeline.beam.preprocess``): the group by user is a shuffle, which an in-process runner (the
+DirectRunner's FnApiRunner) holds in memory whole. So preprocessing does it in chunks of users: one streaming pass
+spills the rows to Arrow files by user bucket (``SpillByUser``, ``SPILL_BUCKETS`` buckets), ``plan_chunks`` groups
+whole buckets into chunks of at most ``max_rows`` rows, and each chunk is its own pipeline run
+(``add_user_features_with_state`` from no state; its rows to Arrow files, its users' states to ``write_states``).
+All events of a user are in one bucket, hence in one chunk, so the features equal one pass over all rows (tested)
+and a run never holds more than one chunk.
 """
 from __future__ import annotations
 
@@ -96,8 +104,10 @@ def _label_values(rows, contract: FeatureContract, name: str) -> np.ndarray:
     return values
 
 
-def split_by_user(batch: pa.RecordBatch, user_col: str, buckets: int = 64) -> Iterator[Tuple[int, pa.RecordBatch]]:
-    """(bucket, the batch's rows whose user hashes to it). All events of a user share a bucket.
+def split_by_user(batch: pa.RecordBatch, user_col: str, buckets: int = 64,
+                  salt: bytes = b"") -> Iterator[Tuple[int, pa.RecordBatch]]:
+    """(bucket, the batch's rows whose user hashes to it). All events of a user share a bucket: CRC-32 of
+    ``salt`` + the user id's text, mod ``buckets``; a missing user goes to bucket 0.
 
     Grouping by a bucket of users instead of by user keeps the number of shuffled elements small (one
     slice per bucket and input batch), which is what the runner pays for.
@@ -105,7 +115,7 @@ def split_by_user(batch: pa.RecordBatch, user_col: str, buckets: int = 64) -> It
     import zlib
 
     users = batch.column(batch.schema.get_field_index(user_col)).to_pylist()
-    keys = np.fromiter((zlib.crc32(str(u).encode()) % buckets if u is not None else 0 for u in users),
+    keys = np.fromiter((zlib.crc32(salt + str(u).encode()) % buckets if u is not None else 0 for u in users),
                        dtype=np.int64, count=len(users))
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
@@ -227,5 +237,136 @@ def read_states(pipeline, pattern: str, label: str = "ReadUserState"):
             | f"{label}/Parse" >> beam.Map(lambda line: (lambda d: (d["user"], d["state"]))(json.loads(line))))
 
 
-__all__ = ["ORDER_COL", "STATE", "add_user_features", "add_user_features_with_state", "compute_user_features",
-           "compute_user_features_and_state", "new_state", "read_states", "split_by_user", "write_states"]
+SPILL_BUCKETS = 64      # user buckets of the spill; chunks are runs of whole buckets
+_SPILL_SALT = b"spill/"  # another hash than the shuffle's buckets, so a chunk's users still spread over those
+_IPC = {"compression": "lz4"}
+
+
+class WriteArrowFiles(beam.DoFn):
+    """Canonical batches -> Arrow IPC stream files (lz4) in ``out_dir``: with ``user_col``, one file per user
+    bucket (``split_by_user(.., SPILL_BUCKETS, salt)``) and bundle, else one per bundle. Emits
+    (bucket, path, rows) per file (bucket 0 without ``user_col``), only for files of committed bundles.
+    Rows are buffered per file up to ``flush_rows`` so that files hold batches of a useful size."""
+
+    def __init__(self, out_dir: str, user_col: str | None = None, flush_rows: int = 4096):
+        self._out_dir, self._user_col, self._flush_rows = out_dir, user_col, flush_rows
+
+    def start_bundle(self):
+        self._files: Dict[int, list] = {}  # bucket -> [path, channel, writer, rows, buffered parts, buffered rows]
+
+    def process(self, batch: pa.RecordBatch):
+        parts = (split_by_user(batch, self._user_col, SPILL_BUCKETS, _SPILL_SALT) if self._user_col
+                 else [(0, batch)])
+        for bucket, part in parts:
+            f = self._files.get(bucket)
+            if f is None:
+                f = self._files[bucket] = self._open(bucket, part.schema)
+            f[4].append(part)
+            f[5] += part.num_rows
+            if f[5] >= self._flush_rows:
+                self._flush(f)
+
+    def _open(self, bucket: int, schema: pa.Schema) -> list:
+        import uuid
+
+        from apache_beam.io.filesystems import FileSystems
+
+        path = FileSystems.join(self._out_dir, f"b{bucket:03d}-{uuid.uuid4().hex}.arrow")
+        channel = FileSystems.create(path)
+        return [path, channel, pa.ipc.new_stream(channel, schema, options=pa.ipc.IpcWriteOptions(**_IPC)), 0, [], 0]
+
+    @staticmethod
+    def _flush(f: list) -> None:
+        if f[4]:
+            f[2].write_table(pa.Table.from_batches(f[4]).combine_chunks())
+            f[3] += f[5]
+            f[4], f[5] = [], 0
+
+    def finish_bundle(self):
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        for bucket, f in sorted(self._files.items()):
+            self._flush(f)
+            f[2].close()
+            f[1].close()
+            yield WindowedValue((bucket, f[0], f[3]), -1, [GlobalWindow()])
+        self._files = {}
+
+
+class ReadArrowFile(beam.DoFn):
+    """Path of a ``WriteArrowFiles`` file -> its rows as batches of up to ``batch_rows`` rows, streamed."""
+
+    def __init__(self, batch_rows: int = 10_000):
+        self._batch_rows = batch_rows
+
+    def process(self, path: str):
+        from apache_beam.io.filesystems import FileSystems
+
+        with FileSystems.open(path, compression_type="uncompressed") as fh:
+            buf, n = [], 0
+            for batch in pa.ipc.open_stream(fh):
+                buf.append(batch)
+                n += batch.num_rows
+                if n >= self._batch_rows:
+                    yield from pa.Table.from_batches(buf).combine_chunks().to_batches(max_chunksize=self._batch_rows)
+                    buf, n = [], 0
+            if n:
+                yield from pa.Table.from_batches(buf).combine_chunks().to_batches(max_chunksize=self._batch_rows)
+
+
+def write_arrow_files(rows, out_dir: str, manifest_path: str, user_col: str | None = None,
+                      label: str = "Spill"):
+    """Writes ``rows`` with ``WriteArrowFiles`` and the list of committed files, [[bucket, path, rows], ...]
+    sorted, as JSON to ``manifest_path`` (what the driver reads back)."""
+    import json
+
+    def write_manifest(files):
+        from apache_beam.io.filesystems import FileSystems
+
+        with FileSystems.create(manifest_path) as fh:
+            fh.write(json.dumps(sorted([list(f) for f in files])).encode())
+
+    return (rows | f"{label}/Write" >> beam.ParDo(WriteArrowFiles(out_dir, user_col))
+            | f"{label}/Collect" >> beam.combiners.ToList()
+            | f"{label}/Manifest" >> beam.Map(write_manifest))
+
+
+def read_manifest(manifest_path: str) -> list:
+    import json
+
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(manifest_path, compression_type="uncompressed") as fh:
+        return [tuple(f) for f in json.loads(fh.read().decode())]
+
+
+def read_arrow_files(pipeline, paths, batch_rows: int, label: str = "ReadArrow"):
+    """Canonical batches from ``WriteArrowFiles`` files (``paths`` listed on the driver)."""
+    return (pipeline | f"{label}/List" >> beam.Create(sorted(paths))
+            | f"{label}/Spread" >> beam.Reshuffle()
+            | f"{label}/Read" >> beam.ParDo(ReadArrowFile(batch_rows)))
+
+
+def plan_chunks(files, max_rows: int) -> list:
+    """Spilled files [(bucket, path, rows)] -> chunks, each a list of paths: consecutive whole buckets, as many as
+    fit in ``max_rows`` rows (at least one bucket per chunk). Every bucket is in exactly one chunk, so all events of
+    a user are; there is always at least one chunk (empty when nothing was spilled)."""
+    by_bucket: Dict[int, list] = {}
+    for bucket, path, rows in files:
+        by_bucket.setdefault(int(bucket), []).append((path, int(rows)))
+    chunks, paths, n = [], [], 0
+    for bucket in sorted(by_bucket):
+        rows = sum(r for _, r in by_bucket[bucket])
+        if paths and n + rows > max_rows:
+            chunks.append(paths)
+            paths, n = [], 0
+        paths = paths + [p for p, _ in by_bucket[bucket]]
+        n += rows
+    return chunks + [paths] if paths or not chunks else chunks
+
+
+__all__ = ["ORDER_COL", "SPILL_BUCKETS", "STATE", "ReadArrowFile", "WriteArrowFiles", "add_user_features",
+           "add_user_features_with_state", "compute_user_features", "compute_user_features_and_state", "new_state",
+           "plan_chunks", "read_arrow_files", "read_manifest", "read_states", "split_by_user", "write_arrow_files",
+           "write_states"]
