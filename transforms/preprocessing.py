@@ -97,8 +97,13 @@ def _numeric(f, inputs, outputs, fixed: Optional[NumericStatistics] = None) -> N
     boundaries = tf.constant([list(fixed.boundaries)], tf.float32, name=_FIXED["boundaries"])
     buckets = tft.apply_buckets(x, boundaries)
     outputs[F.bucket_id(f.name)] = _dense(buckets, tf.constant(-1, tf.int64)) + 1
-    centred = x.values - tf.constant(fixed.mean, tf.float32, name=_FIXED["mean"])
-    std = tf.sqrt(tf.constant(fixed.var, tf.float32, name=_FIXED["var"]))
+    # As tft.scale_to_z_score applies its analyzer's outputs. The statistics enter through PlaceholderWithDefault
+    # so that grappler does not fold them into constants and turn the division into a multiplication by the
+    # reciprocal (1 ulp off the analyzer path's results).
+    fixed_input = lambda value, key: tf.raw_ops.PlaceholderWithDefault(  # noqa: E731
+        input=tf.constant(value, tf.float32, name=_FIXED[key]), shape=[])
+    centred = x.values - fixed_input(fixed.mean, "mean")
+    std = tf.sqrt(fixed_input(fixed.var, "var"))
     z = tf.where(tf.not_equal(std, 0), tf.divide(centred, std), centred)
     outputs[F.zscore(f.name)] = _dense(tf.SparseTensor(x.indices, z, x.dense_shape), 0.0)
 

@@ -82,11 +82,10 @@ def keyed_variables(model) -> Dict[str, str]:
 
 
 def _slot_owner(name: str, model_names) -> str | None:
-    """The model variable an optimizer variable named ``<slot>/<variable name>`` belongs to (None: not a slot)."""
-    if "/" not in name:
-        return None
-    owner = name.split("/", 1)[1]
-    return owner if owner in model_names else None
+    """The model variable an optimizer variable named ``[<scope>/]<slot>/<variable name>`` belongs to (None: not a
+    slot; ``add_variable_from_reference`` names slots so, the scope being the optimizer's when built in ``fit``)."""
+    owners = [v for v in model_names if name.endswith("/" + v)]
+    return max(owners, key=len) if owners else None
 
 
 def remap_warm_start(model_name: str, model_config, contract: FeatureContract, old_tft, new_tft, old_prefix: str,
