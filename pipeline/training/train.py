@@ -164,6 +164,13 @@ def final_checkpoint(checkpoint_dir: str) -> str:
 def save_final(model, checkpoint_dir: str) -> str:
     """Writes the model's variables and its optimizer's (slots, iterations) to ``final_checkpoint``."""
     prefix = final_checkpoint(checkpoint_dir)
+    strategy = model.distribute_strategy
+    if not strategy.extended.should_checkpoint:  # a multi-worker non-chief: writes too (reading sync-on-read
+        # variables takes every worker), to a scratch copy it deletes; the chief's copy is the checkpoint
+        scratch = os.path.join(checkpoint_dir, FINAL_DIR, f"worker{strategy.cluster_resolver.task_id}")
+        tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(os.path.join(scratch, "ckpt"))
+        tf.io.gfile.rmtree(scratch)
+        return prefix
     tmp = prefix + ".tmp"
     path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).write(tmp)
     for name in tf.io.gfile.glob(tmp + "*"):  # publish the files of a complete write only
@@ -236,7 +243,9 @@ class MonitorLog(keras.callbacks.Callback):
         if value is None:
             return
         self.values[int(epoch)] = float(value)
-        write_json_atomically(self.path, {str(k): v for k, v in sorted(self.values.items())})
+        strategy = getattr(self.model, "distribute_strategy", None)
+        if strategy is None or strategy.extended.should_checkpoint:  # multi-worker: the chief writes
+            write_json_atomically(self.path, {str(k): v for k, v in sorted(self.values.items())})
 
     @staticmethod
     def epochs_before(path: str, epoch: int) -> Dict[int, float]:
@@ -353,6 +362,12 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
     # A known size: Keras then re-iterates the eval set every epoch, also with steps_per_execution > 1.
     eval_ds = eval_ds.apply(tf.data.experimental.assert_cardinality(
         math.ceil(count_records(data.eval_pattern) / data.batch_size)))
+    # Multi-worker: every worker reads the whole stream and keeps its replicas' slices of each global batch
+    # (DATA sharding after Keras splits the batch), so the workers' slices together are one process's batch,
+    # in its order, and a resumed run's skip counts global batches. AUTO would shard by file instead.
+    sharding = tf.data.Options()
+    sharding.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    train_ds, eval_ds = train_ds.with_options(sharding), eval_ds.with_options(sharding)
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
     history = model.fit(train_ds, validation_data=eval_ds, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
