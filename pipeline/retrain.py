@@ -375,19 +375,19 @@ def retrain(argv: Optional[Sequence[str]] = None) -> Dict:
     reference = dc.read_statistics(state["reference_statistics"])
     pp_dir = os.path.join(work, "preprocessed")
     before = accepted_partitions(base, state)
-    earlier: Dict[str, EarlierPartition] = {}
+    reread: Dict[str, EarlierPartition] = {}
     for e in (before[-(window - 1):] if args.refresh_vocabulary and window > 1 else []):
-        earlier[e["name"]] = EarlierPartition(e["name"], e["data"], e["states_before"], analyze=True)
+        reread[e["name"]] = EarlierPartition(e["name"], e["data"], e["states_before"], analyze=True)
     previous = before[-1] if args.replay and before else None
     # The previous partition's TFRecords are reused unless their ids are not this retrain's.
     retransform = previous is not None and (args.refresh_vocabulary or previous["tft_dir"] != state["tft_dir"])
     if retransform:
         e = previous
-        earlier[e["name"]] = dataclasses.replace(
-            earlier.get(e["name"], EarlierPartition(e["name"], e["data"], e["states_before"])), replay=True)
+        reread[e["name"]] = dataclasses.replace(
+            reread.get(e["name"], EarlierPartition(e["name"], e["data"], e["states_before"])), replay=True)
     numeric = read_numeric_statistics(state["tft_dir"], contract) if args.refresh_vocabulary else None
     counts = transform_partition(schema, state["tft_dir"], pp_dir, reference, state.get("user_state"), beam_args,
-                                 numeric_statistics=numeric, earlier=list(earlier.values()))
+                                 numeric_statistics=numeric, earlier=list(reread.values()))
     timings["transform"] = round(time.time() - t0, 2)
     tft_dir = os.path.join(pp_dir, TRANSFORM_DIR) if args.refresh_vocabulary else state["tft_dir"]
     tft_output = tft.TFTransformOutput(tft_dir)
@@ -395,7 +395,7 @@ def retrain(argv: Optional[Sequence[str]] = None) -> Dict:
     summary.update(rows={k: counts.get(k, 0) for k in ("rows_in", "rows_rejected", "rows_train", "rows_eval",
                                                        f"rows_{REPLAY_SPLIT}")}, oov_rate=oov)
     if args.refresh_vocabulary:
-        summary["vocabulary_refresh"] = {"window": [e.name for e in earlier.values() if e.analyze] + [name],
+        summary["vocabulary_refresh"] = {"window": [e.name for e in reread.values() if e.analyze] + [name],
                                          "tft_dir": tft_dir}
     logger.info("partition %s: %d rows in, %d rejected, train %d, held out %d", name, counts["rows_in"],
                 counts.get("rows_rejected", 0), counts.get("rows_train", 0), counts.get("rows_eval", 0))
@@ -446,7 +446,8 @@ def retrain(argv: Optional[Sequence[str]] = None) -> Dict:
         if retransform:
             groups["previous"] = transformed_pattern(pp_dir, REPLAY_SPLIT)
         else:
-            groups.update({f"previous-{s}": transformed_pattern(previous["preprocessed"], s) for s in ("train", "eval")
+            groups.update({f"previous-{s}": transformed_pattern(previous["preprocessed"], s)  # all its rows
+                           for s in ("train", "eval", "test")
                            if tf.io.gfile.glob(transformed_pattern(previous["preprocessed"], s))})
         train_pattern = _link_training_files(os.path.join(pp_dir, "data", REPLAY_TRAIN_DIR), groups)
         summary["replay"] = {"previous": previous["name"], "retransformed": retransform}
