@@ -16,4 +16,6 @@ setup(
                                     "transforms", "transforms.*", "serving", "serving.*"]),
     package_data={"transforms": ["schemas/*.yaml"]},
     install_requires=_requirements(),
+    # `rankline run|retrain|score|benchmark|infer-schema ...` = `python -m <module> ...` (pipeline/cli.py)
+    entry_points={"console_scripts": ["rankline = pipeline.cli:main"]},
 )

@@ -96,6 +96,9 @@ def format_table(result: Dict) -> str:
 
 
 def main(argv=None) -> int:
+    from serving.tf_quiet import quiet_tensorflow
+
+    quiet_tensorflow(sys.argv[1:] if argv is None else argv)
     from pipeline.datagen import add_builtin_data_args
     from pipeline.run import UsageError, _Parser, resolve_schema, split_beam_args
 
@@ -113,6 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", default="artifacts/benchmark")
     p.add_argument("--baseline", default=None, help="model RelaImpr is measured against (default: the first)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up log lines (CUDA, CPU features), hidden on machines without a GPU")
     p.add_argument("--learning-rate", type=float, default=None,
                    help="override every model's learning rate (e.g. a lower one, so that early stopping, which "
                         "restores the best epoch, finds each model's peak at a finer grid)")

@@ -153,8 +153,9 @@ def _has_header(first: List[str], rows: List[List[str]], delimiter: str, text: s
         return False
 
 
-def read_sample(data: str, rows: int = 10_000) -> Sample:
-    """Reads up to ``rows`` records, spread evenly over the files."""
+def read_sample(data: str, rows: int = 10_000, verbose: bool = False) -> Sample:
+    """Reads up to ``rows`` records, spread evenly over the files (``verbose``: TensorFlow's start-up log lines
+    when it is loaded for TFRecords)."""
     pattern, files = _list_files(data)
     fmt = _format(files)
     sample = Sample(path=pattern, files=files, format=fmt)
@@ -164,6 +165,9 @@ def read_sample(data: str, rows: int = 10_000) -> Sample:
     elif fmt == "parquet":
         _read_parquet(sample, per_file)
     else:
+        from serving.tf_quiet import quiet_tensorflow
+
+        quiet_tensorflow(["--verbose"] if verbose else [])
         _read_tfrecord(sample, per_file)
     return sample
 
@@ -519,9 +523,9 @@ def _portable(path: str) -> str:
     return "{shared}" + path[len(shared):] if path.startswith(shared + os.sep) else path
 
 
-def draft(data: str, rows: int = 10_000, name: Optional[str] = None) -> str:
+def draft(data: str, rows: int = 10_000, name: Optional[str] = None, verbose: bool = False) -> str:
     """The drafted schema's YAML text, comments included."""
-    sample = read_sample(data, rows)
+    sample = read_sample(data, rows, verbose)
     delimiter = sample.csv.get("delimiter")
     decisions = {c: decide(c, v, delimiter) for c, v in sample.columns.items()}
     name = name or re.sub(r"[^\w.-]", "-", os.path.basename(os.path.normpath(data)).split(".")[0]) or "dataset"
@@ -612,7 +616,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.rows < 1:
         p.error(f"--rows must be >= 1, got {args.rows}")
     try:
-        text = draft(args.data, args.rows, args.name)
+        text = draft(args.data, args.rows, args.name, args.verbose)
     except (InferError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

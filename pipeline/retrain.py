@@ -49,7 +49,11 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from pipeline.beam.preprocess import STATISTICS_FILE, USER_STATE_DIR
+if __name__ == "__main__":  # before the imports below load TensorFlow
+    from serving.tf_quiet import quiet_tensorflow
+
+    quiet_tensorflow(sys.argv[1:])
+from pipeline.beam.preprocess import STATISTICS_FILE, USER_STATE_DIR  # noqa: E402
 
 logger = logging.getLogger("rankline")
 
@@ -296,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.retrain", description=__doc__.splitlines()[0],
                                 allow_abbrev=False)
     p.add_argument("--base", required=True, help="work dir of a finished pipeline.run (the loop lives there)")
+    p.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up log lines (CUDA, CPU features), hidden on machines without a GPU")
     p.add_argument("--data", required=True, help="glob of the new partition's raw files (same schema)")
     p.add_argument("--name", default=None, help="name of this retrain's directory (default NNN, counting up)")
     p.add_argument("--epochs", type=int, default=2)

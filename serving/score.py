@@ -67,6 +67,9 @@ def read_rows(path: str, limit: int) -> List[Mapping]:
 
 
 def main(argv=None) -> int:
+    from serving.tf_quiet import quiet_tensorflow
+
+    quiet_tensorflow(sys.argv[1:] if argv is None else argv)
     from serving.client import ServingError, SignatureMismatch
     from serving.examples import serialize_rows
     from transforms.features import BUILTIN
@@ -82,6 +85,7 @@ def main(argv=None) -> int:
     pick.add_argument("--version", type=int, default=None, help="--target: model version (default: latest)")
     pick.add_argument("--version-label", default=None, help="--target: version label, e.g. stable or canary")
     parser.add_argument("--signature", default="serving_default", help="signature taking serialized examples")
+    parser.add_argument("--verbose", action="store_true", help="keep TensorFlow's start-up log lines (CUDA, CPU features), hidden on machines without a GPU")
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="--target: deadline of the whole call in seconds, chunks and retries included")
     parser.add_argument("--attempt-timeout", type=float, default=10.0, help="--target: deadline of one RPC attempt")
