@@ -48,9 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"model to train: auto (the richest the labels allow), {', '.join(registry.available())}")
     p.add_argument("--preset", default="default", help="model config preset (e.g. default, paper)")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--strategy", choices=("default", "mirrored", "multiworker"), default="default",
+    p.add_argument("--strategy", choices=("default", "mirrored", "multiworker", "parameter_server"), default="default",
                    help="tf.distribute strategy: default (one device), mirrored (all GPUs, else all logical CPUs), "
-                        "multiworker (MultiWorkerMirroredStrategy, cluster from TF_CONFIG)")
+                        "multiworker (MultiWorkerMirroredStrategy, cluster from TF_CONFIG), parameter_server "
+                        "(this process is the chief of a TF_CONFIG cluster; python -m pipeline.cluster starts one)")
+    p.add_argument("--ps-min-shard-bytes", type=int, default=256 << 10,
+                   help="parameter_server: variables of at least twice this size are split across the PS tasks")
     p.add_argument("--early-stopping-patience", type=int, default=2,
                    help="stop after this many epochs without a better main-task eval AUC (0 = never)")
     p.add_argument("--checkpoint-dir", default=None,
@@ -185,7 +188,10 @@ def run(argv: Sequence[str] | None = None) -> Dict:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     # Before any other TensorFlow work: MultiWorkerMirroredStrategy must configure collectives at startup.
-    strategy = make_strategy(train_cfg.strategy)
+    try:
+        strategy = make_strategy(train_cfg.strategy, ps_min_shard_bytes=args.ps_min_shard_bytes)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     os.makedirs(work_dir, exist_ok=True)
     timings: Dict[str, float] = {}
     started = time.time()

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -40,7 +41,8 @@ from transforms.features import FeatureContract
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("default", "mirrored", "multiworker")
+STRATEGIES = ("default", "mirrored", "multiworker", "parameter_server")
+PS_MIN_SHARD_BYTES = 256 << 10  # parameter_server: variables of at least 2x this are split across the PS tasks
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,14 @@ class TrainConfig:
             raise ValueError(f"steps_per_execution must be >= 1, got {self.steps_per_execution}")
 
 
-def make_strategy(name: str) -> tf.distribute.Strategy:
-    """The ``tf.distribute`` strategy called ``name`` (see ``STRATEGIES``)."""
+def make_strategy(name: str, ps_min_shard_bytes: int = PS_MIN_SHARD_BYTES) -> tf.distribute.Strategy:
+    """The ``tf.distribute`` strategy called ``name`` (see ``STRATEGIES``).
+
+    ``parameter_server``: ``ParameterServerStrategy`` for the chief of the ``TF_CONFIG`` cluster (workers and
+    PS tasks run ``python -m pipeline.cluster --serve``). Every variable of V bytes is split along its first
+    axis into min(#PS, V // ``ps_min_shard_bytes``) shards on different PS tasks (``MinSizePartitioner``), so an
+    embedding table [N, D] (and its Adam slots) can outgrow any one task's memory; small ones stay whole.
+    """
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -85,6 +93,15 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         return tf.distribute.MirroredStrategy(devices)
     if name == "multiworker":
         return tf.distribute.MultiWorkerMirroredStrategy()  # cluster from TF_CONFIG (one worker without it)
+    if name == "parameter_server":
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        if resolver.task_type != "chief" or not resolver.cluster_spec().num_tasks("ps"):
+            raise ValueError(f"strategy parameter_server: TF_CONFIG must describe a cluster with ps tasks and this "
+                             f"process as its chief (task type {resolver.task_type!r}); worker and ps tasks run "
+                             "python -m pipeline.cluster --serve, python -m pipeline.cluster starts a local cluster")
+        partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
+            min_shard_bytes=ps_min_shard_bytes, max_shards=resolver.cluster_spec().num_tasks("ps"))
+        return tf.distribute.ParameterServerStrategy(resolver, variable_partitioner=partitioner)
     raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
 
 
@@ -313,6 +330,9 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
         if cfg.warm_start:
             restore_warm_start(model, cfg.warm_start)
     monitor = main_metric(model)
+    # Parameter servers: Keras allows epoch-level callbacks only and runs no exact evaluation of these models
+    # (custom test_step); the chief evaluates a one-machine copy instead (``ChiefEvaluation``).
+    ps = isinstance(strategy, tf.distribute.ParameterServerStrategy)
 
     cbs = []
     start_epoch, start_step = 0, 0
@@ -327,7 +347,8 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
         start_epoch, start_step = backup_position(backup_dir, steps_per_epoch)
         if start_epoch or start_step:
             logger.info("resuming from %s at epoch %d step %d", backup_dir, start_epoch + 1, start_step)
-        cbs.append(StepBackup(backup_dir, save_freq=cfg.backup_every_steps))
+        cbs.append(keras.callbacks.BackupAndRestore(backup_dir, save_freq="epoch") if ps
+                   else StepBackup(backup_dir, save_freq=cfg.backup_every_steps))
         monitor_path = os.path.join(cfg.checkpoint_dir, MONITOR_LOG)
         earlier = MonitorLog.epochs_before(monitor_path, start_epoch)
         if earlier:
@@ -345,10 +366,10 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
     if cfg.tensorboard_dir:
         cbs.append(keras.callbacks.TensorBoard(cfg.tensorboard_dir, write_graph=False, profile_batch=0))
     counter = _StepCounter()
-    cbs += [counter] + list(callbacks)  # the caller's last: they see this step's backup already written
+    cbs += ([] if ps else [counter]) + list(callbacks)  # the caller's last: they see this step's backup already written
 
     # One endless stream of epochs; a resumed run skips what the interrupted one finished.
-    skip = start_epoch * steps_per_epoch + start_step
+    skip = 0 if ps else start_epoch * steps_per_epoch + start_step
     if cfg.in_memory:
         train_ds = make_in_memory_dataset(data.train_pattern, data.feature_spec, data.feature_keys, data.label_keys,
                                           data.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epochs=None,
@@ -368,12 +389,21 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
     sharding = tf.data.Options()
     sharding.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     train_ds, eval_ds = train_ds.with_options(sharding), eval_ds.with_options(sharding)
+    local = None
+    if ps:
+        train_ds = per_worker_start(train_ds, steps_per_epoch)
+        local = build()
+        local(sample)
+        local.compile(optimizer=keras.optimizers.Adam(learning_rate, epsilon=adam_epsilon))
+        cbs.insert(0, ChiefEvaluation(local, eval_ds))
+        iterations_before = int(model.optimizer.iterations.numpy())
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
-    history = model.fit(train_ds, validation_data=eval_ds, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-                        callbacks=cbs, verbose=verbose)
+    history = model.fit(train_ds, validation_data=None if ps else eval_ds, epochs=cfg.epochs,
+                        steps_per_epoch=steps_per_epoch, callbacks=cbs, verbose=verbose)
+    steps_run = int(model.optimizer.iterations.numpy()) - iterations_before if ps else counter.steps
     info = {"steps_per_epoch": int(steps_per_epoch), "train_examples": int(n), "initial_epoch": start_epoch,
-            "initial_step": start_step, "steps_run": counter.steps, "monitor": monitor,
+            "initial_step": start_step, "steps_run": steps_run, "monitor": monitor,
             "replicas": strategy.num_replicas_in_sync, "strategy": type(strategy).__name__}
     stopped = next((cb.stopped_epoch for cb in cbs if isinstance(cb, keras.callbacks.EarlyStopping)), 0)
     if stopped:
@@ -382,7 +412,62 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
         info["final_checkpoint"] = save_final(model, cfg.checkpoint_dir)
     if cfg.warm_start:
         info["warm_start"] = cfg.warm_start
+    if ps:  # evaluation and export run on the chief: a one-machine model holding the final weights, tables whole
+        copy_weights(model, local)
+        info["ps_tasks"] = strategy.extended._num_ps  # noqa: SLF001
+        info["workers"] = strategy.extended._num_workers  # noqa: SLF001
+        model = local
     return model, {k: [float(v) for v in vs] for k, vs in history.history.items()}, info
+
+
+def copy_weights(src, dst) -> None:
+    """Loads ``src``'s variables into ``dst`` (same architecture) through a checkpoint, which holds every
+    partitioned variable as one whole tensor: a parameter-server model into a one-machine model."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="rankline-weights-") as tmp:
+        path = tf.train.Checkpoint(model=src).write(os.path.join(tmp, "ckpt"))
+        status = tf.train.Checkpoint(model=dst).read(path)
+        status.assert_existing_objects_matched()
+        status.expect_partial()  # the source's optimizer slots: not part of a model copy
+
+
+class ChiefEvaluation(keras.callbacks.Callback):
+    """Parameter-server training: at the end of every epoch, copies the weights into ``local`` (a compiled
+    one-machine model of the same architecture) and evaluates it on ``eval_ds`` on the chief, adding
+    ``val_<metric>`` to the epoch's logs (placed first: the best checkpoint and early stopping read them).
+    It runs in a thread of its own: outside ``fit``'s strategy scope (thread-local), so Keras does not send
+    the one-machine model's evaluation to the workers."""
+
+    def __init__(self, local, eval_ds):
+        super().__init__()
+        self.local, self.eval_ds = local, eval_ds
+
+    def on_epoch_end(self, epoch, logs=None):
+        results, errors = {}, []
+
+        def evaluate():
+            try:
+                copy_weights(self.model, self.local)
+                results.update(self.local.evaluate(self.eval_ds, verbose=0, return_dict=True))
+            except Exception as exc:  # noqa: BLE001  (re-raised in the caller's thread)
+                errors.append(exc)
+
+        thread = threading.Thread(target=evaluate, name="chief-evaluation")
+        thread.start()
+        thread.join()
+        if errors:
+            raise errors[0]
+        if logs is not None:
+            logs.update({f"val_{k}": float(v) for k, v in results.items()})
+
+
+def per_worker_start(ds: tf.data.Dataset, period: int) -> tf.data.Dataset:
+    """``ds`` (an endless stream of batches) started at a batch in [0, ``period``) picked from the clock when a
+    worker creates its copy. ``ClusterCoordinator`` runs the same dataset graph on every worker (no worker
+    index reaches it), so seeded streams would make all workers train on the same batches at once."""
+    start = tf.data.Dataset.range(1).map(lambda _: tf.cast(tf.timestamp() * 1e6, tf.int64) % period)
+    return start.flat_map(lambda k: ds.skip(k))
 
 
 class _StepCounter(keras.callbacks.Callback):
