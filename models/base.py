@@ -1,6 +1,7 @@
 """Base class of the multi-task models (after tensorflow_recommenders.models.Model)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Sequence
 
 import tensorflow as tf
@@ -18,7 +19,14 @@ class MultiTaskModel(keras.Model):
     ``compute_loss(features, labels)`` = sum_t w_t * L_t (e.g. ESM² Eq. 11); ``call`` itself never touches
     losses, so the serving path is loss-free. ``fit``/``evaluate`` take ``(features, labels)`` pairs, both
     dicts of [B, 1] tensors.
+
+    ``compile(..., train_metrics=...)``: ``"auc"`` (default) updates every task's loss mean and AUC in each
+    training step; ``"loss"`` leaves the training AUCs out of the train step (their history keys
+    ``<output>_auc`` disappear). Evaluation (``evaluate``, ``fit``'s ``val_*``) always updates all metrics, and
+    the weights a step computes do not depend on this choice.
     """
+
+    TRAIN_METRICS = ("auc", "loss")
 
     # ---- builders shared by the concrete models (all read ``self.config``, a ``ModelConfig``) ------------
     def shared_embedding(self, categorical, dense, sequences) -> SharedEmbedding:
@@ -52,6 +60,25 @@ class MultiTaskModel(keras.Model):
         super().__init__(**kwargs)
         self._tasks = self._no_dependency(list(tasks))
         self._total_loss = self._no_dependency(keras.metrics.Mean(name="loss"))
+        self._train_auc = True
+
+    def compile(self, *args, train_metrics: str = "auc", **kwargs):
+        if train_metrics not in self.TRAIN_METRICS:
+            raise ValueError(f"train_metrics must be one of {', '.join(self.TRAIN_METRICS)}, got {train_metrics!r}")
+        self._train_auc = train_metrics == "auc"
+        super().compile(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _auc_updates(self, on: bool):
+        """While a step is traced: the tasks update their AUC metrics only when ``on``."""
+        before = [task.update_auc for task in self._tasks]
+        for task in self._tasks:
+            task.update_auc = on
+        try:
+            yield
+        finally:
+            for task, value in zip(self._tasks, before):
+                task.update_auc = value
 
     @property
     def tasks(self):
@@ -75,15 +102,17 @@ class MultiTaskModel(keras.Model):
 
     def train_step(self, data):
         features, labels = data
-        with tf.GradientTape() as tape:
-            loss = self.training_loss(features, labels)
-            # Each replica's loss is a mean over its share of the global batch and the optimizer sums the
-            # replicas' gradients: scale by 1/replicas so the step is the global batch mean's (as Keras does).
-            scaled = loss / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
-        grads = tape.gradient(scaled, self.trainable_variables)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
-        self._total_loss.update_state(loss)
-        return {m.name: m.result() for m in self.metrics}
+        with self._auc_updates(self._train_auc):
+            with tf.GradientTape() as tape:
+                loss = self.training_loss(features, labels)
+                # Each replica's loss is a mean over its share of the global batch and the optimizer sums the
+                # replicas' gradients: scale by 1/replicas so the step is the global batch mean's (as Keras does).
+                scaled = loss / tf.cast(tf.distribute.get_strategy().num_replicas_in_sync, loss.dtype)
+            grads = tape.gradient(scaled, self.trainable_variables)
+            self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+            self._total_loss.update_state(loss)
+            skipped = {id(task.auc) for task in self._tasks if not task.update_auc}
+        return {m.name: m.result() for m in self.metrics if id(m) not in skipped}
 
     def test_step(self, data):
         features, labels = data

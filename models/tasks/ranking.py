@@ -28,6 +28,9 @@ class BinaryTask:
         self.weight = float(weight)
         self.auc = keras.metrics.AUC(name=f"{output}_auc", num_thresholds=1000)
         self.loss_metric = keras.metrics.Mean(name=f"{output}_loss")
+        # Read while a step is traced: False leaves the AUC out of that step's graph (``MultiTaskModel``'s
+        # ``train_metrics="loss"``); evaluation steps always update it.
+        self.update_auc = True
 
     @staticmethod
     def log_loss(labels: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:
@@ -39,8 +42,9 @@ class BinaryTask:
     def compute_loss(self, labels, predictions) -> tf.Tensor:
         loss = self.log_loss(labels[self.label], predictions[self.output])
         self.loss_metric.update_state(loss)
-        self.auc.update_state(tf.reshape(tf.cast(labels[self.label], tf.float32), [-1]),
-                              tf.reshape(predictions[self.output], [-1]))
+        if self.update_auc:
+            self.auc.update_state(tf.reshape(tf.cast(labels[self.label], tf.float32), [-1]),
+                                  tf.reshape(predictions[self.output], [-1]))
         return loss
 
     @property

@@ -1,21 +1,34 @@
-"""Training throughput: ESM² at the paper's size from gzip TFRecords vs a plain Keras model fed from memory.
+"""Training throughput: ESM² / ESMM on the project's training path vs plain Keras models fed from memory.
 
-    python -m pipeline.bench.train                  # prints examples/s of both, their ratio, peak RSS
+    python -m pipeline.bench.train                      # default shape: ESM² and ESMM, built-in schema
+    python -m pipeline.bench.train --shape paper        # ESM² at the paper's size
+    python -m pipeline.bench.train --profile            # also: where a step's time goes (timed isolated parts)
 
-ESM² at the paper's size (§4.1.3): 26 categorical fields x 16-dim embeddings + 13 numeric inputs, four
-512-256-128-32 towers, dropout 0.5, Adam, batch 1000. "ours" is the project's training path: ESM² with its
-custom ``train_step``, fed by ``pipeline.training.data`` from gzip TFRecords this command writes (synthetic
-transformed-like data: 26 int64 ids, 13 floats, 3 labels): by default parsed once into memory
-(``make_in_memory_dataset``, ``--in-memory`` of pipeline.run); ``--input stream`` re-reads them every epoch.
-"reference" is a plain Keras functional model of the same shape (26 Embedding layers, four Dense towers,
-the same composition and three entire-space log losses) fed by ``model.fit(x=dict_of_numpy, y=...)``.
+Shapes. ``default``: the ``default`` preset (models/config.py: towers 128-64-32, dropout 0.1, 16-dim embeddings,
+batch 1000) of ESM² and ESMM on data with the built-in schema's transformed fields (transforms.features.BUILTIN:
+12 vocabulary ids with the vocabulary sizes of the default 200k-row run, 9 bucket/hour ids, 8 z-scored numerics,
+the [B, 20] ``uf_history_seq`` sequence, and the labels, oracle and pass-through columns the records also
+carry). ``paper``: ESM² at the paper's size (§4.1.3): 26 categorical fields x 16-dim embeddings + 13 numerics,
+four 512-256-128-32 towers, dropout 0.5, batch 1000.
 
-Both run in this process, interleaved (reference, ours, reference, ours, ...) so that load from other
-processes hits both alike; each segment's rate is timed between its ``--warmup-steps``-th and last step and
-the median over rounds is reported, beside examples per CPU-second of the process (steadier when other
-processes compete for the cores). Measured on 2 shared cores, both models are bound by the towers' matmuls
-(~55 ms of fp32 GEMM per 1000-example step, near the cores' peak); fusing the four towers into batched
-matmuls, XLA (jit_compile) and bfloat16 were each measured slower on this CPU and are not used.
+"ours" is the project's training path: ``models.registry.build`` + ``compile`` as ``pipeline.training.train``
+does (its ``TrainConfig`` defaults for ``steps_per_execution`` and ``train_metrics`` unless given), fed by
+``pipeline.training.data`` from gzip TFRecords this command writes: ``--input stream`` (default) reads and
+parses them every epoch, ``memory`` parses them once (``--in-memory`` of pipeline.run). "reference" is a plain
+Keras functional model of the same shape (an Embedding per field, the sequence's masked mean, tanh numerics,
+Dense towers with Dropout, the same composition and losses) trained the way most users' scripts do:
+``model.fit(x=dict_of_numpy, y=..., batch_size=1000)``, Keras' own train step and defaults.
+
+Every (reference, ours) pair runs in this process, interleaved per round so that load from other processes
+hits both alike; each segment's rate is timed between its ``--warmup-steps``-th and last step and the median
+over rounds is reported, beside examples per CPU-second of the process.
+
+``--profile`` times isolated parts of ours per step (ms, wall clock; the same model and batch size):
+``input`` the tf.data pipeline alone; ``compute`` forward + backward + Adam in one tf.function on a fixed
+batch, no metrics; ``metrics`` train_step with its training metrics minus ``compute``; ``keras`` fit on a
+fixed in-memory batch (steps_per_execution 1, then k) minus train_step (Keras' per-call Python: callbacks,
+logs, the iterator); ``input share`` fit on the real input minus fit on the fixed batch (the input pipeline's
+cost when it shares the cores with training).
 """
 from __future__ import annotations
 
@@ -26,7 +39,8 @@ import resource
 import statistics
 import sys
 import time
-from typing import Dict, List
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -36,30 +50,77 @@ from models.keras import keras  # noqa: E402  (sets TF_USE_LEGACY_KERAS before T
 
 import tensorflow as tf  # noqa: E402
 
+LABELS = ("click", "daction", "purchase")
+
+# ---- the paper's shape ---------------------------------------------------------------------------------
 NUM_CATEGORICAL, NUM_DENSE, EMBEDDING_DIM = 26, 13, 16
 HIDDEN = (512, 256, 128, 32)
-LABELS = ("click", "daction", "purchase")
 # Vocabulary sizes of the 26 fields (ids + OOV): a Criteo-like spread from tens to tens of thousands.
 CARDINALITIES = tuple([10, 100, 1_000, 10_000, 50_000, 300, 3_000, 30] * 4)[:NUM_CATEGORICAL]
 
-
-def categorical_names() -> List[str]:
-    return [f"c{i:02d}_id" for i in range(NUM_CATEGORICAL)]
-
-
-def dense_names() -> List[str]:
-    return [f"i{i:02d}_z" for i in range(NUM_DENSE)]
+# ---- the default shape: vocabulary sizes of the built-in data's default run (200k rows, pipeline.run,
+# preprocessed/summary.json); the model adds each feature's OOV buckets as pipeline.training.train does.
+BUILTIN_VOCABULARY = {"user_id": 10486, "item_id": 4923, "user_gender": 3, "user_age": 6, "user_city": 301,
+                      "user_power": 5, "item_category": 40, "item_brand": 373, "device": 4, "page": 4,
+                      "segment": 4, "uf_item_in_history": 2, "uf_history": 1562}
 
 
-def synthetic_columns(rows: int, seed: int = 0) -> Dict[str, np.ndarray]:
-    """Transformed-like columns: Zipf-ish ids, z-scored numerics, funnel labels with some signal."""
+@dataclass
+class Shape:
+    """The model inputs (name -> cardinality; sequences name -> (cardinality, length)) and the records' columns."""
+
+    name: str
+    categorical: Dict[str, int]
+    dense: Tuple[str, ...]
+    sequences: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+    feature_keys: Tuple[str, ...] = ()          # what the model is fed (may hold unused pass-through inputs)
+    extra_float: Tuple[str, ...] = ()           # other columns the records carry (never parsed for training)
+    extra_int: Dict[str, int] = field(default_factory=dict)
+    models: Tuple[str, ...] = ("esm2",)
+    overrides: Dict = field(default_factory=dict)  # config overrides of the preset
+    preset: str = "default"
+
+
+def paper_shape() -> Shape:
+    cats = {f"c{i:02d}_id": c for i, c in enumerate(CARDINALITIES)}
+    dense = tuple(f"i{i:02d}_z" for i in range(NUM_DENSE))
+    return Shape("paper", cats, dense, feature_keys=tuple(cats) + dense, preset="paper",
+                 overrides={"embedding_dim": EMBEDDING_DIM})
+
+
+def default_shape() -> Shape:
+    from transforms import features as F
+
+    c = F.BUILTIN
+    cats = {F.categorical_id(f.name): BUILTIN_VOCABULARY[f.name] + f.num_oov_buckets for f in c.vocab_features}
+    cats.update(c.model_categorical)
+    seqs = {F.sequence_ids(f.name): (BUILTIN_VOCABULARY[f.name] + f.num_oov_buckets, f.max_length)
+            for f in c.sequences}
+    flags = tuple(F.flag(n) for n in c.flags)
+    extra_float = (tuple(c.labels.continuous) + c.pseudo_labels + (F.UF_COUNT_RAW,)
+                   + tuple(o for o in c.oracle if c.raw_dtype(o) == "float32"))
+    extra_int = {o: 8 for o in c.oracle if c.raw_dtype(o) == "int64"}
+    return Shape("default", cats, tuple(c.model_dense) + flags, seqs, feature_keys=c.model_feature_names(),
+                 extra_float=extra_float, extra_int=extra_int, models=("esm2", "esmm"))
+
+
+def synthetic_columns(shape: Shape, rows: int, seed: int = 0) -> Dict[str, np.ndarray]:
+    """Transformed-like columns: Zipf-ish ids, z-scored numerics, padded id sequences, funnel labels."""
     rng = np.random.default_rng(seed)
     cols: Dict[str, np.ndarray] = {}
-    for name, card in zip(categorical_names(), CARDINALITIES):
+    for name, card in shape.categorical.items():
         cols[name] = np.minimum(rng.zipf(1.3, rows) - 1, card - 1).astype(np.int64)
-    for name in dense_names():
+    for name in shape.dense:
         cols[name] = rng.normal(size=rows).astype(np.float32)
-    logit = -2.0 + 0.8 * cols["i00_z"] + 0.5 * (cols["c00_id"] % 3 == 0)
+    for name, (card, length) in shape.sequences.items():
+        ids = np.minimum(rng.zipf(1.3, (rows, length)), card).astype(np.int64)
+        cols[name] = np.where(np.arange(length) < rng.integers(0, length + 1, (rows, 1)), ids, 0)
+    for name in shape.extra_float:
+        cols[name] = rng.random(rows).astype(np.float32)
+    for name, card in shape.extra_int.items():
+        cols[name] = rng.integers(0, card, rows).astype(np.int64)
+    first_cat, first_dense = next(iter(shape.categorical)), shape.dense[0]
+    logit = -2.0 + 0.8 * cols[first_dense] + 0.5 * (cols[first_cat] % 3 == 0)
     click = rng.random(rows) < 1 / (1 + np.exp(-logit))
     daction = click & (rng.random(rows) < 0.3)
     purchase = click & (rng.random(rows) < np.where(daction, 0.3, 0.05))
@@ -67,77 +128,97 @@ def synthetic_columns(rows: int, seed: int = 0) -> Dict[str, np.ndarray]:
     return cols
 
 
-def feature_spec() -> Dict:
-    spec = {n: tf.io.FixedLenFeature([1], tf.int64) for n in categorical_names() + list(LABELS)}
-    spec.update({n: tf.io.FixedLenFeature([1], tf.float32) for n in dense_names()})
-    return spec
+def feature_spec(cols: Dict[str, np.ndarray]) -> Dict:
+    return {n: tf.io.FixedLenFeature(list(v.shape[1:]) or [1], tf.int64 if v.dtype == np.int64 else tf.float32)
+            for n, v in cols.items()}
 
 
-def write_tfrecords(out_dir: str, rows: int, shards: int = 4, seed: int = 0) -> str:
-    """gzip TFRecords of ``synthetic_columns`` (reused when already written with the same size/seed)."""
-    marker = os.path.join(out_dir, f"done-rows{rows}-seed{seed}-shards{shards}")
+def write_tfrecords(out_dir: str, cols: Dict[str, np.ndarray], tag: str, fmt: str = "columnar",
+                    block_rows: int = 2500) -> str:
+    """gzip TFRecords of ``cols`` in ``out_dir`` (reused when already written with the same ``tag``/format).
+
+    ``columnar``: what ``pipeline.beam.preprocess`` writes, one file per block of ``block_rows`` rows holding
+    one columnar record (``pipeline.beam.preprocess.columnar_record``); ``examples``: one ``tf.Example`` per row
+    in 4 shards (earlier preprocessing outputs)."""
+    marker = os.path.join(out_dir, f"done-{tag}-{fmt}-{block_rows}")
     pattern = os.path.join(out_dir, "part-*.tfrecord.gz")
     if os.path.exists(marker):
         return pattern
     os.makedirs(out_dir, exist_ok=True)
     for old in tf.io.gfile.glob(os.path.join(out_dir, "*")):
         tf.io.gfile.remove(old)
-    cols = synthetic_columns(rows, seed)
-    ints = [n for n in cols if cols[n].dtype == np.int64]
-    floats = [n for n in cols if cols[n].dtype == np.float32]
-    int_rows = np.stack([cols[n] for n in ints], axis=1).tolist()
-    float_rows = np.stack([cols[n] for n in floats], axis=1).tolist()
-    Feature, Int64List, FloatList = tf.train.Feature, tf.train.Int64List, tf.train.FloatList
-    writers = [tf.io.TFRecordWriter(os.path.join(out_dir, f"part-{s:05d}.tfrecord.gz"), options="GZIP")
-               for s in range(shards)]
-    for i in range(rows):
-        feats = {n: Feature(int64_list=Int64List(value=[v])) for n, v in zip(ints, int_rows[i])}
-        feats.update({n: Feature(float_list=FloatList(value=[v])) for n, v in zip(floats, float_rows[i])})
-        writers[i % shards].write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
-    for w in writers:
-        w.close()
+    rows = len(next(iter(cols.values())))
+    if fmt == "columnar":
+        import pyarrow as pa
+
+        from pipeline.beam.preprocess import columnar_record
+
+        for b, start in enumerate(range(0, rows, block_rows)):
+            arrays = []
+            for v in cols.values():
+                block = v[start:start + block_rows].reshape(-1, int(np.prod(v.shape[1:], dtype=int)))
+                offsets = pa.array(np.arange(len(block) + 1) * block.shape[1], pa.int32())
+                arrays.append(pa.ListArray.from_arrays(offsets, pa.array(block.reshape(-1))))
+            with tf.io.TFRecordWriter(os.path.join(out_dir, f"part-{b:05d}.tfrecord.gz"), options="GZIP") as w:
+                w.write(columnar_record(pa.RecordBatch.from_arrays(arrays, list(cols))))
+    else:
+        Feature, Int64List, FloatList = tf.train.Feature, tf.train.Int64List, tf.train.FloatList
+        lists = {n: v.reshape(rows, -1).tolist() for n, v in cols.items()}
+        kinds = {n: v.dtype == np.int64 for n, v in cols.items()}
+        writers = [tf.io.TFRecordWriter(os.path.join(out_dir, f"part-{s:05d}.tfrecord.gz"), options="GZIP")
+                   for s in range(4)]
+        for i in range(rows):
+            feats = {n: Feature(int64_list=Int64List(value=lists[n][i])) if kinds[n]
+                     else Feature(float_list=FloatList(value=lists[n][i])) for n in cols}
+            writers[i % 4].write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+        for w in writers:
+            w.close()
     open(marker, "w").close()
     return pattern
 
 
-def reference_model(dropout: float, learning_rate: float) -> keras.Model:
-    """Plain Keras functional ESM²: same embeddings, towers, composition and losses, Keras' own train step."""
+def reference_model(model: str, shape: Shape, cfg) -> keras.Model:
+    """Plain Keras functional ESM²/ESMM of ``cfg``'s shape: Keras' own layers, train step and losses."""
     inputs, parts = {}, []
-    for name, card in zip(categorical_names(), CARDINALITIES):
+    for name, card in shape.categorical.items():
         inputs[name] = keras.Input(shape=(1,), dtype="int64", name=name)
-        parts.append(keras.layers.Flatten()(keras.layers.Embedding(card, EMBEDDING_DIM)(inputs[name])))
-    for name in dense_names():
+        parts.append(keras.layers.Flatten()(keras.layers.Embedding(card, cfg.embedding_dim)(inputs[name])))
+    for name, (card, length) in shape.sequences.items():
+        inputs[name] = keras.Input(shape=(length,), dtype="int64", name=name)
+        emb = keras.layers.Embedding(card + 1, cfg.embedding_dim)(inputs[name])
+        parts.append(keras.layers.Lambda(
+            lambda t: tf.reduce_sum(t[0] * tf.cast(t[1] > 0, tf.float32)[..., None], 1)
+            / tf.maximum(tf.reduce_sum(tf.cast(t[1] > 0, tf.float32), 1, keepdims=True), 1.0))([emb, inputs[name]]))
+    dense = [n for n in shape.dense if n.endswith("_z")]
+    for name in dense:
         inputs[name] = keras.Input(shape=(1,), dtype="float32", name=name)
-    parts.append(keras.layers.Activation("tanh")(keras.layers.Concatenate()([inputs[n] for n in dense_names()])))
+    parts.append(keras.layers.Activation("tanh")(keras.layers.Concatenate()([inputs[n] for n in dense])))
     g = keras.layers.Concatenate()(parts)
-    ys = []
-    for _ in range(4):
+
+    def tower():
         x = g
-        for units in HIDDEN:
-            x = keras.layers.Dropout(dropout)(keras.layers.Dense(units, activation="relu")(x))
-        ys.append(keras.layers.Dense(1, activation="sigmoid")(x))
-    y1, y2, y3, y4 = ys
-    ctavr = keras.layers.Multiply(name="ctavr")([y1, y2])
-    cvr = keras.layers.Lambda(lambda t: (1 - t[1]) * t[3] + t[1] * t[2])([y1, y2, y3, y4])
-    ctcvr = keras.layers.Multiply(name="ctcvr")([y1, cvr])
-    ctr = keras.layers.Activation("linear", name="ctr")(y1)
-    model = keras.Model(inputs, {"ctr": ctr, "ctavr": ctavr, "ctcvr": ctcvr})
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss={k: keras.losses.BinaryCrossentropy() for k in ("ctr", "ctavr", "ctcvr")})
-    return model
+        for units in cfg.hidden_units:
+            x = keras.layers.Dense(units, activation="relu")(x)
+            x = keras.layers.Dropout(cfg.dropout)(x) if cfg.dropout else x
+        return keras.layers.Dense(1, activation="sigmoid")(x)
+
+    if model == "esm2":
+        y1, y2, y3, y4 = (tower() for _ in range(4))
+        cvr = keras.layers.Lambda(lambda t: (1 - t[1]) * t[3] + t[1] * t[2])([y1, y2, y3, y4])
+        outputs = {"ctr": keras.layers.Activation("linear", name="ctr")(y1),
+                   "ctavr": keras.layers.Multiply(name="ctavr")([y1, y2]),
+                   "ctcvr": keras.layers.Multiply(name="ctcvr")([y1, cvr])}
+    else:
+        pctr, pcvr = tower(), tower()
+        outputs = {"ctr": keras.layers.Activation("linear", name="ctr")(pctr),
+                   "ctcvr": keras.layers.Multiply(name="ctcvr")([pctr, pcvr])}
+    ref = keras.Model(inputs, outputs)
+    ref.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate, epsilon=cfg.adam_epsilon),
+                loss={k: keras.losses.BinaryCrossentropy() for k in outputs})
+    return ref
 
 
-def our_model(dropout: float, learning_rate: float, jit: bool, steps_per_execution: int):
-    from models.esm2 import ESM2, ESM2Config
-
-    cfg = ESM2Config(hidden_units=HIDDEN, dropout=dropout, embedding_dim=EMBEDDING_DIM, learning_rate=learning_rate,
-                     batch_size=1000)
-    model = ESM2(dict(zip(categorical_names(), CARDINALITIES)), dense_names(), cfg, name="esm2")
-    model({n: tf.zeros([2, 1], tf.int64) for n in categorical_names()}
-          | {n: tf.zeros([2, 1], tf.float32) for n in dense_names()})
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), jit_compile=jit,
-                  steps_per_execution=steps_per_execution)
-    return model
+REFERENCE_LABELS = {"ctr": "click", "ctavr": "daction", "ctcvr": "purchase"}
 
 
 class _Clock(keras.callbacks.Callback):
@@ -145,6 +226,7 @@ class _Clock(keras.callbacks.Callback):
 
     def __init__(self, warmup: int):
         super().__init__()
+        self._supports_tf_logs = True  # reads no logs: Keras need not convert them to numpy every step
         self.warmup, self.t0, self.t1, self.step0, self.step1 = warmup, None, None, 0, 0
         self.cpu0 = self.cpu1 = None
 
@@ -167,96 +249,194 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _ms_per_call(fn: Callable, n: int) -> Tuple[float, float]:
+    """(wall, CPU of this process) ms per call of ``fn`` after one untimed call."""
+    fn()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e3, (time.process_time() - c0) / n * 1e3
+
+
+def _fit_ms(model, ds, steps: int, warmup: int) -> Tuple[float, float]:
+    """(wall, CPU) ms per step of ``model.fit`` on ``ds`` after a fit that traces it."""
+    model.fit(ds, epochs=1, steps_per_epoch=max(warmup, 2), verbose=0)
+    clock = _Clock(warmup)
+    model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[clock])
+    return 1e3 / clock.rate(1), 1e3 / clock.cpu_rate(1)
+
+
+def profile(model, ds, steps: int, warmup: int, k: int) -> Dict[str, List[float]]:
+    """[wall, CPU] ms per step of ours' isolated parts (module docstring); ``model`` compiled, ``ds`` its input."""
+    it = iter(ds)
+    out = {"input alone": _ms_per_call(lambda: next(it), steps)}
+    batch = next(it)
+    features, labels = batch
+    tasks = model._tasks
+
+    @tf.function
+    def compute(features, labels):
+        with tf.GradientTape() as tape:
+            predictions = model(features, training=True)
+            loss = tf.add_n([t.weight * t.log_loss(labels[t.label], predictions[t.output]) for t in tasks])
+        grads = tape.gradient(loss, model.trainable_variables)
+        model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    out["forward+backward+Adam"] = _ms_per_call(lambda: compute(features, labels), steps)
+    train_auc = model._train_auc
+    for auc in (False, True):
+        model._train_auc = auc
+        out[f"train_step, metrics {'auc' if auc else 'loss'}"] = _ms_per_call(
+            lambda step=tf.function(model.train_step): step(batch), steps)
+    model._train_auc = train_auc
+    spe = int(model._steps_per_execution.numpy().item())
+    fixed = tf.data.Dataset.from_tensors(batch).repeat()
+    for s in dict.fromkeys((1, k, spe)):
+        model._configure_steps_per_execution(s)
+        model.train_function = None
+        out[f"fit, fixed batch, spe {s}"] = _fit_ms(model, fixed, steps, warmup)
+    model._configure_steps_per_execution(spe)
+    model.train_function = None
+    out[f"fit, real input, spe {spe}"] = _fit_ms(model, ds, steps, warmup)
+    return {name: [round(v, 1) for v in ms] for name, ms in out.items()}
+
+
+def reference_profile(ref, x, y, batch_size: int, steps: int, warmup: int) -> Dict[str, List[float]]:
+    """[wall, CPU] ms per step of the reference: fit on its numpy arrays vs fit on one fixed batch."""
+    n = steps * batch_size
+    clock = _Clock(warmup)
+    ref.fit(x={k: v[:n] for k, v in x.items()}, y={k: v[:n] for k, v in y.items()}, batch_size=batch_size,
+            epochs=1, shuffle=True, verbose=0, callbacks=[clock])
+    fixed = tf.data.Dataset.from_tensors(({k: v[:batch_size] for k, v in x.items()},
+                                          {k: v[:batch_size] for k, v in y.items()})).repeat()
+    out = {"fit, numpy": (1e3 / clock.rate(1), 1e3 / clock.cpu_rate(1)),
+           "fit, fixed batch": _fit_ms(ref, fixed, steps, warmup)}
+    return {name: [round(v, 1) for v in ms] for name, ms in out.items()}
+
+
 def main(argv=None) -> Dict:
+    from pipeline.training.train import TrainConfig
+
+    defaults = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m pipeline.bench.train", description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=("default", "paper"), default="default",
+                   help="default: ESM² and ESMM default presets on the built-in schema; paper: ESM² at the paper's size")
     p.add_argument("--rows", type=int, default=60_000, help="rows of synthetic data (in memory and as TFRecords)")
     p.add_argument("--steps", type=int, default=40, help="steps per timed segment")
     p.add_argument("--warmup-steps", type=int, default=5, help="steps of each segment left out of its timing")
     p.add_argument("--rounds", type=int, default=3, help="interleaved (reference, ours) rounds")
     p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--dropout", type=float, default=0.5)
-    p.add_argument("--learning-rate", type=float, default=5e-4)
-    p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=False,
-                   help="XLA-compile our step (on CPU: several times slower, measured)")
-    p.add_argument("--steps-per-execution", type=int, default=1)
-    p.add_argument("--input", choices=("memory", "stream", "stream-cache"), default="memory",
-                   help="ours: parse the TFRecords once into memory (default); stream them every epoch; stream "
-                        "with the decompressed records cached")
+    p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=defaults.jit_compile,
+                   help="XLA-compile our step")
+    p.add_argument("--steps-per-execution", type=int, default=defaults.steps_per_execution)
+    p.add_argument("--train-metrics", choices=("auc", "loss"), default=defaults.train_metrics,
+                   help="ours' training-time metrics (evaluation always computes AUC)")
+    p.add_argument("--input", choices=("stream", "memory"), default="stream",
+                   help="ours: stream the gzip TFRecords every epoch (default) or parse them once into memory")
+    p.add_argument("--format", choices=("columnar", "examples"), default="columnar",
+                   help="the TFRecords' layout: columnar blocks (what pipeline.beam.preprocess writes) or one "
+                        "tf.Example per row (earlier preprocessing outputs)")
     p.add_argument("--skip-reference", action="store_true")
-    p.add_argument("--data-dir", default="artifacts/bench-train", help="where the TFRecords are written")
+    p.add_argument("--profile", action="store_true", help="also time ours' isolated parts (module docstring)")
+    p.add_argument("--data-dir", default=None, help="where the TFRecords are written (artifacts/bench-train-SHAPE)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
 
+    from models import registry
     from pipeline.training.data import make_dataset, make_in_memory_dataset
 
     keras.utils.set_random_seed(0)
+    shape = paper_shape() if args.shape == "paper" else default_shape()
     started = time.time()
-    pattern = write_tfrecords(os.path.abspath(args.data_dir), args.rows)
+    cols = synthetic_columns(shape, args.rows)
+    pattern = write_tfrecords(os.path.abspath(args.data_dir or f"artifacts/bench-train-{shape.name}-{args.format}"),
+                              cols, f"rows{args.rows}-seed0", args.format)
     write_s = time.time() - started
-    cols = synthetic_columns(args.rows)
-    x = {n: cols[n].reshape(-1, 1) for n in categorical_names() + dense_names()}
-    y_ref = {"ctr": cols["click"].reshape(-1, 1).astype(np.float32),
-             "ctavr": cols["daction"].reshape(-1, 1).astype(np.float32),
-             "ctcvr": cols["purchase"].reshape(-1, 1).astype(np.float32)}
+    spec = feature_spec(cols)
+    inputs = {n: c for n, c in shape.categorical.items()}
+    seqs = {n: c for n, (c, _) in shape.sequences.items()}
+    dense = tuple(n for n in shape.dense if n.endswith("_z"))
+    x = {n: cols[n].reshape(args.rows, -1) for n in list(inputs) + list(seqs) + list(dense)}
 
-    ours = our_model(args.dropout, args.learning_rate, args.jit, args.steps_per_execution)
-    if args.input == "memory":
-        ds = make_in_memory_dataset(pattern, feature_spec(), categorical_names() + dense_names(), LABELS,
-                                    args.batch_size, shuffle=True, seed=0, epochs=None)
-    else:
-        ds = make_dataset(pattern, feature_spec(), categorical_names() + dense_names(), LABELS, args.batch_size,
-                          shuffle=True, seed=0, epochs=None, cache=args.input == "stream-cache")
-    ref = None if args.skip_reference else reference_model(args.dropout, args.learning_rate)
-    rates: Dict[str, List[float]] = {"reference": [], "ours": []}
-    cpu_rates: Dict[str, List[float]] = {"reference": [], "ours": []}
+    runs: Dict[str, Dict] = {}
+    for name in shape.models:
+        cfg = registry.resolve_config(name, shape.preset, dict(shape.overrides, batch_size=args.batch_size))
+        labels = tuple(registry.required_labels(name))
+        ours = registry.build(name, inputs, dense, cfg, seqs)
+        kw = dict(shuffle=True, seed=0, epochs=None)
+        if args.input == "memory":
+            ds = make_in_memory_dataset(pattern, spec, shape.feature_keys, labels, args.batch_size, **kw)
+        else:
+            ds = make_dataset(pattern, spec, shape.feature_keys, labels, args.batch_size, **kw)
+        ours(next(iter(ds))[0])
+        ours.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate, epsilon=cfg.adam_epsilon),
+                     jit_compile=args.jit, steps_per_execution=args.steps_per_execution,
+                     train_metrics=args.train_metrics)
+        ref = None if args.skip_reference else reference_model(name, shape, cfg)
+        y_ref = None if ref is None else {o: cols[REFERENCE_LABELS[o]].reshape(-1, 1).astype(np.float32)
+                                          for o in ref.output_names}
+        runs[name] = {"ours": ours, "ds": ds, "ref": ref, "y": y_ref, "cfg": cfg,
+                      "rates": {"reference": [], "ours": []}, "cpu": {"reference": [], "ours": []}}
 
-    def run_ref():
+    def run_ref(r):
         clock = _Clock(args.warmup_steps)
         n = args.steps * args.batch_size
-        ref.fit(x={k: v[:n] for k, v in x.items()}, y={k: v[:n] for k, v in y_ref.items()}, batch_size=args.batch_size,
-                epochs=1, shuffle=True, verbose=0, callbacks=[clock])
-        rates["reference"].append(clock.rate(args.batch_size))
-        cpu_rates["reference"].append(clock.cpu_rate(args.batch_size))
+        r["ref"].fit(x={k: v[:n] for k, v in x.items()}, y={k: v[:n] for k, v in r["y"].items()},
+                     batch_size=args.batch_size, epochs=1, shuffle=True, verbose=0, callbacks=[clock])
+        return clock
 
-    def run_ours():
+    def run_ours(r):
         clock = _Clock(args.warmup_steps)
-        ours.fit(ds, epochs=1, steps_per_epoch=args.steps, verbose=0, callbacks=[clock])
-        rates["ours"].append(clock.rate(args.batch_size))
-        cpu_rates["ours"].append(clock.cpu_rate(args.batch_size))
+        r["ours"].fit(r["ds"], epochs=1, steps_per_epoch=args.steps, verbose=0, callbacks=[clock])
+        return clock
 
-    for r in range(args.rounds + 1):  # round 0 traces and warms both up; not reported
-        for name, fn in (("reference", run_ref), ("ours", run_ours)):
-            if name == "reference" and ref is None:
-                continue
-            fn()
-            if r == 0:
-                rates[name].pop()
-                cpu_rates[name].pop()
-            else:
-                print(f"round {r} {name:>9}: {rates[name][-1]:8.0f} examples/s  {cpu_rates[name][-1]:8.0f} "
-                      "examples/CPU-s", file=sys.stderr, flush=True)
-    out = {"ours_examples_per_s": round(statistics.median(rates["ours"])),
-           "ours_rounds": [round(v) for v in rates["ours"]],
-           "ours_examples_per_cpu_s": round(statistics.median(cpu_rates["ours"])),
-           "peak_rss_mib": round(peak_rss_mib()), "rows": args.rows, "batch_size": args.batch_size,
-           "steps_per_segment": args.steps, "jit": args.jit,
-           "steps_per_execution": args.steps_per_execution, "input": args.input, "data_write_s": round(write_s, 1),
-           "cpus": os.cpu_count(), "tensorflow": tf.__version__}
-    if ref is not None:
-        out["reference_examples_per_s"] = round(statistics.median(rates["reference"]))
-        out["reference_rounds"] = [round(v) for v in rates["reference"]]
-        out["ratio"] = round(statistics.median(rates["ours"]) / statistics.median(rates["reference"]), 2)
-        out["reference_examples_per_cpu_s"] = round(statistics.median(cpu_rates["reference"]))
-        out["ratio_per_round"] = [round(a / b, 2) for a, b in zip(rates["ours"], rates["reference"])]
-        out["cpu_ratio"] = round(out["ours_examples_per_cpu_s"] / out["reference_examples_per_cpu_s"], 2)
-    print(f"ours (ESM², custom train_step, gzip TFRecords, input={args.input}): "
-          f"{out['ours_examples_per_s']:>7} examples/s")
-    if ref is not None:
-        print(f"reference (Keras functional, in-memory numpy):   {out['reference_examples_per_s']:>7} examples/s")
-        print(f"ratio ours / reference: {out['ratio']:.2f}x wall-clock (median of {args.rounds} interleaved rounds; "
-              f"per round {out['ratio_per_round']})")
-        print(f"per CPU-second: ours {out['ours_examples_per_cpu_s']}, reference "
-              f"{out['reference_examples_per_cpu_s']}, ratio {out['cpu_ratio']:.2f}x")
+    for rnd in range(args.rounds + 1):  # round 0 traces and warms everything up; not reported
+        for name, r in runs.items():
+            for who, fn in (("reference", run_ref), ("ours", run_ours)):
+                if who == "reference" and r["ref"] is None:
+                    continue
+                clock = fn(r)
+                if rnd:
+                    r["rates"][who].append(clock.rate(args.batch_size))
+                    r["cpu"][who].append(clock.cpu_rate(args.batch_size))
+                    print(f"round {rnd} {name} {who:>9}: {r['rates'][who][-1]:8.0f} examples/s  "
+                          f"{r['cpu'][who][-1]:8.0f} examples/CPU-s", file=sys.stderr, flush=True)
+
+    out = {"shape": shape.name, "rows": args.rows, "batch_size": args.batch_size, "steps_per_segment": args.steps,
+           "jit": args.jit, "steps_per_execution": args.steps_per_execution, "train_metrics": args.train_metrics,
+           "input": args.input, "format": args.format, "data_write_s": round(write_s, 1), "cpus": os.cpu_count(),
+           "tensorflow": tf.__version__, "models": {}}
+    for name, r in runs.items():
+        med = {w: statistics.median(v) for w, v in r["rates"].items() if v}
+        cpu = {w: statistics.median(v) for w, v in r["cpu"].items() if v}
+        m = {"ours_examples_per_s": round(med["ours"]), "ours_rounds": [round(v) for v in r["rates"]["ours"]],
+             "ours_examples_per_cpu_s": round(cpu["ours"])}
+        if "reference" in med:
+            m.update(reference_examples_per_s=round(med["reference"]),
+                     reference_rounds=[round(v) for v in r["rates"]["reference"]],
+                     reference_examples_per_cpu_s=round(cpu["reference"]),
+                     ratio=round(med["ours"] / med["reference"], 2),
+                     ratio_per_round=[round(a / b, 2) for a, b in zip(r["rates"]["ours"], r["rates"]["reference"])],
+                     cpu_ratio=round(cpu["ours"] / cpu["reference"], 2))
+        if args.profile:
+            m["profile_ms_per_step"] = profile(r["ours"], r["ds"], args.steps, args.warmup_steps,
+                                               max(args.steps_per_execution, 10))
+            if r["ref"] is not None:
+                m["reference_profile_ms_per_step"] = reference_profile(r["ref"], x, r["y"], args.batch_size,
+                                                                       args.steps, args.warmup_steps)
+        out["models"][name] = m
+        print(f"{name} ours (custom train_step, gzip TFRecords, {args.format}, input={args.input}): "
+              f"{m['ours_examples_per_s']:>7} examples/s")
+        if "ratio" in m:
+            print(f"{name} reference (Keras functional, in-memory numpy):   {m['reference_examples_per_s']:>7} examples/s")
+            print(f"{name} ratio ours / reference: {m['ratio']:.2f}x wall-clock (median of {args.rounds} interleaved "
+                  f"rounds; per round {m['ratio_per_round']}); per CPU-second {m['cpu_ratio']:.2f}x")
+        for key in ("profile_ms_per_step", "reference_profile_ms_per_step"):
+            if key in m:
+                print(f"{name} {key.replace('_', ' ')} [wall, CPU]: "
+                      + "; ".join(f"{k} {v}" for k, v in m[key].items()))
+    out["peak_rss_mib"] = round(peak_rss_mib())
     print(f"peak RSS: {out['peak_rss_mib']} MiB")
     if args.json:
         with open(args.json, "w") as fh:
