@@ -61,6 +61,7 @@ class TrainConfig:
     deterministic: bool = False           # ordered tf.data + op determinism: same seed -> same run
     steps_per_execution: int = 1
     jit_compile: bool = False             # XLA-compile the train/eval steps
+    train_metrics: str = "auc"            # "loss": no AUC in the train step (eval AUC unchanged)
     in_memory: bool = False               # parse the training TFRecords once into memory (data that fits)
     warm_start: Optional[str] = None      # a ``final`` checkpoint (model + optimizer) to start from
 
@@ -75,6 +76,8 @@ class TrainConfig:
             raise ValueError(f"backup_every_steps must be >= 1, got {self.backup_every_steps}")
         if self.steps_per_execution < 1:
             raise ValueError(f"steps_per_execution must be >= 1, got {self.steps_per_execution}")
+        if self.train_metrics not in ("auc", "loss"):
+            raise ValueError(f"train_metrics must be 'auc' or 'loss', got {self.train_metrics!r}")
 
 
 def make_strategy(name: str, ps_min_shard_bytes: int = PS_MIN_SHARD_BYTES) -> tf.distribute.Strategy:
@@ -326,7 +329,7 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
         model = build()
         model(sample)  # built before fit: BackupAndRestore restores into existing variables
         model.compile(optimizer=keras.optimizers.Adam(learning_rate, epsilon=adam_epsilon), steps_per_execution=cfg.steps_per_execution,
-                      jit_compile=cfg.jit_compile)
+                      jit_compile=cfg.jit_compile, train_metrics=cfg.train_metrics)
         if cfg.warm_start:
             restore_warm_start(model, cfg.warm_start)
     monitor = main_metric(model)
@@ -475,6 +478,7 @@ class _StepCounter(keras.callbacks.Callback):
 
     def __init__(self):
         super().__init__()
+        self._supports_tf_logs = True  # reads no logs: Keras need not turn them into numpy after every step
         self.steps = 0
         self._begin = 0
 
