@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "files (path, size, mtime), schema, options and preprocessing code, e.g. when a killed "
                         "job is started again (--no-reuse-preprocessed: always preprocess)")
     p.add_argument("--score-rows", type=int, default=5, help="raw rows scored through the export at the end")
+    p.add_argument("--verbose", action="store_true",
+                   help="keep TensorFlow's start-up log lines (CUDA, CPU features), hidden on machines without a GPU")
     return p
 
 
@@ -258,7 +260,15 @@ def run(argv: Sequence[str] | None = None) -> Dict:
         rows = rows[-args.score_rows:] if args.score_rows > 0 else []
         scores = score_saved_model(export_path, serialize_rows(rows, contract)) if rows else {}
 
+    with stage("report", timings):
+        from pipeline.evaluation.report import write_run_report
+
+        report_path = write_run_report(model_name, contract.name, report, history, work_dir, header=[
+            f"- eval rows: {pp_summary['rows_eval']}; train rows: {pp_summary['rows_train']}; "
+            f"rejected: {pp_summary['rows_rejected']} of {pp_summary['rows_in']}",
+            f"- export: `{export_path}`"])
     summary = {"model": model_name, "input": input_info, "preprocess": pp_summary, "eval": report,
+               "report": report_path,
                "export": export_path, "history": history, "training": train_info, "timings_s": timings,
                "total_s": round(time.time() - started, 2),
                "scored": {k: np.round(np.asarray(v, np.float64), 6).tolist() for k, v in scores.items()}}
@@ -309,9 +319,13 @@ def _print_summary(summary: Dict, report_text: str) -> None:
             print("  " + "  ".join(f"{summary['scored'][n][i]:>9.5f}" for n in names), file=out)
     print("stage times (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()), file=out)
     print(f"total: {summary['total_s']}s", file=out)
+    print(f"report: {summary['report']}", file=out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from serving.tf_quiet import quiet_tensorflow
+
+    quiet_tensorflow(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "apache_beam", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
