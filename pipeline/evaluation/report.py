@@ -297,3 +297,41 @@ def write_report(result: Dict, runs: Dict[str, List[Dict]], histories: Dict[str,
     with open(os.path.join(out_dir, "report.md"), "w") as fh:
         fh.write(markdown(result, agg, written))
     return agg
+
+
+def write_run_report(model: str, dataset: str, eval_report: Dict, history: Optional[Dict], out_dir: str,
+                     header: Sequence[str] = ()) -> str:
+    """One training run's report (``pipeline.run``): ``out_dir/report.md`` with a summary table (one row per
+    task: the scalar metrics of ``scalars``), the per-segment AUC tables of ``segment_tables`` and the plots of
+    ``plot_all`` (ROC and reliability per task, AUC per segment, training curves) beside it. ``header``: extra
+    markdown lines under the title. Returns the path of report.md."""
+    os.makedirs(out_dir, exist_ok=True)
+    runs = {model: [eval_report]}
+    histories = {model: [history]} if history else {}
+    agg = aggregate(runs, None)
+    plots = plot_all(runs, histories, agg, out_dir)
+    tasks = [t for t in TASK_ORDER if t in eval_report] + sorted(
+        t for t in eval_report if t not in TASK_ORDER and t != DIAGNOSTICS)
+    per_task = {t: scalars(eval_report[t], t) for t in tasks}
+    metrics = [m for m in METRICS if any(m in s for s in per_task.values())]
+    oracle = any("oracle_auc" in eval_report[t] for t in tasks)
+    out = [f"# Run: {model} on {dataset}", ""] + list(header) + [
+        "", "## Summary (eval split)", "",
+        "| task | rows | positives | " + " | ".join(metrics) + (" | oracle auc |" if oracle else " |"),
+        "|---|---|---|" + "---|" * (len(metrics) + oracle)]
+    for t in tasks:
+        r = eval_report[t]
+        cells = [str(r.get("n", "-")), str(r.get("positives", "-"))] + [
+            "-" if m not in per_task[t] or math.isnan(per_task[t][m]) else f"{per_task[t][m]:.4f}" for m in metrics]
+        if oracle:
+            o = r.get("oracle_auc")
+            cells.append("-" if o is None or math.isnan(o) else f"{o:.4f}")
+        out.append(f"| {t} | " + " | ".join(cells) + " |")
+    out.append("")
+    out += segment_tables(agg)
+    if plots:
+        out += ["## Plots", ""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots] + [""]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(out))
+    return path
