@@ -7,9 +7,11 @@ e.g. a train file with a header and a test file without), Parquet or TFRecord (`
 first ``--rows`` records (spread over the files) are read, and every column gets one decision, explained in a
 YAML comment above its line:
 
-* a column holding only 0 and 1 is a *label candidate*; which one is the click (and the purchase) the data
+* a column holding only 0 and 1 is a *label candidate* when at most half of it is ones or its name looks like
+  a label (click, clk, label, purchase, conversion, is_...); which one is the click (and the purchase) the data
   cannot say, so the draft says ``click: "CHOOSE_ONE_OF [a, b]"``, which fails validation with a clear message
-  until one name replaces it; candidates are also listed, commented out, under ``features``;
+  until one name replaces it (a lone candidate named like a label is filled in); candidates are listed,
+  commented out, under ``features``, so no label leaks into the inputs;
 * the user and item ids likewise (``roles.user_id: "CHOOSE_ONE_OF [...]"``, from column names);
 * a timestamp (date-time text in a known format; an integer Unix time / ``YYMMDDHH``-like number when the
   name says time, date, hour, day or ts) becomes ``roles.timestamp`` with its format;
@@ -26,7 +28,8 @@ YAML comment above its line:
   10 x distinct (one significant digit); ``min_frequency: 2`` when most values are seen once;
 * a numeric column where at most 1% of the values are not finite numbers (``NA``, ``\\N``, ``inf``) gets
   ``on_invalid: missing``;
-* skipped (commented out, with the reason): constant or empty columns and row ids (every value distinct).
+* skipped (commented out, with the reason): constant or empty columns and row ids (named ``...id`` with every
+  sampled value distinct).
 
 The split is ``files`` when the file names say train / valid (val, eval) / test, else ``time`` when a timestamp
 spans at least 10 distinct values, else ``hash``.
