@@ -319,7 +319,8 @@ def _print_summary(summary: Dict, report_text: str) -> None:
             print("  " + "  ".join(f"{summary['scored'][n][i]:>9.5f}" for n in names), file=out)
     print("stage times (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings_s"].items()), file=out)
     print(f"total: {summary['total_s']}s", file=out)
-    print(f"report: {summary['report']}", file=out)
+    if summary.get("report"):
+        print(f"report: {summary['report']}", file=out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
