@@ -13,22 +13,26 @@ four 512-256-128-32 towers, dropout 0.5, batch 1000.
 
 "ours" is the project's training path: ``models.registry.build`` + ``compile`` as ``pipeline.training.train``
 does (its ``TrainConfig`` defaults for ``steps_per_execution`` and ``train_metrics`` unless given), fed by
-``pipeline.training.data`` from gzip TFRecords this command writes: ``--input stream`` (default) reads and
-parses them every epoch, ``memory`` parses them once (``--in-memory`` of pipeline.run). "reference" is a plain
-Keras functional model of the same shape (an Embedding per field, the sequence's masked mean, tanh numerics,
-Dense towers with Dropout, the same composition and losses) trained the way most users' scripts do:
-``model.fit(x=dict_of_numpy, y=..., batch_size=1000)``, Keras' own train step and defaults.
+``pipeline.training.data.make_dataset`` from gzip TFRecords this command writes (``--format``: ``columnar``
+blocks as ``pipeline.beam.preprocess`` writes them, or one ``tf.Example`` per row), read and parsed every epoch
+(``--input stream``, default) or parsed once (``memory``, ``--in-memory`` of pipeline.run). "reference" is a
+plain Keras functional model of the same shape (an Embedding per field, the sequence's masked mean, tanh
+numerics, Dense towers with Dropout, the same composition and losses) trained the way most users' scripts do:
+``model.fit(x=dict_of_numpy, y=..., batch_size=1000)``, Keras' own train step.
 
 Every (reference, ours) pair runs in this process, interleaved per round so that load from other processes
 hits both alike; each segment's rate is timed between its ``--warmup-steps``-th and last step and the median
-over rounds is reported, beside examples per CPU-second of the process.
+over rounds is reported, beside examples per CPU-second of the process (the steadier figure when other
+processes compete for the cores: wall-clock rates then depend on the scheduler more than on the code).
 
-``--profile`` times isolated parts of ours per step (ms, wall clock; the same model and batch size):
-``input`` the tf.data pipeline alone; ``compute`` forward + backward + Adam in one tf.function on a fixed
-batch, no metrics; ``metrics`` train_step with its training metrics minus ``compute``; ``keras`` fit on a
-fixed in-memory batch (steps_per_execution 1, then k) minus train_step (Keras' per-call Python: callbacks,
-logs, the iterator); ``input share`` fit on the real input minus fit on the fixed batch (the input pipeline's
-cost when it shares the cores with training).
+``--profile`` times isolated parts per step, [wall, CPU] ms, on the same model and batch: ``input alone`` (the
+tf.data pipeline, nothing else); ``forward+backward+Adam`` (one tf.function, no metrics); ``train_step`` with
+``train_metrics`` ``loss`` and ``auc`` (their difference: the training AUCs); ``fit, fixed batch`` at
+steps_per_execution 1 and k (minus train_step: Keras' per-call Python; 1 vs k: what steps_per_execution saves);
+``fit, real input`` (minus the fixed batch: the input pipeline's share when it competes for the cores); and for
+the reference its fit on numpy vs on a fixed batch. Measured on 2 shared cores: both models spend their step in
+the same layers (the towers' matmuls and Dropout's random draws); XLA (jit_compile) took 2x the CPU per step
+at the default shape (and was slower at the paper's), so it is not used.
 """
 from __future__ import annotations
 
