@@ -163,6 +163,8 @@ def launch_local(spec: Dict[str, List[str]], run_args: Sequence[str], out=None, 
             proc = subprocess.Popen(cmd, env=task_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
             procs.append((name, proc))
+            out.write(f"[cluster] started {name} pid {proc.pid} at {spec[role][index]}\n")
+            out.flush()
             threads.append(_stream(proc, name, out))
         chief = procs[-1][1]
         while True:

@@ -10,7 +10,6 @@ An option neither this job nor Beam knows is an error.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -20,6 +19,7 @@ from dataclasses import asdict
 from typing import Dict, List, Sequence
 
 from pipeline.datagen import add_builtin_data_args, builtin_generator_config
+from pipeline.files import write_json_atomically
 
 logger = logging.getLogger("rankline")
 
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "multiworker (MultiWorkerMirroredStrategy, cluster from TF_CONFIG), parameter_server "
                         "(this process is the chief of a TF_CONFIG cluster; python -m pipeline.cluster starts one)")
     p.add_argument("--ps-min-shard-bytes", type=int, default=256 << 10,
-                   help="parameter_server: variables of at least twice this size are split across the PS tasks")
+                   help="parameter_server: embedding tables of at least twice this size are split across the PS tasks")
     p.add_argument("--early-stopping-patience", type=int, default=2,
                    help="stop after this many epochs without a better main-task eval AUC (0 = never)")
     p.add_argument("--checkpoint-dir", default=None,
@@ -127,7 +127,7 @@ def resolve_schema(args, work_dir: str, timings: Dict[str, float]):
             raise UsageError(str(exc)) from None
         out = os.path.join(work_dir, "builtin-data", f"rows{args.rows}-seed{args.seed}-{cfg.fingerprint()}")
         with stage("generate built-in data", timings):
-            manifest = datagen.ensure_builtin(cfg, out)
+            manifest = _ensure_builtin(datagen, cfg, out)
         logger.info("built-in data: %d rows in %s (%s)", manifest["rows"], out,
                     "reused" if manifest.get("reused") else "generated")
         input_path = os.path.join(out, "part-*.parquet")
@@ -154,6 +154,35 @@ def resolve_schema(args, work_dir: str, timings: Dict[str, float]):
     return schema, info
 
 
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute; a URL (gs://, hdfs://, s3://...) as it is."""
+    return path if _is_url(path) else os.path.abspath(path)
+
+
+def _ensure_builtin(datagen, cfg, out: str) -> Dict:
+    """``datagen.ensure_builtin`` into ``out``; for a remote ``out`` (the workers' shared storage) the data is
+    generated in a local cache and its files copied to ``out`` through ``tf.io.gfile`` (those already there with
+    the same size are kept)."""
+    if not _is_url(out):
+        return datagen.ensure_builtin(cfg, out)
+    import tempfile
+
+    import tensorflow as tf
+
+    local = os.path.join(tempfile.gettempdir(), "rankline-builtin-data", os.path.basename(out.rstrip("/")))
+    manifest = datagen.ensure_builtin(cfg, local)
+    tf.io.gfile.makedirs(out)
+    for name in list(manifest["files"]) + ["_MANIFEST.json"]:
+        src, dst = os.path.join(local, name), os.path.join(out, name)
+        if not tf.io.gfile.exists(dst) or tf.io.gfile.stat(dst).length != os.path.getsize(src):
+            tf.io.gfile.copy(src, dst, overwrite=True)
+    return manifest
+
+
 def run(argv: Sequence[str] | None = None) -> Dict:
     from models import registry
 
@@ -171,15 +200,15 @@ def run(argv: Sequence[str] | None = None) -> Dict:
 
     from pipeline.beam.preprocess import PreprocessConfig
     from pipeline.training.train import TrainConfig, make_strategy
-    work_dir = os.path.abspath(args.work_dir)
+    work_dir = _absolute(args.work_dir)  # gs://... stays remote: the workers read and write it
     export_dir = args.export_dir or os.path.join(work_dir, "export")
-    export_base = export_dir if "://" in export_dir else os.path.abspath(export_dir)  # gs://... stays remote
+    export_base = _absolute(export_dir)
     pp_dir = os.path.join(work_dir, "preprocessed")
     try:
         train_cfg = TrainConfig(
             epochs=args.epochs, seed=args.seed, strategy=args.strategy,
             early_stopping_patience=args.early_stopping_patience,
-            checkpoint_dir=os.path.abspath(args.checkpoint_dir or os.path.join(work_dir, "checkpoints")),
+            checkpoint_dir=_absolute(args.checkpoint_dir or os.path.join(work_dir, "checkpoints")),
             backup_every_steps=args.backup_every_steps, resume=args.resume,
             tensorboard_dir=os.path.join(work_dir, "tensorboard") if args.tensorboard else None,
             deterministic=args.deterministic, steps_per_execution=args.steps_per_execution,
@@ -194,7 +223,9 @@ def run(argv: Sequence[str] | None = None) -> Dict:
         strategy = make_strategy(train_cfg.strategy, ps_min_shard_bytes=args.ps_min_shard_bytes)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    os.makedirs(work_dir, exist_ok=True)
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(work_dir)
     timings: Dict[str, float] = {}
     started = time.time()
     schema, input_info = resolve_schema(args, work_dir, timings)
@@ -231,8 +262,7 @@ def run(argv: Sequence[str] | None = None) -> Dict:
                 "strategy": {"name": train_cfg.strategy, "class": type(strategy).__name__,
                              "replicas": strategy.num_replicas_in_sync}}
     config_path = os.path.join(work_dir, "config.json")
-    with open(config_path, "w") as fh:
-        json.dump(resolved, fh, indent=2, default=str)
+    write_json_atomically(config_path, resolved, indent=2, default=str)
 
     with stage("preprocess (Beam + tensorflow-transform)", timings):
         pp_summary = preprocess_or_reuse(schema, pp_cfg, beam_args, reuse=args.reuse_preprocessed)
@@ -246,8 +276,7 @@ def run(argv: Sequence[str] | None = None) -> Dict:
                                      train_cfg, strategy=strategy,
                                      info=train_info)
     resolved["training"] = train_info  # steps per epoch, where a resumed run started, early stop
-    with open(config_path, "w") as fh:
-        json.dump(resolved, fh, indent=2, default=str)
+    write_json_atomically(config_path, resolved, indent=2, default=str)
     with stage("evaluate", timings):
         preds, labels = ev.collect(model, contract, tft_output, transformed_pattern(pp_dir, "eval"))
         report = ev.evaluate(preds, labels)
@@ -272,8 +301,7 @@ def run(argv: Sequence[str] | None = None) -> Dict:
                "export": export_path, "history": history, "training": train_info, "timings_s": timings,
                "total_s": round(time.time() - started, 2),
                "scored": {k: np.round(np.asarray(v, np.float64), 6).tolist() for k, v in scores.items()}}
-    with open(os.path.join(work_dir, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=2)
+    write_json_atomically(os.path.join(work_dir, "summary.json"), summary, indent=2)
     _print_summary(summary, ev.format_report(report))
     return summary
 

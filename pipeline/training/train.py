@@ -42,7 +42,7 @@ from transforms.features import FeatureContract
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("default", "mirrored", "multiworker", "parameter_server")
-PS_MIN_SHARD_BYTES = 256 << 10  # parameter_server: variables of at least 2x this are split across the PS tasks
+PS_MIN_SHARD_BYTES = 256 << 10  # parameter_server: embedding tables of at least 2x this are split across the PS tasks
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,7 @@ def make_strategy(name: str, ps_min_shard_bytes: int = PS_MIN_SHARD_BYTES) -> tf
     """The ``tf.distribute`` strategy called ``name`` (see ``STRATEGIES``).
 
     ``parameter_server``: ``ParameterServerStrategy`` for the chief of the ``TF_CONFIG`` cluster (workers and
-    PS tasks run ``python -m pipeline.cluster --serve``). Every variable of V bytes is split along its first
-    axis into min(#PS, V // ``ps_min_shard_bytes``) shards on different PS tasks (``MinSizePartitioner``), so an
-    embedding table [N, D] (and its Adam slots) can outgrow any one task's memory; small ones stay whole.
+    PS tasks run ``python -m pipeline.cluster --serve``). Embedding tables are split (``TablePartitioner``).
     """
     if name == "default":
         return tf.distribute.get_strategy()
@@ -102,10 +100,26 @@ def make_strategy(name: str, ps_min_shard_bytes: int = PS_MIN_SHARD_BYTES) -> tf
             raise ValueError(f"strategy parameter_server: TF_CONFIG must describe a cluster with ps tasks and this "
                              f"process as its chief (task type {resolver.task_type!r}); worker and ps tasks run "
                              "python -m pipeline.cluster --serve, python -m pipeline.cluster starts a local cluster")
-        partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
-            min_shard_bytes=ps_min_shard_bytes, max_shards=resolver.cluster_spec().num_tasks("ps"))
+        partitioner = TablePartitioner(ps_min_shard_bytes, resolver.cluster_spec().num_tasks("ps"))
         return tf.distribute.ParameterServerStrategy(resolver, variable_partitioner=partitioner)
     raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
+
+
+class TablePartitioner:
+    """``ParameterServerStrategy``'s ``variable_partitioner``: an embedding table [N, D] of V bytes (a variable
+    created in a ``emb_*`` name scope: ``SharedEmbedding``'s tables) is split along N into
+    min(#PS, V // ``min_shard_bytes``) shards on different PS tasks (``MinSizePartitioner``), so a table and
+    its Adam slots can outgrow any one task's memory. Every other variable stays whole: layers use dense
+    kernels as plain tensors (e.g. GPRec's ``tf.stop_gradient(dense.kernel)``), which a split variable is not."""
+
+    def __init__(self, min_shard_bytes: int, max_shards: int):
+        self._split = tf.distribute.experimental.partitioners.MinSizePartitioner(min_shard_bytes=min_shard_bytes,
+                                                                                  max_shards=max_shards)
+
+    def __call__(self, shape, dtype, axis=0):
+        if tf.get_current_name_scope().rsplit("/", 1)[-1].startswith("emb_"):
+            return self._split(shape, dtype, axis)
+        return [1] * len(shape)
 
 
 @dataclass(frozen=True)
@@ -419,6 +433,8 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
         copy_weights(model, local)
         info["ps_tasks"] = strategy.extended._num_ps  # noqa: SLF001
         info["workers"] = strategy.extended._num_workers  # noqa: SLF001
+        # where each variable (each shard of a split one: ``<name>/part_<k>``) lives: [device, shape]
+        info["variable_devices"] = {v.name: [v.device, v.shape.as_list()] for v in model.variables}
         model = local
     return model, {k: [float(v) for v in vs] for k, vs in history.history.items()}, info
 
