@@ -1,11 +1,11 @@
-"""Subprocess side of tests/pipeline/training/test_parameter_server.py.
+"""Subprocess side of tests/pipeline/training/test_parameter_server{,_models}.py.
 
-    python -m tests.pipeline.training.ps_worker models WORK_DIR OUT_JSON MODEL...   # chief of a PS cluster
+    python -m tests.pipeline.training.ps_worker models PREPROCESSED_DIR DATA_GLOB OUT_JSON MODEL...  # PS chief
     python -m tests.pipeline.training.ps_worker v1score EXPORT_DIR EXAMPLES_JSON OUT_JSON
 
 ``models``: under ``TF_CONFIG`` (the chief of ``pipeline.cluster``'s cluster), trains each registry model for one
-step with ``--strategy parameter_server`` on the preprocessed data of a ``pipeline.run`` work dir (the
-pipeline's own contract binding), and records per model: steps run, losses, where the variables live, and the
+step with ``--strategy parameter_server`` on built-in data (DATA_GLOB) preprocessed into PREPROCESSED_DIR (the
+pipeline's own contract binding; ``musenet:kmeans++`` = MUSENET with k-means++ prototype seeding), and records per model: steps run, losses, where the variables live, and the
 training-only state some models keep (STAN's Beta state, MUSENET's k-means++ seeding).
 ``v1score``: loads a SavedModel the way TF Serving does (``tf.compat.v1`` loader, tag ``serve``, one Session) and
 runs ``serving_default`` on serialized tf.Examples (base64 in EXAMPLES_JSON).
@@ -38,7 +38,7 @@ def _state(model) -> dict:
     return out
 
 
-def mode_models(work_dir, out, names):
+def mode_models(pp, data_glob, out, names):
     import tensorflow as tf
     import tensorflow_transform as tft
 
@@ -48,11 +48,7 @@ def mode_models(work_dir, out, names):
     from transforms.schema import builtin_schema_path, load_schema
 
     strategy = make_strategy("parameter_server", ps_min_shard_bytes=MIN_SHARD_BYTES)
-    with open(os.path.join(work_dir, "summary.json")) as fh:
-        summary = json.load(fh)
-    schema = load_schema(builtin_schema_path("builtin"),
-                         input_path=os.path.join(summary["input"]["dir"], "part-*.parquet"))
-    pp = os.path.join(work_dir, "preprocessed")
+    schema = load_schema(builtin_schema_path("builtin"), input_path=data_glob)
     tft_output = tft.TFTransformOutput(os.path.join(pp, TRANSFORM_DIR))
     results = {}
     for name in names:
@@ -89,7 +85,7 @@ def mode_v1score(export_dir, examples_json, out):
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "models":
-        mode_models(sys.argv[2], sys.argv[3], sys.argv[4:])
+        mode_models(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
     elif mode == "v1score":
         mode_v1score(*sys.argv[2:5])
     else:

@@ -4,7 +4,7 @@ One real run (chief + 2 workers + 2 PS, separate processes) of the whole job on 
 by the tests: where the largest embedding table lives, its eval AUC against single-process runs of the same data
 (two seeds), its final checkpoint restored into a one-machine model, and its export (whole tables, the
 one-machine export's signatures, stock-TF-Serving checks, scores in an isolated v1-loader process equal to the
-one-machine model's). A second cluster (1 worker, 2 PS) trains every registry model for one step.
+one-machine model's). Every registry model under PS: test_parameter_server_models.py.
 """
 import base64
 import json
@@ -246,50 +246,3 @@ def test_checkpoint_restores_and_export_serves_whole_tables_like_the_weights_say
     assert set(served) == {"ctr", "ctavr", "cvr", "ctcvr"}
     for name, values in served.items():
         np.testing.assert_allclose(values, expected[name].numpy().reshape(-1), rtol=0, atol=1e-6, err_msg=name)
-
-
-@pytest.fixture(scope="module")
-def sweep(ps_run):
-    """Every registry model (and MUSENET with k-means++ seeding) one step under PS: 1 worker, 2 PS."""
-    from models import registry
-
-    out = os.path.join(ps_run["work"], "sweep.json")
-    names = list(registry.available()) + ["musenet:kmeans++"]
-    chief = [sys.executable, "-m", "tests.pipeline.training.ps_worker", "models", ps_run["work"], out] + names
-    code = ("import sys; from pipeline import cluster; "
-            f"sys.exit(cluster.launch_local(cluster.cluster_spec(1, 2), [], chief_cmd={chief!r}))")
-    log_path = os.path.join(ps_run["work"], "sweep.log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=480)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    with open(log_path) as fh:
-        log_text = fh.read()
-    assert rc == 0, log_text[-4000:]
-    with open(out) as fh:
-        return json.load(fh)
-
-
-def _models():
-    from models import registry
-
-    return list(registry.available()) + ["musenet:kmeans++"]
-
-
-@pytest.mark.parametrize("name", _models())
-def test_every_model_trains_a_step_under_ps(sweep, name):
-    r = sweep[name]
-    assert r["strategy"].startswith("ParameterServerStrategy")
-    assert r["steps_run"] == 1 and all(np.isfinite(r["history"]["loss"]))
-    split = {d for n, (d, _) in r["variable_devices"].items() if "/emb_" in n and "/part_" in n}
-    assert split == PS_DEVICES  # its tables are split across both PS tasks
-    if name == "stan":
-        counts = {k: v for k, v in r["state"].items() if k.endswith("stage/count")}
-        assert counts and all(v > 0 for v in counts.values()), r["state"]  # Beta state updated in train_step
-    if name == "musenet:kmeans++":
-        assert [v for k, v in r["state"].items() if k.endswith("prototypes_seeded")] == [True]
