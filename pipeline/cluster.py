@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -192,7 +193,7 @@ def print_tf_configs(spec: Dict[str, List[str]], run_args: Sequence[str], out=No
     for role, index, tf_config in tasks(spec):
         cmd = (["python", "-m", "pipeline.run"] + chief_args(run_args) if role == "chief"
                else ["python", "-m", "pipeline.cluster", "--serve"])
-        out.write(f"# {role} {index} at {spec[role][index]}\nTF_CONFIG='{tf_config}' {' '.join(cmd)}\n")
+        out.write(f"# {role} {index} at {spec[role][index]}\nTF_CONFIG='{tf_config}' {shlex.join(cmd)}\n")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
