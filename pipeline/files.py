@@ -5,14 +5,15 @@ import json
 from typing import Any
 
 
-def write_json_atomically(path: str, obj: Any, indent: int | None = None) -> None:
+def write_json_atomically(path: str, obj: Any, indent: int | None = None, default=None) -> None:
     """Writes ``obj`` as JSON to ``path.tmp`` and renames it over ``path``, so a reader sees the old file or
-    the whole new one, never a partial write (a job killed mid-write leaves at most the ``.tmp``)."""
+    the whole new one, never a partial write (a job killed mid-write leaves at most the ``.tmp``). ``default``:
+    as ``json.dumps``'s (e.g. ``str`` for values JSON has no type for)."""
     import tensorflow as tf
 
     tmp = path + ".tmp"
     with tf.io.gfile.GFile(tmp, "w") as fh:
-        fh.write(json.dumps(obj, indent=indent))
+        fh.write(json.dumps(obj, indent=indent, default=default))
     tf.io.gfile.rename(tmp, path, overwrite=True)
 
 

@@ -47,7 +47,6 @@ replaced by one column name (or the optional key is deleted).
 """
 from __future__ import annotations
 
-import glob as globlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -87,7 +86,11 @@ class InputSpec:
     csv: CsvOptions = field(default_factory=CsvOptions)
 
     def files(self) -> List[str]:
-        return sorted(globlib.glob(self.path))
+        """The sorted paths matching ``path`` on any Beam filesystem (local, gs://, hdfs://, s3://): the files
+        the Beam stage reads (``pipeline.beam.sources.match_files``), listed the same way."""
+        from apache_beam.io.filesystems import FileSystems
+
+        return sorted(m.path for m in FileSystems.match([self.path])[0].metadata_list)
 
 
 @dataclass(frozen=True)
