@@ -4,7 +4,8 @@ single-process reference (``"strategy": "default"``) or one worker of a MultiWor
 
     python -m tests.pipeline.training.multiworker_worker OUT_JSON OPTIONS_JSON
 
-OPTIONS: ``data_dir``; ``models`` (list of "esm2", "stan", trained one after the other with ``fit_model``);
+OPTIONS: ``models`` ([name, data dir] pairs, name "esm2" or "stan", trained one after the other with
+``fit_model``);
 ``checkpoint_root`` (each model checkpoints in checkpoint_root/<model>); ``kill_after_steps`` (this process
 SIGKILLs itself once that many steps of the stream are done, after that step's backup); ``batch_size``; every
 other key is a ``TrainConfig`` field. Writes {model: {"weights": {name: value}, "info", "history"}} to OUT_JSON.
@@ -37,6 +38,28 @@ def feature_spec():
     return spec
 
 
+def write_columnar(data_dir: str, n_train: int, n_eval: int, shards: int = 3, block: int = 40) -> None:
+    """``train_worker.write_data``'s rows (row i in file i % shards) in the columnar format that
+    ``pipeline.beam.preprocess`` writes: one record per ``block`` rows of a file (``columnar_record``)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.beam.preprocess import columnar_record
+
+    for split, n, seed in (("train", n_train, 1), ("eval", n_eval, 2)):
+        cols = train_worker.arrays(n, seed)
+        os.makedirs(os.path.join(data_dir, split), exist_ok=True)
+        for s in range(shards):
+            rows = np.arange(s, n, shards)
+            with tf.io.TFRecordWriter(os.path.join(data_dir, split, f"part-{s:05d}.tfrecord.gz"), options="GZIP") as w:
+                for start in range(0, len(rows), block):
+                    idx = rows[start:start + block]
+                    batch = pa.RecordBatch.from_arrays(
+                        [pa.array(v[idx].reshape(-1, 1).tolist(), pa.list_(pa.from_numpy_dtype(v.dtype)))
+                         for v in cols.values()], list(cols))
+                    w.write(columnar_record(batch))
+
+
 def stan_with_mean_weights():
     model = train_worker.stan()
     model.stage.sample = lambda users, seed=None: model.stage.mean(users)  # see the module docstring
@@ -48,7 +71,6 @@ def main(out: str, opts: dict) -> None:
     from pipeline.training.train import TrainConfig, TrainData, fit_model, make_strategy
 
     strategy = make_strategy(opts["strategy"])  # first TensorFlow work of the process
-    data_dir = opts.pop("data_dir")
     models = opts.pop("models")
     root = opts.pop("checkpoint_root", None)
     kill_at = opts.pop("kill_after_steps", None)
@@ -63,7 +85,7 @@ def main(out: str, opts: dict) -> None:
 
     builds = {"esm2": (train_worker.esm2, train_worker.LABELS), "stan": (stan_with_mean_weights, STAN_LABELS)}
     result = {"workers": getattr(strategy.extended, "_num_workers", 1), "replicas": strategy.num_replicas_in_sync}
-    for name in models:
+    for name, data_dir in models:
         build, labels = builds[name]
         data = TrainData(os.path.join(data_dir, "train", "*.gz"), os.path.join(data_dir, "eval", "*.gz"),
                          feature_spec(), tuple(train_worker.CATEGORICAL) + train_worker.DENSE, labels, batch_size)

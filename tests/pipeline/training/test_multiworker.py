@@ -1,8 +1,9 @@
 """MultiWorkerMirroredStrategy with two real worker processes on localhost (TF_CONFIG each, free ports).
 
-* Two workers train the weights one process trains on the same data and global batch (ESM² and STAN, STAN's
-  Beta state alpha/beta/count included): every worker reads the whole stream and keeps its replica's half of
-  each global batch, so the two halves are the one-process batch, in its order (``fit_model``'s DATA sharding).
+* Two workers train the weights one process trains on the same data and global batch (ESM² on one tf.Example
+  per row, STAN on columnar records; STAN's Beta state alpha/beta/count included): every worker reads the whole
+  stream and keeps its replica's half of each global batch, so the two halves are the one-process batch, in its
+  order (``fit_model``'s DATA sharding). 2 epochs of 8 steps, batches of 64 (32 a replica), shuffled (seed 3).
 * A worker SIGKILLed mid-epoch: the cluster is restarted (the survivor cannot go on without its peer and is
   killed too), resumes from the chief's BackupAndRestore backup without redoing the steps it covers and ends
   with the weights of the uninterrupted two-worker run.
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 
 from pipeline.training.train import backup_position, final_checkpoint
-from tests.pipeline.training import train_worker
+from tests.pipeline.training import multiworker_worker, train_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 TIMEOUT_S = 300  # per process (a run takes ~20-60 s on 2 busy cores)
@@ -32,10 +33,13 @@ STAGE = ("alpha:0", "beta:0", "count:0", "position_sum:0")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("mw-data"))
-    train_worker.write_data(d, n_train=512, n_eval=128)
-    return d
+def data(tmp_path_factory):
+    """The same rows as one tf.Example per row (ESM²'s input) and in the columnar format that preprocessing
+    writes, 40-row blocks that batches straddle (STAN's input)."""
+    rows, columnar = (str(tmp_path_factory.mktemp(n)) for n in ("mw-rows", "mw-columnar"))
+    train_worker.write_data(rows, n_train=512, n_eval=128)
+    multiworker_worker.write_columnar(columnar, n_train=512, n_eval=128)
+    return {"esm2": rows, "stan": columnar}
 
 
 def _free_ports(n):
@@ -102,10 +106,10 @@ class Processes:
 
 
 @pytest.fixture(scope="module")
-def runs(data_dir, tmp_path_factory):
+def runs(data, tmp_path_factory):
     """ESM² then STAN trained by one process and, at the same time, by an uninterrupted two-worker cluster."""
     tmp = tmp_path_factory.mktemp("mw-runs")
-    opts = dict(COMMON, data_dir=data_dir, models=["esm2", "stan"])
+    opts = dict(COMMON, models=[["esm2", data["esm2"]], ["stan", data["stan"]]])
     with Processes(tmp) as procs:
         procs.start("reference", dict(opts, strategy="default", checkpoint_root=str(tmp / "ck-reference")))
         procs.cluster("worker", dict(opts, checkpoint_root=str(tmp / "ck-workers")))
@@ -163,14 +167,14 @@ def _poll(condition, timeout, what):
 
 
 @pytest.mark.parametrize("victim", [0, 1], ids=["chief-killed", "worker1-killed"])
-def test_killed_worker_cluster_restarts_from_backup(runs, data_dir, tmp_path, victim):
+def test_killed_worker_cluster_restarts_from_backup(runs, data, tmp_path, victim):
     """Backups every 4 steps; worker ``victim`` is SIGKILLed after step 12 (epoch 2, step 4 of 8) and its
     backup. The survivor is stuck at step 13 (it needs its peer) and is killed once the chief's backup of step
     12 is on disk. Both restart: they resume at epoch 2 step 4, run only the 4 remaining steps and end with the
     uninterrupted two-worker run's STAN (Beta state included)."""
     ck = str(tmp_path / "ck")
     backup = os.path.join(ck, "stan", "backup")
-    opts = dict(COMMON, data_dir=data_dir, models=["stan"], checkpoint_root=ck)
+    opts = dict(COMMON, models=[["stan", data["stan"]]], checkpoint_root=ck)
     with Processes(tmp_path) as procs:
         kill = [{}, {}]
         kill[victim] = {"kill_after_steps": 12}
