@@ -52,7 +52,7 @@ _PROBE = textwrap.dedent("""
 """)
 # The driver of the portable run (its own process, so the test can bound its time).
 _DRIVER = textwrap.dedent("""
-    import json, os, sys
+    import os, sys
     from dataclasses import replace
     from pipeline.beam.preprocess import PreprocessConfig, run_preprocess
     from transforms.preprocessing import build_preprocessing_fn
