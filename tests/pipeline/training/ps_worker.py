@@ -64,8 +64,8 @@ def mode_models(pp, data_glob, out, names):
                          "variable_devices": info["variable_devices"], "state": _state(model),
                          "strategy": info["strategy"]}
         print(f"{name}: {info['steps_run']} steps, loss {history['loss']}", flush=True)
-    with open(out, "w") as fh:
-        json.dump(results, fh)
+        with open(out, "w") as fh:  # after every model: a run cut short still tells which ones trained
+            json.dump(results, fh)
 
 
 def mode_v1score(export_dir, examples_json, out):
