@@ -14,7 +14,8 @@ Each retrain works in ``BASE/retrain/NNN/`` and, in order:
    partition's training rows and the N - 1 accepted partitions before it (each re-read with the per-user state it
    started from), with the numeric statistics (quantile boundaries, means, variances) read from the loop's graph
    and applied as constants, so only ids move; the new graph (``preprocessed/transform_fn_output``) transforms the
-   partition, is embedded in the candidate's export and becomes the loop's graph once the candidate is published. Per-user features continue from the per-user state the previous partition left
+   partition, is embedded in the candidate's export and becomes the loop's graph once the candidate is published.
+   Per-user features continue from the per-user state the previous partition left
    (``pipeline.beam.user_features``), so they equal one run over the concatenated partitions. Rejected rows go to the
    dead letter as in ``pipeline.run``. The last ``eval_fraction`` of the partition's time range is held out: it
    is the gate's slice (and early stopping's).
