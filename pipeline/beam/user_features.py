@@ -125,6 +125,7 @@ def split_by_user(batch: pa.RecordBatch, user_col: str, buckets: int = 64,
         yield int(sorted_keys[start]), batch.take(pa.array(order[start:end]))
 
 
+SLICE_ROWS = 10_000  # AddUserFeatures computes and emits rows this many at a time
 STATE = "state"  # the tagged output of AddUserFeatures(with_state=True): (user key, state) pairs
 
 
@@ -162,33 +163,44 @@ class AddUserFeatures(beam.DoFn):
         cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in needed}
         items = table.column(c.item_id).to_pylist()
         users = table.column(c.user_id).to_pylist()
+        # A user's events are computed a slice at a time (its state carried from slice to slice) and rows go out
+        # every SLICE_ROWS rows, so that beyond the sorted bucket only O(SLICE_ROWS) rows of derived values are
+        # held, however many events one user has.
         derived: Dict[str, list] = {}
-        start = 0
+        start = done = 0
         n = table.num_rows
         while start < n:
             end = start + 1
             if users[start] is not None:  # a user without an id has no history: one row at a time
                 while end < n and users[end] == users[start]:
                     end += 1
-            rows = {name: values[start:end] for name, values in cols.items()}
-            rows[c.item_id] = items[start:end]
-            if states is None:
-                columns = compute_user_features(rows, c)
-            else:
-                key = user_key(users[start]) if users[start] is not None else None
-                columns, after = compute_user_features_and_state(rows, c, states.get(key))
-                if key is not None:
-                    states[key] = after
-            for name, values in columns.items():
-                derived.setdefault(name, []).extend(values)
+            key = user_key(users[start]) if users[start] is not None else None
+            state = states.get(key) if states is not None and key is not None else None
+            for lo in range(start, end, SLICE_ROWS):
+                hi = min(end, lo + SLICE_ROWS)
+                rows = {name: values[lo:hi] for name, values in cols.items()}
+                rows[c.item_id] = items[lo:hi]
+                columns, state = compute_user_features_and_state(rows, c, state)
+                for name, values in columns.items():
+                    derived.setdefault(name, []).extend(values)
+                if hi - done >= SLICE_ROWS:
+                    yield from self._with_columns(table.slice(done, hi - done), derived)
+                    derived, done = {}, hi
+            if states is not None and key is not None:
+                states[key] = state
             start = end
+        if n > done:
+            yield from self._with_columns(table.slice(done, n - done), derived)
+        beam.metrics.Metrics.counter("rankline", "rows_with_user_features").inc(n)
+        for key, state in (states or {}).items():
+            yield beam.pvalue.TaggedOutput(STATE, (key, state))
+
+    @staticmethod
+    def _with_columns(table: pa.Table, derived: Dict[str, list]):
         for name, values in derived.items():
             idx = table.schema.get_field_index(name)
             table = table.set_column(idx, name, pa.array(values, type=table.schema.field(name).type))
-        beam.metrics.Metrics.counter("rankline", "rows_with_user_features").inc(n)
-        yield from table.combine_chunks().to_batches(max_chunksize=10_000)
-        for key, state in (states or {}).items():
-            yield beam.pvalue.TaggedOutput(STATE, (key, state))
+        yield from table.combine_chunks().to_batches(max_chunksize=SLICE_ROWS)
 
 
 def add_user_features(rows, contract: FeatureContract, label: str = "UserFeatures"):

@@ -1,5 +1,6 @@
-"""Per-user features a chunk of users at a time (preprocessing's bounded-memory path) equal one pass over all rows,
-recomputed here with a literal loop over the raw files; and the chunk plan keeps every user bucket whole."""
+"""Per-user features a chunk of users at a time, and each user's events a slice at a time (preprocessing's
+bounded-memory path), equal one pass over all rows, recomputed here with a literal loop over the raw files; and the
+chunk plan keeps every user bucket whole."""
 import glob
 import json
 import os
@@ -11,6 +12,7 @@ import pyarrow as pa
 from pipeline import datagen
 from pipeline.beam import sources
 from pipeline.beam.preprocess import READ_COUNTS_FILE, USER_STATE_DIR, PreprocessConfig, user_feature_chunks
+from pipeline.beam import user_features as U
 from pipeline.beam.user_features import plan_chunks
 from transforms.schema import builtin_schema_path, load_schema
 
@@ -44,7 +46,9 @@ def _reference(raw: pd.DataFrame):
     return out, states
 
 
-def test_chunked_user_features_equal_one_pass_over_all_rows(tmp_path):
+def test_chunked_user_features_equal_one_pass_over_all_rows(tmp_path, monkeypatch):
+    # a user's events are computed a slice at a time with the state carried between slices: slices of 7 rows
+    monkeypatch.setattr(U, "SLICE_ROWS", 7)
     # 400 users with ~15 events each over 3 days, in 8 time-ordered files
     cfg = datagen.GeneratorConfig(rows=6_000, seed=4, days=3, users=400, items=80, rows_per_file=750)
     datagen.write_parquet(cfg, str(tmp_path / "data"), progress=False)
