@@ -29,12 +29,12 @@ def _state(model) -> dict:
     """Training-only state (STAN: sums of its Beta state ``stage/{alpha,beta,count,position_sum}``; MUSENET:
     whether k-means++ seeded the prototypes)."""
     out = {}
+    stage = getattr(model, "stage", None)
+    for v in getattr(stage, "variables", []):
+        out["stage/" + v.name.split(":")[0].split("/")[-1]] = float(np.sum(v.numpy()))
     for v in model.variables:
-        name = v.name.split(":")[0]
-        if "/stage/" in name:
-            out[name] = float(np.sum(v.numpy()))
-        if name.endswith("prototypes_seeded"):
-            out[name] = bool(v.numpy())
+        if v.name.split(":")[0].endswith("prototypes_seeded"):
+            out[v.name.split(":")[0]] = bool(v.numpy())
     return out
 
 
