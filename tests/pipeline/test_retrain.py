@@ -89,3 +89,98 @@ def test_broken_day_and_shuffled_labels_are_refused_and_a_good_day_is_published_
     state = json.load(open(os.path.join(loop["work"], "retrain", R.STATE_FILE)))
     assert state["champion"] == os.path.join(base, "3")
     assert [p["published"] is not None for p in state["partitions"]] == [True, False, True, True]
+
+
+# ---- --refresh-vocabulary and --replay --------------------------------------------------------------------------
+LENIENT_GATE = ["--auc-tolerance", "1", "--logloss-tolerance", "100", "--max-ece", "1", "--min-auc", "0"]
+
+
+def _records(pattern):
+    """Rows in the transformed shards matching ``pattern``, counted on disk (``__rows__`` of each record)."""
+    from tests.pipeline.beam.shard_rows import rows_on_disk
+
+    files = sorted(glob.glob(pattern))
+    assert files, pattern
+    return rows_on_disk(files)
+
+
+def _ids(pattern, key):
+    """Every value of the int64 feature ``key`` in the shards matching ``pattern`` (each record: its rows')."""
+    import tensorflow as tf
+
+    ids = []
+    for record in tf.data.TFRecordDataset(sorted(glob.glob(pattern)), compression_type="GZIP").as_numpy_iterator():
+        ids.extend(tf.train.Example.FromString(record).features.feature[key].int64_list.value)
+    return np.asarray(ids)
+
+
+def _vocab(tft_dir, name):
+    with open(os.path.join(tft_dir, "transform_fn", "assets", f"vocab_{name}"), "rb") as fh:
+        return fh.read().splitlines()
+
+
+@pytest.fixture(scope="module")
+def small_loop(tmp_path_factory):
+    """A base run on day 1 of a 3-day log (1000 rows a day, a third of the catalogue appearing over the span)."""
+    root = tmp_path_factory.mktemp("small-loop")
+    cfg = datagen.GeneratorConfig(rows=3_000, seed=1, days=3, new_items=0.3)
+    datagen.write_partitions(cfg, str(root / "logs"), progress=False)
+    from pipeline import run as run_mod
+
+    work = str(root / "work")
+    run_mod.run(["--data", str(root / "logs" / "day-01" / "*.parquet"), "--work-dir", work, "--epochs", "1",
+                 "--batch-size", "256", "--score-rows", "2", "--runner=DirectRunner"])
+    return {"root": root, "work": work}
+
+
+def test_refresh_vocabulary_with_replay_then_a_replay_on_the_refreshed_graph(small_loop):
+    root, work = small_loop["root"], small_loop["work"]
+    day = lambda d: str(root / "logs" / f"day-{d:02d}" / "*.parquet")  # noqa: E731
+    base_graph = os.path.join(work, "preprocessed", "transform_fn_output")
+    # day 2, vocabularies re-analyzed over days 1-2, trained on day 2 and day 1 (transformed again: new ids)
+    assert R.main(["--base", work, "--data", day(2), "--epochs", "1", "--refresh-vocabulary", "--window", "2",
+                   "--replay", *LENIENT_GATE, "--runner=DirectRunner"]) == R.EXIT_PUBLISHED
+    first = json.load(open(os.path.join(work, "retrain", "001", "summary.json")))
+    graph = os.path.join(work, "retrain", "001", "preprocessed", "transform_fn_output")
+    day1_rows = pq.read_table(str(root / "logs" / "day-01")).num_rows
+    assert first["rows"]["rows_replay"] == day1_rows
+    new_train = _records(os.path.join(work, "retrain", "001", "preprocessed", "data", "train", "part-*"))
+    assert first["training"]["train_examples"] == day1_rows + new_train
+    assert first["training"]["steps_run"] == -(-(day1_rows + new_train) // 256)  # one epoch over both
+    assert first["vocabulary_refresh"]["window"] == ["base", "001"]
+    # every base token survives (day 1 is in the window); the tokens added are items day 2 brought (to >= 2 rows)
+    day2_items = {str(i).encode() for i in pq.read_table(str(root / "logs" / "day-02")).column("item_id").to_pylist()}
+    assert set(_vocab(base_graph, "item_id")) <= set(_vocab(graph, "item_id"))
+    added = set(_vocab(graph, "item_id")) - set(_vocab(base_graph, "item_id"))
+    assert added and added <= day2_items
+    assert first["vocabulary_refresh"]["fields"]["item_id_id"]["new"] == len(added)
+    # per-user state holds raw item ids (not vocabulary ids), so the refresh leaves it valid
+    raw_items = {str(i) for d in (1, 2) for i in pq.read_table(str(root / "logs" / f"day-{d:02d}")).column("item_id")
+                 .to_pylist()}
+    states = [json.loads(line) for path in glob.glob(os.path.join(work, "retrain", "001", "preprocessed", "user_state",
+                                                                   "part-*.jsonl")) for line in open(path)]
+    history = {h for s in states for h in s["state"]["history"]}
+    assert history and history <= raw_items
+    # the refreshed graph is the loop's and the published export's
+    state = json.load(open(os.path.join(work, "retrain", R.STATE_FILE)))
+    assert state["tft_dir"] == graph and state["champion"] == first["published"]
+    exported = glob.glob(os.path.join(first["published"], "assets*", "vocab_item_id"))
+    assert exported and open(exported[0], "rb").read().splitlines() == _vocab(graph, "item_id")
+
+    # day 3 with --replay only: transformed with the refreshed graph; day 2's TFRecords (same graph) are reused
+    assert R.main(["--base", work, "--data", day(3), "--epochs", "1", "--replay", *LENIENT_GATE,
+                   "--runner=DirectRunner"]) == R.EXIT_PUBLISHED
+    second = json.load(open(os.path.join(work, "retrain", "002", "summary.json")))
+    assert second["replay"] == {"previous": "001", "retransformed": False}
+    day2 = [_records(os.path.join(work, "retrain", "001", "preprocessed", "data", s, "part-*"))
+            for s in ("train", "eval")]
+    day3 = _records(os.path.join(work, "retrain", "002", "preprocessed", "data", "train", "part-*"))
+    assert second["training"]["train_examples"] == sum(day2) + day3
+    # day 3's ids are the refreshed vocabulary's: its OOV rows are exactly those whose item it lacks
+    ids = np.concatenate([_ids(os.path.join(work, "retrain", "002", "preprocessed", "data", s, "part-*"), "item_id_id")
+                          for s in ("train", "eval")])
+    vocab = set(_vocab(graph, "item_id"))
+    day3_items = [str(i).encode() for i in pq.read_table(str(root / "logs" / "day-03")).column("item_id").to_pylist()]
+    assert len(ids) == len(day3_items)
+    assert int(np.sum(ids >= len(vocab))) == sum(i not in vocab for i in day3_items)
+    assert any(i in added for i in day3_items)
