@@ -38,7 +38,7 @@ def sweep(tmp_path_factory):
         proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            rc = proc.wait(timeout=540)
+            rc = proc.wait(timeout=1200)  # a bound for a loaded machine; ~16 models x 8 s on an idle one
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
