@@ -157,12 +157,18 @@ class AddUserFeatures(beam.DoFn):
             for key, state in (states or {}).items():
                 yield beam.pvalue.TaggedOutput(STATE, (key, state))
             return
+        import pyarrow.compute as pc
+
         table = pa.Table.from_batches(list(batches))
-        table = table.sort_by([(c.user_id, "ascending"), (c.timestamp, "ascending"), (ORDER_COL, "ascending")])
+        # The order (no sorted copy of the whole bucket: rows are taken in this order a slice at a time)
+        order = pc.sort_indices(table, sort_keys=[(c.user_id, "ascending"), (c.timestamp, "ascending"),
+                                                  (ORDER_COL, "ascending")])
         needed = [c.timestamp] + list(c.labels.binary_columns)
-        cols = {name: table.column(name).to_numpy(zero_copy_only=False) for name in needed}
-        items = table.column(c.item_id).to_pylist()
-        users = table.column(c.user_id).to_pylist()
+        keys = table.select(needed + [c.item_id, c.user_id]).take(order)
+        cols = {name: keys.column(name).to_numpy(zero_copy_only=False) for name in needed}
+        items = keys.column(c.item_id).to_pylist()
+        users = keys.column(c.user_id).to_pylist()
+        del keys
         # A user's events are computed a slice at a time (its state carried from slice to slice) and rows go out
         # every SLICE_ROWS rows, so that beyond the sorted bucket only O(SLICE_ROWS) rows of derived values are
         # held, however many events one user has.
@@ -184,13 +190,13 @@ class AddUserFeatures(beam.DoFn):
                 for name, values in columns.items():
                     derived.setdefault(name, []).extend(values)
                 if hi - done >= SLICE_ROWS:
-                    yield from self._with_columns(table.slice(done, hi - done), derived)
+                    yield from self._with_columns(table.take(order[done:hi]), derived)
                     derived, done = {}, hi
             if states is not None and key is not None:
                 states[key] = state
             start = end
         if n > done:
-            yield from self._with_columns(table.slice(done, n - done), derived)
+            yield from self._with_columns(table.take(order[done:n]), derived)
         beam.metrics.Metrics.counter("rankline", "rows_with_user_features").inc(n)
         for key, state in (states or {}).items():
             yield beam.pvalue.TaggedOutput(STATE, (key, state))
