@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Mapping
+from typing import Dict
 
 import numpy as np
 import tensorflow as tf
@@ -66,8 +66,8 @@ def _build(model_name: str, model_config, contract: FeatureContract, tft_output,
     return model
 
 
-def keyed_variables(model) -> Dict[str, str]:
-    """{variable name: the transformed field whose ids index its first dimension} of a built model."""
+def keyed_variables(model) -> Dict:
+    """{variable ``ref()``: the transformed field whose ids index its first dimension} of a built model."""
     from models.layers.embedding import SharedEmbedding
     from models.layers.stage import BetaStageState
 
@@ -75,9 +75,9 @@ def keyed_variables(model) -> Dict[str, str]:
     for layer in model.submodules:
         if isinstance(layer, SharedEmbedding):
             for name, table in list(layer._tables.items()) + list(layer._seq_tables.items()):
-                out[table.embeddings.name] = name
+                out[table.embeddings.ref()] = name
         elif isinstance(layer, BetaStageState):
-            out.update({v.name: model.config.user_index for v in layer.weights})
+            out.update({v.ref(): model.config.user_index for v in layer.weights})
     return out
 
 
@@ -94,9 +94,10 @@ def remap_warm_start(model_name: str, model_config, contract: FeatureContract, o
     trained on ``old_tft``'s vocabularies) carried onto ``new_tft``'s. Returns ``{"checkpoint": prefix, "fields":
     {field: {"carried", "new", "dropped"}}}`` (rows of vocabulary tokens; OOV buckets and padding not counted).
 
-    Model variables and optimizer variables (Adam's step, m and v) are matched by name between the two builds
-    (Keras' name counters are reset before each); keyed ones are remapped row by row (module docstring), the rest
-    must keep their shape. Fresh rows come from the new model's own initialisers, seeded by ``seed``.
+    Model variables and optimizer variables (Adam's step, m and v) are matched by position between the two builds
+    (same architecture; names checked equal, Keras' name counters reset before each: names alone are not unique,
+    e.g. a metric's and STAN's Beta state's ``count``); keyed ones are remapped row by row (module docstring), the
+    rest must keep their shape. Fresh rows come from the new model's own initialisers, seeded by ``seed``.
     """
     from pipeline.training.train import restore_warm_start, save_final
 
@@ -104,25 +105,24 @@ def remap_warm_start(model_name: str, model_config, contract: FeatureContract, o
     keras.backend.clear_session()
     old = _build(model_name, model_config, contract, old_tft, learning_rate, adam_epsilon)
     restore_warm_start(old, old_prefix)
-    keyed = keyed_variables(old)
-    old_model = {v.name: v.numpy() for v in old.weights}
-    old_opt = {v.name: v.numpy() for v in old.optimizer.variables()}
+    old_keyed = keyed_variables(old)
+    old_model = [(v.name, v.numpy(), old_keyed.get(v.ref())) for v in old.weights]
+    old_opt = [(v.name, v.numpy()) for v in old.optimizer.variables()]
     del old
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     new = _build(model_name, model_config, contract, new_tft, learning_rate, adam_epsilon)
-    if keyed != keyed_variables(new):
-        raise ValueError(f"vocabulary refresh of {model_name!r}: the two builds key different variables")
+    keyed = keyed_variables(new)
+    if len(old_model) != len(new.weights) or len(old_opt) != len(new.optimizer.variables()):
+        raise ValueError(f"vocabulary refresh of {model_name!r}: the two builds have different variables")
     segment = getattr(new.config, "segment_feature", None)
     if segment in mapping and not np.array_equal(mapping[segment], np.arange(len(mapping[segment]))):
         raise ValueError(f"vocabulary refresh: model {model_name!r} keys its segment table by {segment!r}, whose "
                          f"ids the refresh would move; refresh without that vocabulary changing")
 
-    def carry(name: str, owner: str, fresh: np.ndarray, saved: Mapping[str, np.ndarray]) -> np.ndarray:
-        if name not in saved:
-            raise ValueError(f"vocabulary refresh: variable {name} of the new model is not in {old_prefix}")
-        value = saved[name]
-        field = keyed.get(owner)
+    def carry(name: str, saved_name: str, value: np.ndarray, field, fresh: np.ndarray) -> np.ndarray:
+        if name != saved_name:
+            raise ValueError(f"vocabulary refresh: variable {name} of the new model is {saved_name} in {old_prefix}")
         if field is None or field not in mapping:
             if value.shape != fresh.shape:
                 raise ValueError(f"vocabulary refresh: variable {name} changes shape {value.shape} -> {fresh.shape} "
@@ -136,11 +136,16 @@ def remap_warm_start(model_name: str, model_config, contract: FeatureContract, o
         out[rows >= 0] = value[rows[rows >= 0]]
         return out
 
-    model_names = {v.name for v in new.weights}
-    for v in new.weights:
-        v.assign(carry(v.name, v.name, v.numpy(), old_model))
-    for v in new.optimizer.variables():
-        v.assign(carry(v.name, _slot_owner(v.name, model_names) or v.name, v.numpy(), old_opt))
+    for v, (saved_name, value, old_field) in zip(new.weights, old_model):
+        if keyed.get(v.ref()) != old_field:
+            raise ValueError(f"vocabulary refresh of {model_name!r}: {v.name} is keyed differently in the two builds")
+        v.assign(carry(v.name, saved_name, value, keyed.get(v.ref()), v.numpy()))
+    trainable = {v.name: keyed.get(v.ref()) for v in new.trainable_variables}  # slots exist for these only
+    if len(trainable) != len(new.trainable_variables):
+        raise ValueError(f"vocabulary refresh of {model_name!r}: trainable variable names are not unique")
+    for v, (saved_name, value) in zip(new.optimizer.variables(), old_opt):
+        owner = _slot_owner(v.name, trainable)
+        v.assign(carry(v.name, saved_name, value, trainable[owner] if owner else None, v.numpy()))
     prefix = save_final(new, out_dir)
     fields = {}
     for field, rows in mapping.items():
