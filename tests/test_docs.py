@@ -48,7 +48,11 @@ def documented_commands():
                 if not m or line.startswith("#"):
                     continue
                 rest = re.split(r"\s*(?:;|&&|\|\|)\s*", m.group(2))[0]
-                argv = shlex.split(rest.replace('"$', '"X').replace("$day", "01"))
+                argv = shlex.split(rest.replace("$day", "01"))
+                if "--" in argv:  # a launcher's own options, then pipeline.run's (python -m pipeline.cluster ... -- ...)
+                    cut = argv.index("--")
+                    out.append((os.path.relpath(doc, ROOT), "pipeline.run", argv[cut + 1:]))
+                    argv = argv[:cut]
                 out.append((os.path.relpath(doc, ROOT), m.group(1), argv))
     return out
 
