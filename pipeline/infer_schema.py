@@ -29,7 +29,14 @@ YAML comment above its line:
 * a numeric column where at most 1% of the values are not finite numbers (``NA``, ``\\N``, ``inf``) gets
   ``on_invalid: missing``;
 * skipped (commented out, with the reason): constant or empty columns and row ids (named ``...id`` with every
-  sampled value distinct).
+  sampled value distinct);
+* a *run* of at least ``MIN_RUN`` adjacent columns of one value kind (int / float / text) whose neighbours'
+  value sets overlap (Jaccard and the share of each column's values seen in its neighbour both >= ``RUN_OVERLAP``)
+  is one history stored a value per column: one ``sequence`` feature with ``columns_prefix`` and ``max_length``
+  = its width (columns ``seqK_0..`` without a header, or the header's ``x_1..x_n`` / ``x1..xn`` prefix). A value
+  (one of ``PAD_VALUES``: 0, -1, null, pad, ...) found in every row only as a block at the same end of the run (in >= 2 rows not filling it) is its
+  ``pad_token``; where that block restarts mid-run, two histories meet and the run is split there. A run of
+  columns all holding one and the same value is skipped as one.
 
 The split is ``files`` when the file names say train / valid (val, eval) / test, else ``time`` when a timestamp
 spans at least 10 distinct values, else ``hash``.
@@ -73,6 +80,9 @@ HASH_FACTOR = 10
 SEQUENCE_SHARE = 0.05
 MAX_INVALID_SHARE = 0.01
 MIN_TIME_VALUES = 10
+MIN_RUN = 8  # adjacent columns holding one history stored a value per column
+RUN_OVERLAP = 0.2  # neighbours in a run: Jaccard and value coverage (both directions) at least this
+PAD_VALUES = ("0", "-1", "0.0", "-1.0", "null", "none", "nan", "pad", "<pad>", "[pad]")  # values that can mean "none"
 MAX_LABEL_RATE = 0.5  # a 0/1 column with more ones is a label candidate only when named like a label
 SPLIT_NAMES = (("train", re.compile(r"train", re.I)), ("eval", re.compile(r"(valid|val\b|val[_.-]|eval|dev)", re.I)),
                ("test", re.compile(r"test", re.I)))
@@ -473,6 +483,11 @@ def _sequence(name: str, tokens: List[str], longest: int, sep: Optional[str], wh
     why.append(f"longest {longest} tokens: max_length {entry['max_length']} (20, or the longest up to 100)")
     if sep is None:
         why.append("(lists are read as tokens; the separator is unused)")
+    return _token_vocabulary(entry, counts, why)
+
+
+def _token_vocabulary(entry: Dict, counts: Counter, why: List[str]) -> Decision:
+    d = len(counts)
     if d >= SMALL_VOCABULARY:
         entry["top_k"] = _round_1sig(10 * d)
         why.append(f"{d} distinct tokens: top_k {entry['top_k']}")
@@ -482,6 +497,163 @@ def _sequence(name: str, tokens: List[str], longest: int, sep: Optional[str], wh
         entry["min_frequency"] = 2
         why.append("most tokens seen once: min_frequency 2")
     return Decision("feature", entry, "; ".join(why), distinct=d)
+
+
+# ------------------------------------------------------------------------------------------------ runs of columns
+
+@dataclass
+class Run:
+    """Columns ``start .. start + width - 1`` (positions) holding one history a value per column."""
+    start: int
+    width: int
+    pad: Optional[str] = None
+    why: List[str] = field(default_factory=list)
+
+
+def _value_kind(values: Sequence) -> Optional[str]:
+    """int / float / text of a CSV column's present values; None when empty or list-valued."""
+    vals = [v for v in values if v is not None]
+    if not vals or not all(isinstance(v, str) for v in vals):
+        return None
+    if not all(_is_number(v) for v in vals):
+        return "text"
+    nums = [float(v) for v in vals]
+    return "int" if all(math.isfinite(x) and x == int(x) for x in nums) else "float"
+
+
+def _overlap(a: Sequence, b: Sequence) -> float:
+    """min(Jaccard of the two value sets, share of a's values found in b's set, share of b's found in a's)."""
+    a = [v for v in a if v is not None]
+    b = [v for v in b if v is not None]
+    sa, sb = set(a), set(b)
+    if not sa or not sb:
+        return 0.0
+    return min(len(sa & sb) / len(sa | sb), sum(v in sb for v in a) / len(a), sum(v in sa for v in b) / len(b))
+
+
+def _padding(cols: List[List]) -> Optional[Tuple[str, str, List[int], int]]:
+    """(token, "head" / "tail", cut offsets, rows partly padded) when one of PAD_VALUES appears in each row only as
+    blocks at the same end of the run's pieces: a block may restart only at a cut (>= 2 rows restart there),
+    each piece is >= MIN_RUN wide and >= 2 rows are partly padded; the candidate with most such rows."""
+    w, n = len(cols), len(cols[0])
+    best = None
+    for end, edge, other in (("head", 0, w - 1), ("tail", w - 1, 0)):
+        at_edge, at_other = Counter(cols[edge]), Counter(cols[other])
+        for v in [v for v in at_edge if v is not None and at_edge[v] > at_other.get(v, 0)
+                  and v.strip().lower() in PAD_VALUES]:
+            restarts: Counter = Counter()
+            masks = []
+            for i in range(n):
+                m = [cols[j][i] == v for j in range(w)]
+                m = m if end == "head" else m[::-1]
+                restarts.update(j for j in range(1, w) if m[j] and not m[j - 1])
+                masks.append(m)
+            cuts = sorted(restarts)
+            bounds = [0] + cuts + [w]
+            if any(restarts[c] < 2 for c in cuts) or any(b - a < MIN_RUN for a, b in zip(bounds, bounds[1:])):
+                continue
+            partial = sum(any(0 < sum(m[a:b]) < b - a for a, b in zip(bounds, bounds[1:])) for m in masks)
+            if partial >= 2 and (best is None or partial > best[3]):
+                best = (v, end, cuts if end == "head" else sorted(w - c for c in cuts), partial)
+    return best
+
+
+def find_runs(columns: List[List]) -> List[Run]:
+    """Runs of >= MIN_RUN adjacent columns (positions) of one value kind whose neighbours overlap
+    (``_overlap`` >= RUN_OVERLAP), split where their padding restarts (``_padding``)."""
+    kinds = [_value_kind(c) for c in columns]
+    runs: List[Run] = []
+    start = 0
+    for j in range(1, len(columns) + 1):
+        drop = None if j == len(columns) or kinds[j] is None or kinds[j] != kinds[j - 1] else \
+            _overlap(columns[j - 1], columns[j])
+        if drop is not None and drop >= RUN_OVERLAP:
+            continue
+        if j - start >= MIN_RUN and kinds[start] is not None:
+            end = ("up to the last column" if j == len(columns) else
+                   f"until the value kind changes at column {j}" if drop is None else
+                   f"until the overlap drops to {drop:.2f} at column {j}")
+            why = [f"columns {start}..{j - 1}: {j - start} adjacent {kinds[start]} columns whose neighbours share "
+                   f"values (overlap >= {RUN_OVERLAP:g}) {end}: one history stored a value per column"]
+            pad = _padding(columns[start:j])
+            cuts = []
+            if pad:
+                token, side, cuts, partial = pad
+                why.append(f"{token!r} appears only as a block at the {side} ({partial} rows partly filled by it): "
+                           f"pad_token {token!r}")
+                if cuts:
+                    why.append("that block restarts at column(s) " + ", ".join(str(start + c) for c in cuts) +
+                               ": histories meet there, split")
+            bounds = [0] + cuts + [j - start]
+            for a, b in zip(bounds, bounds[1:]):
+                part = [f"this one: columns {start + a}..{start + b - 1}"] if len(bounds) > 2 else []
+                runs.append(Run(start + a, b - a, pad[0] if pad else None, why + part))
+        start = j
+    return runs
+
+
+def _header_prefix(names: Sequence[str], others: Sequence[str]) -> Optional[str]:
+    """The common prefix of header names x_1..x_n / x1..xn (consecutive numbers) when no other column starts
+    with it (the reader collects a sequence's columns by prefix), else None."""
+    parts = [re.fullmatch(r"(.*?\D)(\d+)", n) or re.fullmatch(r"()(\d+)", n) for n in names]
+    if not all(parts) or len({p.group(1) for p in parts}) != 1 or not parts[0].group(1):
+        return None
+    nums = [int(p.group(2)) for p in parts]
+    prefix = parts[0].group(1)
+    if nums != list(range(nums[0], nums[0] + len(nums))) or any(o.startswith(prefix) for o in others):
+        return None
+    return prefix
+
+
+def _apply_runs(sample: Sample) -> List[Tuple[str, str, Run]]:
+    """Finds the runs of a CSV sample; without a header renames their columns seqK_0.. (the others keep
+    col_<position>). Returns (sequence name, columns_prefix, run) in column order."""
+    names = list(sample.columns)
+    runs = find_runs([sample.columns[n] for n in names]) if sample.format == "csv" else []
+    named = []
+    if sample.csv.get("header") is False:
+        if not runs:
+            return []
+        new = list(names)
+        groups: List = []
+        pos = 0
+        for k, r in enumerate(runs):
+            if r.start > pos:
+                groups.append(names[pos] if r.start - pos == 1 else f"col_{{{pos}..{r.start - 1}}}")
+            groups.append({"prefix": f"seq{k}_", "count": r.width})
+            new[r.start:r.start + r.width] = [f"seq{k}_{i}" for i in range(r.width)]
+            named.append((f"seq{k}", f"seq{k}_", r))
+            pos = r.start + r.width
+        if pos < len(names):
+            groups.append(names[pos] if len(names) - pos == 1 else f"col_{{{pos}..{len(names) - 1}}}")
+        sample.columns = dict(zip(new, sample.columns.values()))
+        sample.csv["columns"] = groups
+        sample.notes[-1] = (f"no header line: the {len(names)} columns are named col_<position>, except {len(runs)} "
+                            "run(s) of columns holding one history each (see the sequence features below), named "
+                            "seqK_0 .. seqK_<n-1> (rename them here and below if you know the names)")
+        return named
+    for r in runs:
+        cols = names[r.start:r.start + r.width]
+        prefix = _header_prefix(cols, names[:r.start] + names[r.start + r.width:])
+        if prefix:
+            r.why.append(f"header names {cols[0]}..{cols[-1]}: columns_prefix {prefix!r}")
+            named.append((prefix.rstrip("_") or "seq", prefix, r))
+    return named
+
+
+def _run_decision(name: str, prefix: str, run: Run, cols: List[List]) -> Decision:
+    """One ``sequence`` over the run's columns (or one skip when they all hold one and the same value)."""
+    values = [v for c in cols for v in c if v is not None]
+    why = list(run.why)
+    if len(set(values)) == 1:
+        return Decision("skip", {"name": name, "transform": "sequence"},
+                        "; ".join(why + [f"every value {values[0][:30]!r}: constant, skipped"]), distinct=1)
+    entry = {"name": name, "type": "string", "transform": "sequence", "columns_prefix": prefix,
+             "max_length": run.width}
+    if run.pad is not None:
+        entry["pad_token"] = run.pad
+    why.append(f"one sequence over {prefix}* (max_length {run.width}, the run's width)")
+    return _token_vocabulary(entry, Counter(v for v in values if v != run.pad), why)
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -530,7 +702,16 @@ def draft(data: str, rows: int = 10_000, name: Optional[str] = None, verbose: bo
     """The drafted schema's YAML text, comments included."""
     sample = read_sample(data, rows, verbose)
     delimiter = sample.csv.get("delimiter")
-    decisions = {c: decide(c, v, delimiter) for c, v in sample.columns.items()}
+    runs = _apply_runs(sample)
+    names = list(sample.columns)
+    in_run = {names[r.start + i]: (seq, prefix, r) for seq, prefix, r in runs for i in range(r.width)}
+    decisions: Dict[str, Decision] = {}
+    for c, v in sample.columns.items():
+        if c not in in_run:
+            decisions[c] = decide(c, v, delimiter)
+        elif names.index(c) == in_run[c][2].start:
+            seq, prefix, r = in_run[c]
+            decisions[seq] = _run_decision(seq, prefix, r, [sample.columns[n] for n in names[r.start:r.start + r.width]])
     name = name or re.sub(r"[^\w.-]", "-", os.path.basename(os.path.normpath(data)).split(".")[0]) or "dataset"
     n_rows = max((len(v) for v in sample.columns.values()), default=0)
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from pipeline.infer_schema import decide, draft
+from pipeline.infer_schema import decide, draft, find_runs
 from transforms.schema import SCHEMA_DIR, SchemaError, expand_names, load_schema, parse_schema
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -118,6 +118,83 @@ def test_skipped_columns_and_invalid_values():
     # half text: a text category, no on_invalid
     d = decide("mix", [str(v % 10) for v in range(50)] + [f"t{v % 10}" for v in range(50)])
     assert d.entry["type"] == "string" and "on_invalid" not in d.entry
+
+
+# ------------------------------------------------------------------------------ runs of columns = one history
+
+def _history(rng, n_rows, width, lo, hi, pad=None, side="head"):
+    """width columns of one history per row: items lo..hi, rows of random length padded with pad (the rest)."""
+    rows = []
+    for _ in range(n_rows):
+        k = rng.randrange(width + 1) if pad is not None else width
+        items = [str(rng.randrange(lo, hi + 1)) for _ in range(k)]
+        rows.append(([pad] * (width - k) + items) if side == "head" else (items + [pad] * (width - k)))
+    return [[r[j] for r in rows] for j in range(width)]  # column-major
+
+
+def _unrelated(rng, n_rows, count, base):
+    """count integer columns with disjoint value ranges (column k: base + 1000 k + 0..49)."""
+    return [[str(base + 1000 * k + rng.randrange(50)) for _ in range(n_rows)] for k in range(count)]
+
+
+def _spans(runs):
+    return [(r.start, r.width, r.pad) for r in runs]
+
+
+def test_a_history_run_is_found_with_its_boundaries_and_padding(tmp_path):
+    rng = random.Random(0)
+    cols = _unrelated(rng, 200, 2, 10 ** 6) + _history(rng, 200, 12, 1, 30, pad="0") + _unrelated(rng, 200, 3, 10 ** 7)
+    assert _spans(find_runs(cols)) == [(2, 12, "0")]
+    # the same history padded at the tail with -1
+    cols = _history(rng, 200, 9, 1, 30, pad="-1", side="tail") + _unrelated(rng, 200, 2, 10 ** 6)
+    assert _spans(find_runs(cols)) == [(0, 9, "-1")]
+
+    # headerless CSV: the draft names the run seq0_*, declares one sequence over it and still validates
+    data = _history(rng, 200, 12, 1, 30, pad="0") + [[str(int(rng.random() < 0.3)) for _ in range(200)]]
+    _write(tmp_path / "h.csv", "\n".join(",".join(r) for r in zip(*data)) + "\n")
+    doc = yaml.safe_load(draft(str(tmp_path / "h.csv")))
+    assert doc["input"]["csv"]["columns"] == [{"prefix": "seq0_", "count": 12}, "col_12"]
+    assert [f for f in doc["features"] if f["name"] == "seq0"] == [
+        {"name": "seq0", "type": "string", "transform": "sequence", "columns_prefix": "seq0_", "max_length": 12,
+         "pad_token": "0"}]
+    doc["labels"] = {"click": "col_12"}
+    schema = parse_schema(doc, str(tmp_path / "s.yaml"))
+    assert list(schema.input.csv.columns) == [f"seq0_{k}" for k in range(12)] + ["col_12"]
+
+    # with a header h_1..h_12 the header's prefix names the sequence
+    _write(tmp_path / "named.csv", ",".join([f"h_{k}" for k in range(1, 13)] + ["click"]) + "\n" +
+           "\n".join(",".join(r) for r in zip(*data)) + "\n")
+    doc = yaml.safe_load(draft(str(tmp_path / "named.csv")))
+    assert [f for f in doc["features"] if f.get("columns_prefix")] == [
+        {"name": "h", "type": "string", "transform": "sequence", "columns_prefix": "h_", "max_length": 12,
+         "pad_token": "0"}]
+
+
+def test_adjacent_runs_with_disjoint_values_or_restarting_padding_split():
+    rng = random.Random(1)
+    cols = _history(rng, 200, 10, 1, 30) + _history(rng, 200, 9, 101, 130)
+    assert _spans(find_runs(cols)) == [(0, 10, None), (10, 9, None)]
+    # two histories over the same values, each padded at the head: the padding block restarts at column 10
+    both = [a + b for a, b in zip(*[list(zip(*_history(rng, 200, 10, 1, 5, pad="0"))) for _ in range(2)])]
+    cols = [list(c) for c in zip(*both)]
+    assert _spans(find_runs(cols)) == [(0, 10, "0"), (10, 10, "0")]
+
+
+def test_no_run_below_the_minimum_width_or_over_unrelated_columns(tmp_path):
+    rng = random.Random(2)
+    hist = _history(rng, 200, 8, 1, 30)
+    assert _spans(find_runs(hist)) == [(0, 8, None)]  # the minimum width
+    assert find_runs(hist[:7]) == []
+    # 10 integer columns with disjoint values (all one kind, no overlap) beside an 8-wide run: only the run
+    cols = _unrelated(rng, 200, 10, 0) + hist
+    assert _spans(find_runs(cols)) == [(10, 8, None)]
+    # 9 columns holding one and the same value: one run, skipped as one in the draft
+    data = [["5"] * 100 for _ in range(9)] + [[str(k % 2) for k in range(100)], [str(k % 7) for k in range(100)]]
+    assert _spans(find_runs(data)) == [(0, 9, None)]
+    _write(tmp_path / "c.csv", "\n".join(",".join(r) for r in zip(*data)) + "\n")
+    text = draft(str(tmp_path / "c.csv"))
+    assert "# seq0: columns 0..8" in text and "every value '5': constant, skipped" in text
+    assert "col_0" not in text and yaml.safe_load(text)["input"]["csv"]["columns"][0] == {"prefix": "seq0_", "count": 9}
 
 
 # ------------------------------------------------------------------------------ input sniffing, validation
