@@ -13,6 +13,7 @@ import yaml
 
 from pipeline.infer_schema import decide, draft, find_runs
 from transforms.schema import SCHEMA_DIR, SchemaError, expand_names, load_schema, parse_schema
+from tests.pipeline.test_shared_datasets import data_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(SCHEMA_DIR, "*.yaml"))
@@ -311,20 +312,6 @@ def _fill(doc, truth_path):
     return doc
 
 
-def _data_lines(schema):
-    """Records in the input files, counted independently of the reader (non-empty lines less headers)."""
-    total = 0
-    for path in schema.input.files():
-        with open(path, "rb") as fh:
-            lines = [line for line in fh.read().splitlines() if line.strip()]
-        header = schema.input.csv.header
-        if header is True or (header == "auto" and lines and
-                              lines[0].decode().split(schema.input.csv.delimiter) == list(schema.input.csv.columns)):
-            lines = lines[1:]
-        total += len(lines)
-    return total
-
-
 @pytest.mark.parametrize("name", SHARED)
 def test_drafted_schema_of_each_shared_dataset_runs_end_to_end(name, tmp_path):
     from pipeline import run as run_mod
@@ -342,7 +329,7 @@ def test_drafted_schema_of_each_shared_dataset_runs_end_to_end(name, tmp_path):
     summary = run_mod.run(["--schema", str(path), "--epochs", "1", "--batch-size", "64", "--score-rows", "2",
                            "--no-tensorboard", "--early-stopping-patience", "0", "--work-dir", str(tmp_path / "w")])
     pp = summary["preprocess"]
-    assert pp["rows_in"] == _data_lines(schema)
+    assert pp["rows_in"] == data_lines(schema)
     # the only rows a drafted schema may reject are the data's own funnel violations (purchase without click)
     assert set(pp["rejected_by_reason"]) <= {"funnel violation"}, pp["rejected_by_reason"]
     assert pp["rows_train"] + pp["rows_eval"] + pp["rows_test"] + pp["rows_rejected"] == pp["rows_in"]

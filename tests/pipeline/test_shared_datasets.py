@@ -14,7 +14,7 @@ SHARED = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(SCHEMA_
 EXPECTED_MODEL = {("click",): "dnn", ("click", "purchase"): "esmm", ("click", "daction", "purchase"): "esm2"}
 
 
-def _data_lines(schema):
+def data_lines(schema):
     """Records in the input files, counted independently of the reader (non-empty lines less headers)."""
     total = 0
     for path in schema.input.files():
@@ -35,7 +35,7 @@ def test_shared_dataset_end_to_end(name, tmp_path):
     summary = run_mod.run(["--schema", schema_path, "--epochs", "1", "--batch-size", "32", "--score-rows", "3",
                            "--work-dir", str(tmp_path)])
     pp = summary["preprocess"]
-    lines = _data_lines(schema)
+    lines = data_lines(schema)
     assert pp["rows_in"] == lines
     # every record is in exactly one place, counted on disk: a split's shards or the dead letter
     out = os.path.join(str(tmp_path), "preprocessed")

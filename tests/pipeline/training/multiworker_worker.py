@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -67,7 +66,6 @@ def stan_with_mean_weights():
 
 
 def main(out: str, opts: dict) -> None:
-    from models.keras import keras
     from pipeline.training.train import TrainConfig, TrainData, fit_model, make_strategy
 
     strategy = make_strategy(opts["strategy"])  # first TensorFlow work of the process
@@ -75,13 +73,7 @@ def main(out: str, opts: dict) -> None:
     root = opts.pop("checkpoint_root", None)
     kill_at = opts.pop("kill_after_steps", None)
     batch_size = opts.pop("batch_size", 64)
-
-    class Kill(keras.callbacks.Callback):
-        """SIGKILLs this process once ``kill_at`` steps of the stream are done (after their backup)."""
-
-        def on_train_batch_end(self, batch, logs=None):
-            if kill_at is not None and int(self.model.optimizer.iterations.numpy()) >= kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+    Kill = train_worker.kill_callback(kill_at)  # SIGKILLs this process after kill_at steps (after their backup)
 
     builds = {"esm2": (train_worker.esm2, train_worker.LABELS), "stan": (stan_with_mean_weights, STAN_LABELS)}
     result = {"workers": getattr(strategy.extended, "_num_workers", 1), "replicas": strategy.num_replicas_in_sync}

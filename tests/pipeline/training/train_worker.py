@@ -93,19 +93,25 @@ def weights(model):
     return [v.numpy().tolist() for v in model.weights]
 
 
-def mode_fit(data_dir, out, opts):
+def kill_callback(kill_at):
+    """A Keras callback class that SIGKILLs this process once ``kill_at`` optimizer steps (counted from the start
+    of the stream) are done, i.e. after that step's callbacks before it (backups) ran; ``None``: never."""
     from models.keras import keras
+
+    class Kill(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if kill_at is not None and int(self.model.optimizer.iterations.numpy()) >= kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return Kill
+
+
+def mode_fit(data_dir, out, opts):
     from pipeline.training.train import TrainConfig, fit_model
 
     kill_at = opts.pop("kill_after_steps", None)
     batch_size = opts.pop("batch_size", 64)
-
-    class Kill(keras.callbacks.Callback):
-        """SIGKILLs this process once ``kill_at`` steps (counted from the start of the stream) are done."""
-
-        def on_train_batch_end(self, batch, logs=None):
-            if kill_at is not None and int(self.model.optimizer.iterations.numpy()) >= kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+    Kill = kill_callback(kill_at)
 
     cfg = TrainConfig(**opts)
     model, history, info = fit_model(esm2, train_data(data_dir, batch_size), cfg, 1e-2, callbacks=[Kill()],
