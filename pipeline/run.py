@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-execution", type=int, default=1, help="training steps per Keras call")
     p.add_argument("--in-memory", action="store_true",
                    help="parse the training TFRecords once into memory instead of streaming them every epoch")
+    p.add_argument("--train-metrics", choices=("auc", "loss"), default="auc",
+                   help="metrics computed in the training step: auc (per task) or loss only (faster; the "
+                        "evaluation figures are the same)")
+    p.add_argument("--user-chunk-rows", type=int, default=None,
+                   help="rows of whole users given per-user features at a time (default 1,000,000): peak "
+                        "preprocessing memory follows it")
     p.add_argument("--batch-size", type=int, default=None, help="override the preset's batch size")
     p.add_argument("--learning-rate", type=float, default=None, help="override the preset's learning rate")
     p.add_argument("--eval-fraction", type=float, default=None, help="override the schema's split.eval_fraction")
@@ -212,9 +218,10 @@ def run(argv: Sequence[str] | None = None) -> Dict:
             backup_every_steps=args.backup_every_steps, resume=args.resume,
             tensorboard_dir=os.path.join(work_dir, "tensorboard") if args.tensorboard else None,
             deterministic=args.deterministic, steps_per_execution=args.steps_per_execution,
-            in_memory=args.in_memory)
+            in_memory=args.in_memory, train_metrics=args.train_metrics)
         pp_cfg = PreprocessConfig(output_dir=pp_dir, max_reject_fraction=args.max_reject_fraction,
-                                  compression_level=args.compression_level)
+                                  compression_level=args.compression_level,
+                                  **({} if args.user_chunk_rows is None else {"user_chunk_rows": args.user_chunk_rows}))
         registry.resolve_config("esm2" if args.model == "auto" else args.model, args.preset, {})
     except ValueError as exc:
         raise UsageError(str(exc)) from None

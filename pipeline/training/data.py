@@ -182,9 +182,59 @@ def make_dataset(file_pattern: str, feature_spec: Dict, feature_keys: Sequence[s
     return ds.with_options(options)
 
 
+def in_memory_bytes(rows: int, feature_spec: Dict, keys: Sequence[str]) -> int:
+    """Bytes of the in-memory columns of ``rows`` rows (each key: rows x prod(shape) x dtype size)."""
+    total = 0
+    for k in dict.fromkeys(keys):
+        f = feature_spec[k]
+        width = 1
+        for d in getattr(f, "shape", None) or []:
+            width *= int(d)
+        total += rows * width * tf.as_dtype(f.dtype).size
+    return total
+
+
+def available_memory_bytes() -> Optional[int]:
+    """``MemAvailable`` of /proc/meminfo, lowered to the cgroup's free limit when one is set; None if unknown."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as fh:
+            used = int(fh.read().strip())
+        if limit != "max" and avail is not None:
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def check_fits_in_memory(file_pattern: str, feature_spec: Dict, keys: Sequence[str],
+                         available: Optional[int] = None) -> int:
+    """Raises MemoryError, naming the figures, when loading the split needs more than the available memory
+    (the columns twice: the parsed parts and their concatenation coexist while loading). Returns the bytes."""
+    rows = count_records(file_pattern)
+    need = 2 * in_memory_bytes(rows, feature_spec, keys)
+    avail = available_memory_bytes() if available is None else available
+    if avail is not None and need > avail:
+        raise MemoryError(
+            f"--in-memory: the {rows:,} training rows of {file_pattern} need ~{need / 2**30:.2f} GiB while "
+            f"loading, {avail / 2**30:.2f} GiB is available; train without --in-memory (the default streams "
+            f"the TFRecords every epoch)")
+    return need
+
+
 def load_columns(file_pattern: str, feature_spec: Dict, keys: Sequence[str], batch_size: int = 8192) -> Dict:
     """Every row of the transformed TFRecords, parsed once into one in-memory tensor per key (file order)."""
     spec = {k: feature_spec[k] for k in dict.fromkeys(keys)}
+    check_fits_in_memory(file_pattern, spec, list(spec))
     files = _files(file_pattern)
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP", num_parallel_reads=tf.data.AUTOTUNE)
     if transformed_format(files)[0] == COLUMNAR_FORMAT:
