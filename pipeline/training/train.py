@@ -231,6 +231,12 @@ def main_metric(model) -> str:
     return f"val_{model.tasks[0].output}_auc"
 
 
+def _barrier(strategy) -> None:
+    """Waits for every worker of a multi-worker strategy (one all-reduce); no-op in one process."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and strategy.extended._in_multi_worker_mode():
+        strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+
 def backup_position(backup_dir: str, steps_per_epoch: int) -> Tuple[int, int]:
     """(epoch, step) a run resumed from ``backup_dir`` starts at (Keras' own rule); (0, 0) without a backup."""
     latest = tf.train.latest_checkpoint(os.path.join(backup_dir, "chief"))
@@ -359,8 +365,12 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
     best_path = monitor_path = None
     if cfg.checkpoint_dir:
         backup_dir = os.path.join(cfg.checkpoint_dir, "backup")
-        if not cfg.resume and tf.io.gfile.exists(backup_dir):
-            tf.io.gfile.rmtree(backup_dir)
+        if not cfg.resume:
+            # Multi-worker: the chief alone deletes the shared backup, and no worker reads the backup's position
+            # (or restores it) before the deletion is done.
+            if strategy.extended.should_checkpoint and tf.io.gfile.exists(backup_dir):
+                tf.io.gfile.rmtree(backup_dir)
+            _barrier(strategy)
         start_epoch, start_step = backup_position(backup_dir, steps_per_epoch)
         if start_epoch or start_step:
             logger.info("resuming from %s at epoch %d step %d", backup_dir, start_epoch + 1, start_step)
