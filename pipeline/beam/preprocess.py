@@ -118,7 +118,32 @@ def to_tft_batch(batch: pa.RecordBatch, columns: Dict[str, pa.DataType]) -> pa.R
     return pa.RecordBatch.from_arrays(arrays, list(columns))
 
 
-def tensor_adapter_config(contract: FeatureContract):
+def with_split_column(batch: pa.RecordBatch, split: str) -> pa.RecordBatch:
+    """A TFT input batch [n rows] plus ``__split`` = [split] per row (list<large_binary>), the column that
+    ``TransformDataset`` passes through untransformed (``tft_beam.Context(passthrough_keys=...)``) so that one
+    transform of every split can be routed to each split's shards afterwards."""
+    n = batch.num_rows
+    values = pa.array(np.full(n, split.encode(), dtype=object), pa.large_binary())
+    column = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), values)
+    return pa.RecordBatch.from_arrays(list(batch.columns) + [column], list(batch.schema.names) + [sources.SPLIT_COL])
+
+
+class _RouteTransformed(beam.DoFn):
+    """(transformed RecordBatch with the passed-through ``__split``, unary passthrough) -> the batch without
+    ``__split``, tagged with its split (every input batch holds one split, and TFT maps one input batch to one
+    output batch)."""
+
+    def process(self, batch_and_passthrough):
+        batch = batch_and_passthrough[0]
+        index = batch.schema.get_field_index(sources.SPLIT_COL)
+        splits = pc.unique(batch.column(index).flatten()).to_pylist() if batch.num_rows else []
+        if len(splits) > 1:
+            raise ValueError(f"a transformed batch holds rows of several splits: {splits}")
+        if splits:
+            yield beam.pvalue.TaggedOutput(splits[0].decode(), (batch.remove_column(index), {}))
+
+
+def tensor_adapter_config(contract: FeatureContract, passthrough: Tuple[str, ...] = ()):
     from tensorflow_transform.tf_metadata import schema_utils
     from tfx_bsl.tfxio import tensor_adapter, tensor_representation_util
 
@@ -127,7 +152,7 @@ def tensor_adapter_config(contract: FeatureContract):
     columns = sources.canonical_columns(contract)
     schema = schema_utils.schema_from_feature_spec(raw_feature_spec(contract))
     arrow_schema = pa.schema([(c, pa.list_(pa.large_binary() if pa.types.is_list(t) else _tft_type(t)))
-                              for c, t in columns.items()])
+                              for c, t in columns.items()] + [(c, pa.list_(pa.large_binary())) for c in passthrough])
     reps = tensor_representation_util.InferTensorRepresentationsFromSchema(schema)
     return tensor_adapter.TensorAdapterConfig(arrow_schema, reps)
 
@@ -414,21 +439,22 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
         keyed = rows | "Split" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=side)
         analysis_keyed = (analysis_rows
                           | "SplitForAnalysis" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=side))
-        parts = keyed | "Partition" >> beam.Partition(lambda kv, n: SPLITS.index(kv[0]), len(SPLITS))
         # The training split's statistics: what pipeline.retrain checks new partitions against.
-        _ = (parts[SPLITS.index(TRAIN)] | "TrainBatches" >> beam.Map(lambda kv: kv[1])
+        _ = (keyed | "TrainBatches" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == TRAIN else [])
              | "Statistics" >> beam.CombineGlobally(StatisticsFn(contract, TRAIN))
              | "WriteStatistics" >> beam.Map(write_statistics, os.path.join(cfg.output_dir, STATISTICS_FILE)))
-        tft_in = {s: parts[i] | f"ToTFT[{s}]" >> beam.Map(lambda kv: to_tft_batch(kv[1], columns))
-                  for i, s in enumerate(SPLITS)}
         analysis_in = (analysis_keyed | "TrainForAnalysis" >> beam.Filter(lambda kv: kv[0] == TRAIN)
                        | "ToTFT[analysis]" >> beam.Map(lambda kv: to_tft_batch(kv[1], columns)))
         transform_fn = (analysis_in, tac) | "Analyze" >> tft_beam.AnalyzeDataset(preprocessing_fn)
-        outs = {}
+        # One TransformDataset for every split (each one loads the transform graph, the largest fixed cost),
+        # the split passed through and routed to its shards afterwards.
+        tft_in = keyed | "ToTFT" >> beam.Map(lambda kv: with_split_column(to_tft_batch(kv[1], columns), kv[0]))
+        with tft_beam.Context(passthrough_keys={sources.SPLIT_COL}):
+            transformed, _ = (((tft_in, tensor_adapter_config(contract, (sources.SPLIT_COL,))), transform_fn)
+                              | "Transform" >> tft_beam.TransformDataset(output_record_batches=True))
+        outs = transformed | "RouteSplits" >> beam.ParDo(_RouteTransformed()).with_outputs(*SPLITS)
         for s in SPLITS:
-            outs[s], _ = (((tft_in[s], tac), transform_fn)
-                          | f"Transform[{s}]" >> tft_beam.TransformDataset(output_record_batches=True))
-        for s, pcoll in outs.items():
+            pcoll = outs[s]
             _ = pcoll | f"Write[{s}]" >> WriteExampleShards(os.path.join(cfg.output_dir, DATA_DIR, s),
                                                               cfg.compression_level)
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(

@@ -269,6 +269,35 @@ def hash_split(key: str, eval_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
+def _hash_fractions(keys: List[str]) -> np.ndarray:
+    """``_hash_fraction`` of each key, as float64 [len(keys)]."""
+    blake2b = hashlib.blake2b
+    return np.fromiter((int.from_bytes(blake2b(k.encode("utf-8"), digest_size=8).digest(), "big") / 2.0 ** 64
+                        for k in keys), dtype=np.float64, count=len(keys))
+
+
+def hash_splits(keys: pa.Array, sources, eval_fraction: float, test_fraction: float) -> pa.Array:
+    """``hash_split`` of n rows at once: ``keys`` [n] (any Arrow type) -> string array [n] of ``train`` /
+    ``eval`` / ``test``. A row whose key is null is hashed by its source instead, as in ``ReadFile``'s row-wise
+    path: ``sources(indices)`` gives the source strings of the rows at those indices (an int64 array).
+
+    The same assignment as ``hash_split(str(key) if key is not None else source)`` row by row, but each distinct
+    key is hashed once (``dictionary_encode``, then a take by index): a user with many rows costs one BLAKE2b."""
+    n = len(keys)
+    u = np.empty(n, dtype=np.float64)
+    valid = np.asarray(keys.is_valid()) if keys.null_count else np.ones(n, dtype=bool)
+    if keys.null_count < n:
+        encoded = pc.dictionary_encode(keys.filter(pa.array(valid)) if keys.null_count else keys)
+        u_uniq = _hash_fractions([str(k) for k in encoded.dictionary.to_pylist()])
+        u[valid] = u_uniq[encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)]
+    if keys.null_count:
+        missing = np.flatnonzero(~valid)
+        u[missing] = _hash_fractions(sources(missing))
+    names = np.array(["test", "eval", "train"], dtype=object)
+    which = np.where(u < test_fraction, 0, np.where(u < test_fraction + eval_fraction, 1, 2))
+    return pa.array(names[which], pa.string())
+
+
 class ReadFile(beam.DoFn):
     """``InputFile`` (or ``(path, index, split)``) -> canonical ``pa.RecordBatch``es (main), dead-letter dicts
     (tag ``rejected``) and one dict of the file's counts (tag ``stats``).
@@ -401,14 +430,15 @@ class ReadFile(beam.DoFn):
                 batch = batch.take(pa.array(good))
                 order = order[good]
             if self.split.kind == "hash":
-                keys = (batch.column(batch.schema.get_field_index(self.split_key)).to_pylist() if self.split_key
-                        else [None] * batch.num_rows)
-                splits = [self._hash_split(k, f"{name}:row {o - base - 1}") for k, o in zip(keys, order)]
+                keys = (batch.column(batch.schema.get_field_index(self.split_key)) if self.split_key
+                        else pa.nulls(batch.num_rows))
+                row_sources = lambda idx: [f"{name}:row {i}" for i in (order[idx] - base - 1).tolist()]  # noqa
+                splits = hash_splits(keys, row_sources, self.split.eval_fraction, self.split.test_fraction)
             else:
-                splits = [split_of_file] * batch.num_rows
+                splits = pa.array(np.full(batch.num_rows, split_of_file, dtype=object), pa.string())
             for start in range(0, batch.num_rows, self.batch_rows):
                 part = batch.slice(start, self.batch_rows)
-                extra = [pa.array(splits[start:start + self.batch_rows], pa.string()),
+                extra = [splits.slice(start, self.batch_rows),
                          pa.array(order[start:start + self.batch_rows], pa.int64())]
                 yield pa.RecordBatch.from_arrays(list(part.columns) + extra,
                                                  list(self.columns) + [SPLIT_COL, ORDER_COL])
@@ -665,5 +695,5 @@ def batch_time_range(batch: pa.RecordBatch, timestamp: str) -> Tuple[float, floa
     return float(mm["min"].as_py()), float(mm["max"].as_py()), batch.num_rows
 
 
-__all__ = ["CATEGORIES", "InputFile", "ReadFile", "RowConverter", "Rejected", "canonical_columns", "hash_split", "match_files",
+__all__ = ["CATEGORIES", "InputFile", "ReadFile", "RowConverter", "Rejected", "canonical_columns", "hash_split", "hash_splits", "match_files",
            "plan_files", "split_batch_by_time", "REJECTED", "SPLIT_COL", "ORDER_COL", "STATS"]
