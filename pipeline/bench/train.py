@@ -341,6 +341,9 @@ def main(argv=None) -> Dict:
     p.add_argument("--format", choices=("columnar", "examples"), default="columnar",
                    help="the TFRecords' layout: columnar blocks (what pipeline.beam.preprocess writes) or one "
                         "tf.Example per row (earlier preprocessing outputs)")
+    p.add_argument("--optimizer", choices=("adam", "fused"), default="adam",
+                   help="ours' optimizer: Keras' Adam (what pipeline.training.train builds) or "
+                        "models.optimizers.FusedAdam (the same update, one fused kernel per variable)")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--profile", action="store_true", help="also time ours' isolated parts (module docstring)")
     p.add_argument("--data-dir", default=None, help="where the TFRecords are written (artifacts/bench-train-SHAPE)")
@@ -374,7 +377,10 @@ def main(argv=None) -> Dict:
         else:
             ds = make_dataset(pattern, spec, shape.feature_keys, labels, args.batch_size, **kw)
         ours(next(iter(ds))[0])
-        ours.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate, epsilon=cfg.adam_epsilon),
+        from models.optimizers import FusedAdam
+
+        adam = FusedAdam if args.optimizer == "fused" else keras.optimizers.Adam
+        ours.compile(optimizer=adam(cfg.learning_rate, epsilon=cfg.adam_epsilon),
                      jit_compile=args.jit, steps_per_execution=args.steps_per_execution,
                      train_metrics=args.train_metrics)
         ref = None if args.skip_reference else reference_model(name, shape, cfg)
@@ -409,8 +415,8 @@ def main(argv=None) -> Dict:
 
     out = {"shape": shape.name, "rows": args.rows, "batch_size": args.batch_size, "steps_per_segment": args.steps,
            "jit": args.jit, "steps_per_execution": args.steps_per_execution, "train_metrics": args.train_metrics,
-           "input": args.input, "format": args.format, "data_write_s": round(write_s, 1), "cpus": os.cpu_count(),
-           "tensorflow": tf.__version__, "models": {}}
+           "input": args.input, "format": args.format, "optimizer": args.optimizer, "data_write_s": round(write_s, 1),
+           "cpus": os.cpu_count(), "tensorflow": tf.__version__, "models": {}}
     for name, r in runs.items():
         med = {w: statistics.median(v) for w, v in r["rates"].items() if v}
         cpu = {w: statistics.median(v) for w, v in r["cpu"].items() if v}
