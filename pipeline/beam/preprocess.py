@@ -1,15 +1,16 @@
 """Beam + tensorflow-transform preprocessing stage, driven by a dataset schema.
 
     files (listed once, on the driver) ──ReadFile──► canonical Arrow batches ──split (time / hash / files)──►
-                 │                                                                   train / eval / test
+                 │                                  │                                train / eval / test
+                 │                                  └──► spill: Arrow IPC files (lz4) in tmp/
                  ├────► dead letter (rejected/*.jsonl: source, reason, record)
                  └────► per-file counts ──sum──► _READ_COUNTS.json
-    train (its own read) ──Analyze──► transform graph
-    train, eval, test ──Transform (the graph)──► one gzip TFRecord file per batch ──publish──► part-*
-                                                                                   └──► _SHARDS.json (rows)
+    train ──Analyze──► transform graph
+    spill ──► train, eval, test ──Transform (the graph, once for all splits)──► one gzip TFRecord file per batch
+                                                                   ──publish──► part-*, _SHARDS.json (rows)
 
-The analysis pass, the transform pass and (for a time split) the time range each stream their own read of the
-files, so memory does not grow with the data. Per-user features need a group by user, which an in-process runner
+The input files are read once; the transform pass (and, for a time split, the analysis pass, which needs the
+cutoffs of the whole read) stream the spilled rows back, so memory does not grow with the data. Per-user features need a group by user, which an in-process runner
 holds in memory: with them, earlier pipeline runs read the files, spill the rows by user bucket and add the
 features a chunk of users at a time (``user_chunk_rows``), and the passes read those rows instead. Analyzers (vocabularies, quantiles, means) see the training split only. Output in ``output_dir``:
 ``data/<split>/part-*.tfrecord.gz`` (gzip, one columnar ``tf.Example`` per transformed batch, read by
@@ -30,6 +31,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -418,29 +420,40 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
     featured = user_feature_chunks(schema, cfg, files, beam_args) if contract.user_features else None
     p = make_pipeline(beam_args)
 
-    def read(label: str, report: bool):
-        return read_files(p, schema, files, cfg.batch_rows, label, report)
+    from pipeline.beam import user_features as U
+
+    spill_dir = os.path.join(cfg.output_dir, "tmp", f"spill-{uuid.uuid4().hex}")
 
     def read_rows(label: str):
-        if featured is not None:
-            from pipeline.beam.user_features import read_arrow_files
-
-            return read_arrow_files(p, featured[0], cfg.batch_rows, label)
-        return read(label, report=False).rows
+        return U.read_arrow_files(p, featured[0], cfg.batch_rows, label)
 
     with tft_beam.Context(temp_dir=os.path.join(cfg.output_dir, "tmp")):
-        # No shuffle: the analysis pass and the transform pass each stream their own read of the files
-        # (and the time range a third), so no pass holds the dataset and memory stays flat in its size.
-        rows = (read_rows("ReadFeatured") if featured is not None
-                else read_reporting(p, schema, files, cfg.output_dir, cfg.batch_rows))
-        cutoffs = _time_cutoffs(read_rows("ReadForTimeRange"), contract, split) if split.kind == "time" else None
-        analysis_rows = read_rows("ReadForAnalysis")
+        # No shuffle, so no pass holds the dataset and memory stays flat in its size. The input is read once
+        # (with the dead letter and counts), its canonical rows spilled to Arrow files (lz4) as they are read;
+        # the transform pass (and, for a time split, whose cutoffs need the whole read first, the analysis
+        # pass) stream those files back. With per-user features the passes read the featured rows instead.
+        if featured is not None:
+            rows = read_rows("ReadFeatured")
+            cutoffs = _time_cutoffs(read_rows("ReadForTimeRange"), contract, split) if split.kind == "time" else None
+            analysis_rows = read_rows("ReadForAnalysis")
+        else:
+            read_once = read_reporting(p, schema, files, cfg.output_dir, cfg.batch_rows)
+            spilled = (read_once | "Spill" >> beam.ParDo(U.WriteArrowFiles(spill_dir))
+                       | "SpillPaths" >> beam.Map(lambda f: f[1]))
+
+            def read_spill(label: str):
+                return (spilled | f"{label}/Spread" >> beam.Reshuffle()
+                        | f"{label}/Read" >> beam.ParDo(U.ReadArrowFile(cfg.batch_rows)))
+
+            rows = read_spill("ReadSpill")
+            cutoffs = _time_cutoffs(read_once, contract, split) if split.kind == "time" else None
+            analysis_rows = read_spill("ReadSpillForAnalysis") if cutoffs is not None else read_once
         side = beam.pvalue.AsSingleton(cutoffs) if cutoffs is not None else None
         keyed = rows | "Split" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=side)
         analysis_keyed = (analysis_rows
                           | "SplitForAnalysis" >> beam.ParDo(_SplitBatches(contract.timestamp), cutoffs=side))
         # The training split's statistics: what pipeline.retrain checks new partitions against.
-        _ = (keyed | "TrainBatches" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == TRAIN else [])
+        _ = (analysis_keyed | "TrainBatches" >> beam.FlatMap(lambda kv: [kv[1]] if kv[0] == TRAIN else [])
              | "Statistics" >> beam.CombineGlobally(StatisticsFn(contract, TRAIN))
              | "WriteStatistics" >> beam.Map(write_statistics, os.path.join(cfg.output_dir, STATISTICS_FILE)))
         analysis_in = (analysis_keyed | "TrainForAnalysis" >> beam.Filter(lambda kv: kv[0] == TRAIN)
@@ -467,6 +480,8 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
     logger.info("preprocess: stage analyze, transform, write done in %.1fs", time.time() - pass_started)
     if featured is not None and tf.io.gfile.exists(featured[1]):
         tf.io.gfile.rmtree(featured[1])  # the rows with their per-user features, spilled
+    if tf.io.gfile.exists(spill_dir):
+        tf.io.gfile.rmtree(spill_dir)  # the canonical rows, spilled by the read
     summary = _summary(schema, cfg, _pipeline_counts(cfg.output_dir), files, time.time() - started)
     with tf.io.gfile.GFile(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
         fh.write(json.dumps(summary, indent=2))
