@@ -1,8 +1,9 @@
 """Parameter-server training: ``python -m pipeline.cluster --ps 2 --workers 2 -- <pipeline.run args>`` on localhost.
 
-One real run (chief + 2 workers + 2 PS, separate processes) of the whole job on a small built-in dataset is shared
-by the tests: where the largest embedding table lives, its eval AUC against single-process runs of the same data
-(two seeds), its final checkpoint restored into a one-machine model, and its export (whole tables, the
+One real run (chief + 2 workers + 2 PS, separate processes) of the whole job on the session's e2e run's built-in
+data (``--data``; its preprocessed output copied into the run's work dir, which ``pipeline.run`` then reuses: same
+inputs, schema, options and code) is shared by the tests: where the largest embedding table lives, its eval AUC
+against single-process runs of the same data (two seeds), its final checkpoint restored into a one-machine model, and its export (whole tables, the
 one-machine export's signatures, stock-TF-Serving checks, scores in an isolated v1-loader process equal to the
 one-machine model's). Every registry model under PS: test_parameter_server_models.py.
 """
@@ -18,9 +19,10 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-ROWS, EPOCHS, BATCH = 2000, 2, 64
-RUN_ARGS = ["--rows", str(ROWS), "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--model", "esm2",
-            "--ps-min-shard-bytes", "1024", "--score-rows", "8", "--no-tensorboard", "--early-stopping-patience", "0"]
+EPOCHS, BATCH = 2, 256  # the e2e run's 6000 rows: ~19 steps an epoch
+# --score-rows 0: the run's own smoke scoring is skipped; the last test scores the export (TF Serving's loader)
+RUN_ARGS = ["--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--model", "esm2",
+            "--ps-min-shard-bytes", "1024", "--score-rows", "0", "--no-tensorboard", "--early-stopping-patience", "0"]
 PS_DEVICES = {f"/job:ps/replica:0/task:{i}/device:CPU:0" for i in range(2)}
 
 
@@ -52,14 +54,20 @@ def _launch(args, log_path, timeout_s):
 
 
 @pytest.fixture(scope="module")
-def ps_run(tmp_path_factory):
+def ps_run(e2e_run, tmp_path_factory):
+    import shutil
+
     work = str(tmp_path_factory.mktemp("ps_run"))
-    rc, log = _launch(["--ps", "2", "--workers", "2", "--"] + RUN_ARGS + ["--work-dir", work],
+    data_dir = e2e_run["summary"]["input"]["dir"]
+    shutil.copytree(os.path.join(e2e_run["work_dir"], "preprocessed"), os.path.join(work, "preprocessed"))
+    rc, log = _launch(["--ps", "2", "--workers", "2", "--"] + RUN_ARGS +
+                      ["--data", os.path.join(data_dir, "part-*.parquet"), "--work-dir", work],
                       os.path.join(work, "cluster.log"), timeout_s=420)
     assert rc == 0, log[-4000:]
     with open(os.path.join(work, "summary.json")) as fh:
         summary = json.load(fh)
-    return {"work": work, "summary": summary, "log": log}
+    assert summary["preprocess"].get("reused"), summary["preprocess"]  # else the copy was not what it reads
+    return {"work": work, "summary": summary, "log": log, "data_dir": data_dir}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +79,7 @@ def pipeline_parts(ps_run):
     from transforms.schema import builtin_schema_path, load_schema
 
     schema = load_schema(builtin_schema_path("builtin"),
-                         input_path=os.path.join(ps_run["summary"]["input"]["dir"], "part-*.parquet"))
+                         input_path=os.path.join(ps_run["data_dir"], "part-*.parquet"))
     pp = os.path.join(ps_run["work"], "preprocessed")
     return schema, tft.TFTransformOutput(os.path.join(pp, TRANSFORM_DIR)), pp
 

@@ -1,6 +1,7 @@
 """Every registry model (and MUSENET with k-means++ seeding) trains a step under ``--strategy parameter_server``:
-one cluster (chief + 1 worker + 2 PS, separate processes, ``pipeline.cluster``) on 800 rows of built-in data
-preprocessed here, each model through the pipeline's own ``train_model`` (contract binding included)."""
+one cluster (chief + 1 worker + 2 PS, separate processes, ``pipeline.cluster``) on the session's e2e run's
+preprocessed built-in data (``e2e_run``, shared with other tests: no preprocessing of its own), each model through
+the pipeline's own ``train_model`` (contract binding included)."""
 import json
 import os
 import signal
@@ -18,17 +19,10 @@ NAMES = list(registry.available()) + ["musenet:kmeans++"]
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    from pipeline.beam.preprocess import PreprocessConfig, preprocess_or_reuse
-    from pipeline.datagen import GeneratorConfig, ensure_builtin
-    from transforms.schema import builtin_schema_path, load_schema
-
+def sweep(e2e_run, tmp_path_factory):
     work = tmp_path_factory.mktemp("ps_models")
-    ensure_builtin(GeneratorConfig(rows=800, seed=0), str(work / "data"))
-    data_glob = str(work / "data" / "part-*.parquet")
-    schema = load_schema(builtin_schema_path("builtin"), input_path=data_glob)
-    pp = str(work / "preprocessed")
-    preprocess_or_reuse(schema, PreprocessConfig(output_dir=pp), ["--runner=DirectRunner"])
+    data_glob = os.path.join(e2e_run["summary"]["input"]["dir"], "part-*.parquet")
+    pp = os.path.join(e2e_run["work_dir"], "preprocessed")  # read only: every model reads, none writes there
     out = str(work / "sweep.json")
     chief = [sys.executable, "-m", "tests.pipeline.training.ps_worker", "models", pp, data_glob, out] + NAMES
     code = ("import sys; from pipeline import cluster; "
