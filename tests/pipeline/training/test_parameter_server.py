@@ -3,9 +3,9 @@
 One real run (chief + 2 workers + 2 PS, separate processes) of the whole job on the session's e2e run's built-in
 data (``--data``; its preprocessed output copied into the run's work dir, which ``pipeline.run`` then reuses: same
 inputs, schema, options and code) is shared by the tests: where the largest embedding table lives, its eval AUC
-against single-process runs of the same data (two seeds), its final checkpoint restored into a one-machine model, and its export (whole tables, the
-one-machine export's signatures, stock-TF-Serving checks, scores in an isolated v1-loader process equal to the
-one-machine model's). Every registry model under PS: test_parameter_server_models.py.
+against single-process runs of the same data (two seeds), its final checkpoint restored into a one-machine model,
+and its export (whole tables, the one-machine export's signatures, stock-TF-Serving checks, scores in an isolated
+v1-loader process equal to the one-machine model's). Every registry model under PS: test_parameter_server_models.py.
 """
 import base64
 import json
