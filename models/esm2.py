@@ -17,6 +17,7 @@ from models.base import MultiTaskModel
 from models.config import ModelConfig
 from models.keras import keras
 from models.layers import ESM2Composition
+from models.layers.mlp import run_towers
 from transforms.features import CLICK, CTAVR, CTCVR, CTR, CVR, DACTION, PURCHASE
 
 
@@ -75,7 +76,7 @@ class ESM2(MultiTaskModel):
     def decomposed(self, features, training=None):
         """[y1, y2, y3, y4], each [B, 1] (Eq. 6)."""
         g = self.embedding(features)
-        return [tf.sigmoid(tower(g, training=training)) for tower in self.towers]
+        return [tf.sigmoid(y) for y in run_towers(self.towers, g, training=training)]  # one fused network
 
     def call(self, features, training=None):
         return self.composition(self.decomposed(features, training=training))

@@ -13,6 +13,7 @@ from models.base import MultiTaskModel
 from models.esm2 import ESM2Config
 from models.keras import keras
 from models.layers import ESMMComposition
+from models.layers.mlp import run_towers
 from models.tasks import BinaryTask
 from transforms.features import CLICK, CTCVR, CTR, CVR, PURCHASE
 
@@ -40,8 +41,7 @@ class ESMM(MultiTaskModel):
 
     def call(self, features, training=None) -> Dict[str, tf.Tensor]:
         g = self.embedding(features)
-        pctr = tf.sigmoid(self.ctr_tower(g, training=training))
-        pcvr = tf.sigmoid(self.cvr_tower(g, training=training))
+        pctr, pcvr = (tf.sigmoid(y) for y in run_towers([self.ctr_tower, self.cvr_tower], g, training=training))
         return self.composition([pctr, pcvr])
 
 

@@ -49,26 +49,22 @@ def dropout16(x: tf.Tensor, rate: float, seed=None, scale: bool = True) -> tf.Te
 
 
 @keras.utils.register_keras_serializable(package="rankline")
-class FastDropout(keras.layers.Layer):
-    """Drop-in for ``keras.layers.Dropout(rate)`` (no noise_shape): same rate to 2**-17, half the random bits.
+class FastDropout(keras.layers.Dropout):
+    """``keras.layers.Dropout(rate)`` (no noise_shape) with 16-bit draws: same rate to 2**-17, half the random bits.
 
-    Input and output any shape. No variables, so swapping it for Keras' Dropout keeps checkpoints compatible.
+    Input and output any shape. A subclass of Keras' Dropout with no variables, so code that looks for Dropout
+    layers finds it and checkpoints of models built with Keras' Dropout restore unchanged.
     """
 
     def __init__(self, rate: float, **kwargs):
-        super().__init__(**kwargs)
         if not 0.0 <= float(rate) < 1.0:
             raise ValueError(f"FastDropout.rate must be in [0, 1), got {rate}")
-        self.rate = float(rate)
-        self.supports_masking = True
+        if kwargs.get("noise_shape") is not None:
+            raise ValueError("FastDropout.noise_shape is not supported (one draw per unit)")
+        super().__init__(float(rate), **kwargs)
 
     def call(self, x: tf.Tensor, training=None) -> tf.Tensor:
         if training is None:
             training = keras.backend.learning_phase()
         return tf.__internal__.smart_cond.smart_cond(
             training, lambda: dropout16(x, self.rate), lambda: tf.identity(x))
-
-    def get_config(self):
-        cfg = super().get_config()
-        cfg.update(rate=self.rate)
-        return cfg

@@ -12,6 +12,7 @@ from typing import Dict, Sequence
 import tensorflow as tf
 
 from models.keras import keras
+from models.layers.dropout import FastDropout
 
 ASSIGNMENTS = ("soft", "hard")
 PROTOTYPE_INITS = ("random", "kmeans++")
@@ -211,7 +212,7 @@ class ParallelMLP(keras.layers.Layer):
         self.output_units = int(output_units)
         self.dropout = float(dropout)
         self.l2 = float(l2)
-        self._dropout = [keras.layers.Dropout(self.dropout) for _ in self.hidden_units] if self.dropout else []
+        self._dropout = [FastDropout(self.dropout) for _ in self.hidden_units] if self.dropout else []
 
     def build(self, input_shape):
         reg = keras.regularizers.l2(self.l2) if self.l2 else None

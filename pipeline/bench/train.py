@@ -31,8 +31,11 @@ tf.data pipeline, nothing else); ``forward+backward+Adam`` (one tf.function, no 
 steps_per_execution 1 and k (minus train_step: Keras' per-call Python; 1 vs k: what steps_per_execution saves);
 ``fit, real input`` (minus the fixed batch: the input pipeline's share when it competes for the cores); and for
 the reference its fit on numpy vs on a fixed batch. Measured on 2 shared cores: both models spend their step in
-the same layers (the towers' matmuls and Dropout's random draws); XLA (jit_compile) took 2x the CPU per step
-at the default shape (and was slower at the paper's), so it is not used.
+the same layers (the towers' matmuls, dropout's random draws, Adam's updates); XLA (jit_compile) took 2x the CPU
+per step at the default shape (and was slower at the paper's), so it is not used. Ours computes its T towers as
+one fused network (``models.layers.mlp.run_towers``) with ``FastDropout``'s 16-bit draws (half the random bits
+of Keras' Dropout, same rate); ``--optimizer fused`` gives ours ``models.optimizers.FusedAdam`` (Adam's update
+as one kernel per variable) instead of the ``keras.optimizers.Adam`` that ``pipeline.training`` builds.
 """
 from __future__ import annotations
 
