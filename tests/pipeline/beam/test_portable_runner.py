@@ -34,7 +34,7 @@ from apache_beam.io.filesystem import CompressedFile, CompressionTypes, FileMeta
 
 REPO = str(Path(__file__).resolve().parents[3])
 BAD_FILE = "part-00099.parquet"
-ROWS = 2000
+ROWS = 1000  # 4 files of 250 rows
 # sitecustomize for the worker pool and the harnesses it starts: every Python-level open() of a path under
 # RANKLINE_PROBE_DIR is logged with the opening process's id (an audit hook; no pipeline code involved).
 _PROBE = textwrap.dedent("""
@@ -72,10 +72,10 @@ def _schema(data):
 
 
 def _write_data(data: str) -> None:
-    """Built-in data (4 files of 500 rows) and ``BAD_FILE``: 5 copies of real rows, each broken one way."""
+    """Built-in data (4 files of ROWS / 4 rows) and ``BAD_FILE``: 5 copies of real rows, each broken one way."""
     from pipeline import datagen
 
-    datagen.write_parquet(datagen.GeneratorConfig(rows=ROWS, seed=3, rows_per_file=500), data, progress=False)
+    datagen.write_parquet(datagen.GeneratorConfig(rows=ROWS, seed=3, rows_per_file=ROWS // 4), data, progress=False)
     good = pq.read_table(os.path.join(data, "part-00000.parquet")).slice(0, 5)
     rows = good.to_pylist()
     rows[0]["click"] = 2                              # label outside {0, 1}
