@@ -1,6 +1,8 @@
 """pipeline.infer_schema: each decision on small synthetic columns with hand-known answers, the input sniffing
 (CSV header or not, Parquet, TFRecord), the draft's unfilled choices failing validation, and every shared
-dataset's draft, with only its label (and user/item) choices filled in, running end to end."""
+dataset's draft, with only its label (and user/item) choices filled in, running end to end: the one training,
+export and scoring run of each shared dataset (tests/pipeline/test_shared_datasets.py preprocesses the
+hand-written schemas)."""
 import glob
 import math
 import os
@@ -13,7 +15,7 @@ import yaml
 
 from pipeline.infer_schema import decide, draft, find_runs
 from transforms.schema import SCHEMA_DIR, SchemaError, expand_names, load_schema, parse_schema
-from tests.pipeline.test_shared_datasets import data_lines
+from tests.pipeline.test_shared_datasets import EXPECTED_MODEL, check_records_on_disk, data_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(SCHEMA_DIR, "*.yaml"))
@@ -326,6 +328,8 @@ def test_drafted_schema_of_each_shared_dataset_runs_end_to_end(name, tmp_path):
     path = tmp_path / "schema.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     schema = load_schema(str(path))
+    labels = load_schema(os.path.join(SCHEMA_DIR, f"{name}.yaml")).contract.labels.transformed
+    assert schema.contract.labels.transformed == labels  # the hand-written schema's tasks
     summary = run_mod.run(["--schema", str(path), "--epochs", "1", "--batch-size", "64", "--score-rows", "2",
                            "--no-tensorboard", "--early-stopping-patience", "0", "--work-dir", str(tmp_path / "w")])
     pp = summary["preprocess"]
@@ -333,9 +337,12 @@ def test_drafted_schema_of_each_shared_dataset_runs_end_to_end(name, tmp_path):
     # the only rows a drafted schema may reject are the data's own funnel violations (purchase without click)
     assert set(pp["rejected_by_reason"]) <= {"funnel violation"}, pp["rejected_by_reason"]
     assert pp["rows_train"] + pp["rows_eval"] + pp["rows_test"] + pp["rows_rejected"] == pp["rows_in"]
-    assert pp["rows_train"] > 0 and pp["rows_eval"] > 0
+    check_records_on_disk(pp, str(tmp_path / "w" / "preprocessed"), data_lines(schema))  # rows_train, rows_eval > 0
+    assert summary["model"] == EXPECTED_MODEL[labels]
     assert os.path.exists(os.path.join(summary["export"], "saved_model.pb"))
-    assert summary["scored"]["ctr"] and all(0.0 <= v <= 1.0 for v in summary["scored"]["ctr"])
+    assert summary["scored"]["ctr"] and all(0.0 <= v <= 1.0 and math.isfinite(v) for v in summary["scored"]["ctr"])
+    for key, values in summary["history"].items():
+        assert all(math.isfinite(v) for v in values), key
 
 
 class _nothing:

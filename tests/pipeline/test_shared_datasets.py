@@ -1,11 +1,12 @@
-"""Every dataset in ../shared/data runs from its schema file through preprocessing, training and export."""
+"""Every dataset in ../shared/data is preprocessed from its hand-written schema file (Beam + tensorflow-transform,
+as ``pipeline.run`` does), every record landing in exactly one place. Training, export and scoring of every
+shared dataset run once, on its drafted schema (tests/pipeline/test_infer_schema.py), whose labels are checked
+there to be this schema's: one end-to-end run per dataset instead of two."""
 import glob
-import math
 import os
 
 import pytest
 
-from pipeline import run as run_mod
 from transforms.schema import SCHEMA_DIR, load_schema
 from tests.pipeline.beam.shard_rows import rows_on_disk
 
@@ -28,17 +29,10 @@ def data_lines(schema):
     return total
 
 
-@pytest.mark.parametrize("name", SHARED)
-def test_shared_dataset_end_to_end(name, tmp_path):
-    schema_path = os.path.join(SCHEMA_DIR, f"{name}.yaml")
-    schema = load_schema(schema_path)
-    summary = run_mod.run(["--schema", schema_path, "--epochs", "1", "--batch-size", "32", "--score-rows", "3",
-                           "--work-dir", str(tmp_path)])
-    pp = summary["preprocess"]
-    lines = data_lines(schema)
+def check_records_on_disk(pp, out, lines):
+    """Every one of the ``lines`` input records is in exactly one place, counted on disk in the preprocessing
+    output dir ``out``: a split's shards or the dead letter; ``pp`` (the preprocessing summary) counts the same."""
     assert pp["rows_in"] == lines
-    # every record is in exactly one place, counted on disk: a split's shards or the dead letter
-    out = os.path.join(str(tmp_path), "preprocessed")
     records = {s: rows_on_disk(glob.glob(os.path.join(out, "data", s, "part-*"))) for s in ("train", "eval", "test")}
     rejected = 0
     for path in glob.glob(os.path.join(out, "rejected", "part*")):
@@ -47,8 +41,16 @@ def test_shared_dataset_end_to_end(name, tmp_path):
     assert sum(records.values()) + rejected == lines
     assert {s: pp[f"rows_{s}"] for s in records} == records and pp["rows_rejected"] == rejected
     assert pp["rows_train"] > 0 and pp["rows_eval"] > 0
-    assert summary["model"] == EXPECTED_MODEL[schema.contract.labels.transformed]
-    assert os.path.exists(os.path.join(summary["export"], "saved_model.pb"))
-    assert summary["scored"]["ctr"] and all(0.0 <= v <= 1.0 and math.isfinite(v) for v in summary["scored"]["ctr"])
-    for key, values in summary["history"].items():
-        assert all(math.isfinite(v) for v in values), key
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_shared_dataset_preprocesses_every_record_into_one_place(name, tmp_path):
+    from pipeline.beam.preprocess import PreprocessConfig, preprocess_or_reuse
+
+    schema = load_schema(os.path.join(SCHEMA_DIR, f"{name}.yaml"))
+    out = str(tmp_path / "preprocessed")
+    # pipeline.run's preprocessing stage with its defaults (gzip level 1, no reject bound), without the training
+    pp = preprocess_or_reuse(schema, PreprocessConfig(output_dir=out, compression_level=1), ["--runner=DirectRunner"],
+                             reuse=False)
+    check_records_on_disk(pp, out, data_lines(schema))
+    assert schema.contract.labels.transformed in EXPECTED_MODEL  # the model the drafted schema's run must pick
