@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from models import registry
 from models.keras import keras
+from models.optimizers import FusedAdam
 from pipeline.training.data import count_records, make_dataset, make_in_memory_dataset
 from pipeline.files import write_json_atomically
 from transforms import features as F
@@ -348,7 +349,7 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
     with strategy.scope():
         model = build()
         model(sample)  # built before fit: BackupAndRestore restores into existing variables
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate, epsilon=adam_epsilon), steps_per_execution=cfg.steps_per_execution,
+        model.compile(optimizer=FusedAdam(learning_rate, epsilon=adam_epsilon), steps_per_execution=cfg.steps_per_execution,
                       jit_compile=cfg.jit_compile, train_metrics=cfg.train_metrics)
         if cfg.warm_start:
             restore_warm_start(model, cfg.warm_start)
@@ -421,7 +422,7 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
         train_ds = per_worker_start(train_ds, steps_per_epoch)
         local = build()
         local(sample)
-        local.compile(optimizer=keras.optimizers.Adam(learning_rate, epsilon=adam_epsilon))
+        local.compile(optimizer=FusedAdam(learning_rate, epsilon=adam_epsilon))
         cbs.insert(0, ChiefEvaluation(local, eval_ds))
         iterations_before = int(model.optimizer.iterations.numpy())
     if verbose is None:

@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from models import registry
 from models.keras import keras
+from models.optimizers import FusedAdam
 from transforms import features as F
 from transforms.features import FeatureContract
 
@@ -61,7 +62,7 @@ def _build(model_name: str, model_config, contract: FeatureContract, tft_output,
     model = registry.build(model_name, categorical, dense, config, sequences)
     spec = tft_output.transformed_feature_spec()
     model({k: tf.zeros([2] + list(spec[k].shape), spec[k].dtype) for k in contract.model_feature_names()})
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate, epsilon=adam_epsilon))
+    model.compile(optimizer=FusedAdam(learning_rate, epsilon=adam_epsilon))
     model.optimizer.build(model.trainable_variables)
     return model
 
