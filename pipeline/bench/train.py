@@ -34,8 +34,8 @@ the reference its fit on numpy vs on a fixed batch. Measured on 2 shared cores: 
 the same layers (the towers' matmuls, dropout's random draws, Adam's updates); XLA (jit_compile) took 2x the CPU
 per step at the default shape (and was slower at the paper's), so it is not used. Ours computes its T towers as
 one fused network (``models.layers.mlp.run_towers``) with ``FastDropout``'s 16-bit draws (half the random bits
-of Keras' Dropout, same rate); ``--optimizer fused`` gives ours ``models.optimizers.FusedAdam`` (Adam's update
-as one kernel per variable) instead of the ``keras.optimizers.Adam`` that ``pipeline.training`` builds.
+of Keras' Dropout, same rate); ours trains with ``models.optimizers.FusedAdam`` (Adam's update as one kernel
+per variable), as ``pipeline.training`` does; ``--optimizer adam`` gives ours Keras' Adam, the reference's.
 """
 from __future__ import annotations
 
@@ -344,9 +344,9 @@ def main(argv=None) -> Dict:
     p.add_argument("--format", choices=("columnar", "examples"), default="columnar",
                    help="the TFRecords' layout: columnar blocks (what pipeline.beam.preprocess writes) or one "
                         "tf.Example per row (earlier preprocessing outputs)")
-    p.add_argument("--optimizer", choices=("adam", "fused"), default="adam",
-                   help="ours' optimizer: Keras' Adam (what pipeline.training.train builds) or "
-                        "models.optimizers.FusedAdam (the same update, one fused kernel per variable)")
+    p.add_argument("--optimizer", choices=("adam", "fused"), default="fused",
+                   help="ours' optimizer: models.optimizers.FusedAdam (what pipeline.training.train builds: "
+                        "Adam's update, one fused kernel per variable) or Keras' Adam (the reference's)")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--profile", action="store_true", help="also time ours' isolated parts (module docstring)")
     p.add_argument("--data-dir", default=None, help="where the TFRecords are written (artifacts/bench-train-SHAPE)")
