@@ -107,7 +107,9 @@ def test_ctrl_c_stops_every_task(tmp_path):
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cluster", "--ps", "2", "--workers", "2", "--",
                                  "--work-dir", str(tmp_path / "w"), "--rows", "100"], cwd=REPO, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                # a shell's background job inherits SIGINT ignored; a terminal's Ctrl-C is not
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 60
             pids = {}
