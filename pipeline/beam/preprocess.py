@@ -6,7 +6,7 @@
                  ├────► dead letter (rejected/*.jsonl: source, reason, record)
                  └────► per-file counts ──sum──► _READ_COUNTS.json
     train ──Analyze──► transform graph
-    spill ──► train, eval, test ──Transform (the graph, once for all splits)──► one gzip TFRecord file per batch
+    spill ──► train, eval, test ──Transform (the graph)──► one gzip TFRecord file per batch
                                                                    ──publish──► part-*, _SHARDS.json (rows)
 
 The input files are read once; the transform pass (and, for a time split, the analysis pass, which needs the
@@ -459,13 +459,13 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
         analysis_in = (analysis_keyed | "TrainForAnalysis" >> beam.Filter(lambda kv: kv[0] == TRAIN)
                        | "ToTFT[analysis]" >> beam.Map(lambda kv: to_tft_batch(kv[1], columns)))
         transform_fn = (analysis_in, tac) | "Analyze" >> tft_beam.AnalyzeDataset(preprocessing_fn)
-        # One TransformDataset for every split (each one loads the transform graph, the largest fixed cost),
-        # the split passed through and routed to its shards afterwards.
-        tft_in = keyed | "ToTFT" >> beam.Map(lambda kv: with_split_column(to_tft_batch(kv[1], columns), kv[0]))
-        with tft_beam.Context(passthrough_keys={sources.SPLIT_COL}):
-            transformed, _ = (((tft_in, tensor_adapter_config(contract, (sources.SPLIT_COL,))), transform_fn)
-                              | "Transform" >> tft_beam.TransformDataset(output_record_batches=True))
-        outs = transformed | "RouteSplits" >> beam.ParDo(_RouteTransformed()).with_outputs(*SPLITS)
+        parts = keyed | "Partition" >> beam.Partition(lambda kv, n: SPLITS.index(kv[0]), len(SPLITS))
+        tft_in = {s: parts[i] | f"ToTFT[{s}]" >> beam.Map(lambda kv: to_tft_batch(kv[1], columns))
+                  for i, s in enumerate(SPLITS)}
+        outs = {}
+        for s in SPLITS:
+            outs[s], _ = (((tft_in[s], tac), transform_fn)
+                          | f"Transform[{s}]" >> tft_beam.TransformDataset(output_record_batches=True))
         for s in SPLITS:
             pcoll = outs[s]
             _ = pcoll | f"Write[{s}]" >> WriteExampleShards(os.path.join(cfg.output_dir, DATA_DIR, s),
