@@ -120,32 +120,7 @@ def to_tft_batch(batch: pa.RecordBatch, columns: Dict[str, pa.DataType]) -> pa.R
     return pa.RecordBatch.from_arrays(arrays, list(columns))
 
 
-def with_split_column(batch: pa.RecordBatch, split: str) -> pa.RecordBatch:
-    """A TFT input batch [n rows] plus ``__split`` = [split] per row (list<large_binary>), the column that
-    ``TransformDataset`` passes through untransformed (``tft_beam.Context(passthrough_keys=...)``) so that one
-    transform of every split can be routed to each split's shards afterwards."""
-    n = batch.num_rows
-    values = pa.array(np.full(n, split.encode(), dtype=object), pa.large_binary())
-    column = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), values)
-    return pa.RecordBatch.from_arrays(list(batch.columns) + [column], list(batch.schema.names) + [sources.SPLIT_COL])
-
-
-class _RouteTransformed(beam.DoFn):
-    """(transformed RecordBatch with the passed-through ``__split``, unary passthrough) -> the batch without
-    ``__split``, tagged with its split (every input batch holds one split, and TFT maps one input batch to one
-    output batch)."""
-
-    def process(self, batch_and_passthrough):
-        batch = batch_and_passthrough[0]
-        index = batch.schema.get_field_index(sources.SPLIT_COL)
-        splits = pc.unique(batch.column(index).flatten()).to_pylist() if batch.num_rows else []
-        if len(splits) > 1:
-            raise ValueError(f"a transformed batch holds rows of several splits: {splits}")
-        if splits:
-            yield beam.pvalue.TaggedOutput(splits[0].decode(), (batch.remove_column(index), {}))
-
-
-def tensor_adapter_config(contract: FeatureContract, passthrough: Tuple[str, ...] = ()):
+def tensor_adapter_config(contract: FeatureContract):
     from tensorflow_transform.tf_metadata import schema_utils
     from tfx_bsl.tfxio import tensor_adapter, tensor_representation_util
 
@@ -154,7 +129,7 @@ def tensor_adapter_config(contract: FeatureContract, passthrough: Tuple[str, ...
     columns = sources.canonical_columns(contract)
     schema = schema_utils.schema_from_feature_spec(raw_feature_spec(contract))
     arrow_schema = pa.schema([(c, pa.list_(pa.large_binary() if pa.types.is_list(t) else _tft_type(t)))
-                              for c, t in columns.items()] + [(c, pa.list_(pa.large_binary())) for c in passthrough])
+                              for c, t in columns.items()])
     reps = tensor_representation_util.InferTensorRepresentationsFromSchema(schema)
     return tensor_adapter.TensorAdapterConfig(arrow_schema, reps)
 
