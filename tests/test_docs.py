@@ -167,9 +167,9 @@ def test_readme_is_short_opens_with_the_two_commands_and_links_resolve():
     assert len(readme.splitlines()) <= 200
     first = _bash_blocks(readme)[0].strip().splitlines()
     assert first == ["bash scripts/setup.sh && .venv/bin/python -m pipeline.run --runner=DirectRunner",
-                     "bash scripts/setup.sh && .venv/bin/python -m pytest -q"]
-    ci = _read(os.path.join(ROOT, ".ci", "run"))
-    assert "bash scripts/setup.sh && .venv/bin/python -m pytest -q" in ci
+                     "bash scripts/setup.sh && .venv/bin/python -m pytest -q -n 2 --dist loadfile"]
+    ci = _read(os.path.join(ROOT, ".ci", "run")).splitlines()
+    assert ci[-1] == first[1], "CI must run the README's test command"
     broken = []
     for doc in DOCS:
         for target in re.findall(r"\]\(([^)#\s]+)", _read(doc)):
