@@ -10,8 +10,8 @@
                                                                    ──publish──► part-*, _SHARDS.json (rows)
 
 The input files are read once; the transform pass (and, for a time split, the analysis pass, which needs the
-cutoffs of the whole read) stream the spilled rows back, so memory does not grow with the data. Per-user features need a group by user, which an in-process runner
-holds in memory: with them, earlier pipeline runs read the files, spill the rows by user bucket and add the
+cutoffs of the whole read) stream the spilled rows back, so memory does not grow with the data. Per-user
+features need a group by user, which an in-process runner holds in memory: with them, earlier pipeline runs read the files, spill the rows by user bucket and add the
 features a chunk of users at a time (``user_chunk_rows``), and the passes read those rows instead. Analyzers (vocabularies, quantiles, means) see the training split only. Output in ``output_dir``:
 ``data/<split>/part-*.tfrecord.gz`` (gzip, one columnar ``tf.Example`` per transformed batch, read by
 ``pipeline.training.data``), ``transform_fn_output/`` (the transform graph
@@ -399,15 +399,15 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
 
     spill_dir = os.path.join(cfg.output_dir, "tmp", f"spill-{uuid.uuid4().hex}")
 
-    def read_rows(label: str):
-        return U.read_arrow_files(p, featured[0], cfg.batch_rows, label)
-
     with tft_beam.Context(temp_dir=os.path.join(cfg.output_dir, "tmp")):
         # No shuffle, so no pass holds the dataset and memory stays flat in its size. The input is read once
         # (with the dead letter and counts), its canonical rows spilled to Arrow files (lz4) as they are read;
         # the transform pass (and, for a time split, whose cutoffs need the whole read first, the analysis
         # pass) stream those files back. With per-user features the passes read the featured rows instead.
         if featured is not None:
+            def read_rows(label: str):
+                return U.read_arrow_files(p, featured[0], cfg.batch_rows, label)
+
             rows = read_rows("ReadFeatured")
             cutoffs = _time_cutoffs(read_rows("ReadForTimeRange"), contract, split) if split.kind == "time" else None
             analysis_rows = read_rows("ReadForAnalysis")
@@ -441,8 +441,7 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
         for s in SPLITS:
             outs[s], _ = (((tft_in[s], tac), transform_fn)
                           | f"Transform[{s}]" >> tft_beam.TransformDataset(output_record_batches=True))
-        for s in SPLITS:
-            pcoll = outs[s]
+        for s, pcoll in outs.items():
             _ = pcoll | f"Write[{s}]" >> WriteExampleShards(os.path.join(cfg.output_dir, DATA_DIR, s),
                                                               cfg.compression_level)
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(

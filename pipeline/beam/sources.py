@@ -271,9 +271,7 @@ def hash_split(key: str, eval_fraction: float, test_fraction: float) -> str:
 
 def _hash_fractions(keys: List[str]) -> np.ndarray:
     """``_hash_fraction`` of each key, as float64 [len(keys)]."""
-    blake2b = hashlib.blake2b
-    return np.fromiter((int.from_bytes(blake2b(k.encode("utf-8"), digest_size=8).digest(), "big") / 2.0 ** 64
-                        for k in keys), dtype=np.float64, count=len(keys))
+    return np.fromiter((_hash_fraction(k) for k in keys), dtype=np.float64, count=len(keys))
 
 
 def hash_splits(keys: pa.Array, sources, eval_fraction: float, test_fraction: float) -> pa.Array:

@@ -217,10 +217,11 @@ def available_memory_bytes() -> Optional[int]:
 
 
 def check_fits_in_memory(file_pattern: str, feature_spec: Dict, keys: Sequence[str],
-                         available: Optional[int] = None) -> int:
+                         available: Optional[int] = None, rows: Optional[int] = None) -> int:
     """Raises MemoryError, naming the figures, when loading the split needs more than the available memory
-    (the columns twice: the parsed parts and their concatenation coexist while loading). Returns the bytes."""
-    rows = count_records(file_pattern)
+    (the columns twice: the parsed parts and their concatenation coexist while loading). Returns the bytes.
+    ``rows``: the split's row count when the caller knows it (else the files are counted)."""
+    rows = count_records(file_pattern) if rows is None else rows
     need = 2 * in_memory_bytes(rows, feature_spec, keys)
     avail = available_memory_bytes() if available is None else available
     if avail is not None and need > avail:
@@ -231,10 +232,12 @@ def check_fits_in_memory(file_pattern: str, feature_spec: Dict, keys: Sequence[s
     return need
 
 
-def load_columns(file_pattern: str, feature_spec: Dict, keys: Sequence[str], batch_size: int = 8192) -> Dict:
-    """Every row of the transformed TFRecords, parsed once into one in-memory tensor per key (file order)."""
+def load_columns(file_pattern: str, feature_spec: Dict, keys: Sequence[str], batch_size: int = 8192,
+                 rows: Optional[int] = None) -> Dict:
+    """Every row of the transformed TFRecords, parsed once into one in-memory tensor per key (file order);
+    refused first when they would not fit (``check_fits_in_memory``; ``rows`` as there)."""
     spec = {k: feature_spec[k] for k in dict.fromkeys(keys)}
-    check_fits_in_memory(file_pattern, spec, list(spec))
+    check_fits_in_memory(file_pattern, spec, list(spec), rows=rows)
     files = _files(file_pattern)
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP", num_parallel_reads=tf.data.AUTOTUNE)
     if transformed_format(files)[0] == COLUMNAR_FORMAT:
@@ -250,14 +253,16 @@ def load_columns(file_pattern: str, feature_spec: Dict, keys: Sequence[str], bat
 
 def make_in_memory_dataset(file_pattern: str, feature_spec: Dict, feature_keys: Sequence[str],
                            label_keys: Sequence[str], batch_size: int, shuffle: bool = False, seed: int = 0,
-                           epochs: Optional[int] = 1, skip_batches: int = 0) -> tf.data.Dataset:
+                           epochs: Optional[int] = 1, skip_batches: int = 0,
+                           rows: Optional[int] = None) -> tf.data.Dataset:
     """``make_dataset``'s batches from data that fits in memory: the records are read and parsed once, then
     every batch is a gather of row indices (every epoch reshuffled from ``seed`` over the whole split,
-    batches never straddle epochs, ``skip_batches`` as in ``make_dataset``). Always deterministic."""
+    batches never straddle epochs, ``skip_batches`` as in ``make_dataset``). Always deterministic. ``rows``: the
+    split's row count when known (spares the memory check a counting pass)."""
     missing = sorted((set(feature_keys) | set(label_keys)) - set(feature_spec))
     if missing:
         raise KeyError(f"transformed data lacks feature(s) {missing} (files {file_pattern})")
-    cols = load_columns(file_pattern, feature_spec, list(feature_keys) + list(label_keys))
+    cols = load_columns(file_pattern, feature_spec, list(feature_keys) + list(label_keys), rows=rows)
     n = int(next(iter(cols.values())).shape[0])
     ds = tf.data.Dataset.range(n)
     if shuffle:

@@ -401,7 +401,7 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
     if cfg.in_memory:
         train_ds = make_in_memory_dataset(data.train_pattern, data.feature_spec, data.feature_keys, data.label_keys,
                                           data.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epochs=None,
-                                          skip_batches=skip)
+                                          skip_batches=skip, rows=n)
     else:
         train_ds = make_dataset(data.train_pattern, data.feature_spec, data.feature_keys, data.label_keys,
                                 data.batch_size, shuffle=cfg.shuffle, seed=cfg.seed, epochs=None, skip_batches=skip,

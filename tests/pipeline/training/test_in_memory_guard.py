@@ -29,6 +29,10 @@ def test_the_estimate_is_rows_times_row_width_twice_and_the_limit_is_exact(tmp_p
     with pytest.raises(MemoryError) as err:
         D.check_fits_in_memory(pattern, SPEC, ["a", "b", "y"], available=need - 1)
     assert pattern in str(err.value) and "100 training rows" in str(err.value) and "without --in-memory" in str(err.value)
+    # a row count the caller knows is taken as it is (no counting pass): ten times the rows, ten times the bytes
+    assert D.check_fits_in_memory(pattern, SPEC, ["a", "b", "y"], available=10 * need, rows=1000) == 10 * need
+    with pytest.raises(MemoryError, match="1,000 training rows"):
+        D.check_fits_in_memory(pattern, SPEC, ["a", "b", "y"], available=need, rows=1000)
 
 
 def test_in_memory_dataset_refuses_before_loading_when_memory_is_short(tmp_path, monkeypatch):
