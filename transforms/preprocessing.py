@@ -84,9 +84,14 @@ def _numeric(f, inputs, outputs, fixed: Optional[NumericStatistics] = None) -> N
     those ``tft.bucketize`` / ``tft.scale_to_z_score`` apply, so outputs equal the graph the statistics came from.
     """
     x = _as_sparse(inputs[f.name])
-    values = tf.cast(x.values, tf.float32)
     if f.log1p:
-        values = tf.math.log1p(tf.maximum(values, 0.0))
+        # In float64, rounded to float32: float32 log1p's vectorized and scalar kernels differ in the last bit for
+        # ~40% of inputs, so a value's bucket (boundaries are data values) would depend on its place in the batch:
+        # a request scored alone could land in another bucket than the same row did in training. The rounded
+        # float64 result is the same on both kernels (and equals numpy's).
+        values = tf.cast(tf.math.log1p(tf.maximum(tf.cast(x.values, tf.float64), 0.0)), tf.float32)
+    else:
+        values = tf.cast(x.values, tf.float32)
     x = tf.SparseTensor(x.indices, values, x.dense_shape)
     if fixed is None:
         # Analyzers see present values only; missing becomes bucket 0 and z-score 0 (the mean).

@@ -170,6 +170,19 @@ def _exact_and_zscores(rows: collections.Counter):
     return exact, np.asarray([z for _, z, n in split for _ in range(n)], np.float64)
 
 
+def _row_diff(split: str, portable_only: list, direct_only: list) -> str:
+    """The rows only one run wrote, as text; where both wrote one, the features in which the first pair differs."""
+    lines = [f"{split}: {len(portable_only)} row(s) only in the portable run's output, {len(direct_only)} only in "
+             f"the direct run's"]
+    for p_row, d_row in zip(portable_only, direct_only):
+        p_row, d_row = dict(p_row), dict(d_row)
+        lines.append("  differing features (portable vs direct): " + repr(
+            {k: (p_row.get(k), d_row.get(k)) for k in sorted(set(p_row) | set(d_row)) if p_row.get(k) != d_row.get(k)}))
+    lines += [f"  portable only: {dict(r)!r}" for r in portable_only[len(direct_only):]]
+    lines += [f"  direct only: {dict(r)!r}" for r in direct_only[len(portable_only):]]
+    return "\n".join(lines)
+
+
 def _outputs(out: str) -> dict:
     """What the two runs must agree on, read from the output directory through tf.io.gfile (no pipeline code)."""
     import tensorflow as tf
@@ -229,7 +242,8 @@ def test_portable_runner_matches_direct_runner(tmp_path, direct_run, portable_se
         assert portable[key] == direct[key], key
     for split, records in direct["records"].items():  # z-scores: to float32 rounding (see _exact_and_zscores)
         (exact, z), (p_exact, p_z) = _exact_and_zscores(records), _exact_and_zscores(portable["records"][split])
-        assert p_exact == exact, split
+        assert p_exact == exact, _row_diff(split, sorted((p_exact - exact).elements()),
+                                           sorted((exact - p_exact).elements()))
         np.testing.assert_allclose(p_z, z, rtol=1e-5, atol=1e-5, err_msg=split)
 
     # In a job (harnesses sharing a control endpoint), two SDK harness processes, neither the pool, the job
