@@ -102,28 +102,109 @@ def _numeric(f, inputs, outputs, fixed: Optional[NumericStatistics] = None) -> N
     boundaries = tf.constant([list(fixed.boundaries)], tf.float32, name=_FIXED["boundaries"])
     buckets = tft.apply_buckets(x, boundaries)
     outputs[F.bucket_id(f.name)] = _dense(buckets, tf.constant(-1, tf.int64)) + 1
-    # As tft.scale_to_z_score applies its analyzer's outputs. The statistics enter through PlaceholderWithDefault
-    # so that grappler does not fold them into constants and turn the division into a multiplication by the
-    # reciprocal (1 ulp off the analyzer path's results).
-    fixed_input = lambda value, key: tf.raw_ops.PlaceholderWithDefault(  # noqa: E731
-        input=tf.constant(value, tf.float32, name=_FIXED[key]), shape=[])
+    # As tft.scale_to_z_score applies its analyzer's outputs, and in the same form, so that grappler optimizes
+    # both alike (otherwise 1 ulp apart): a TF1-mode graph holds analyzer results as constants, which grappler may
+    # fold (a division by a constant becomes a multiplication by its reciprocal); a TF2-mode graph captures them
+    # as inputs, so there the statistics enter through PlaceholderWithDefault, which grappler does not fold.
+    if tf.inside_function():  # TF2 mode: TFT traces the preprocessing_fn into a tf.function
+        fixed_input = lambda value, key: tf.raw_ops.PlaceholderWithDefault(  # noqa: E731
+            input=tf.constant(value, tf.float32, name=_FIXED[key]), shape=[])
+    else:
+        fixed_input = lambda value, key: tf.constant(value, tf.float32, name=_FIXED[key])  # noqa: E731
     centred = x.values - fixed_input(fixed.mean, "mean")
     std = tf.sqrt(fixed_input(fixed.var, "var"))
     z = tf.where(tf.not_equal(std, 0), tf.divide(centred, std), centred)
     outputs[F.zscore(f.name)] = _dense(tf.SparseTensor(x.indices, z, x.dense_shape), 0.0)
 
 
+# The signature of a transform graph that tensorflow-transform wrote in TF1 graph mode
+# (``tft_beam.Context(force_tf_compat_v1=True)``); a TF2-mode graph has ``transform_fn`` instead.
+TF1_TRANSFORM_SIGNATURE = "transform_signature"
+
+
+def _saved_transform(tft_dir: str):
+    """The ``SavedModel`` proto of the transform graph in ``tft_dir`` (a ``transform_fn_output``)."""
+    import os
+
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    with tf.io.gfile.GFile(os.path.join(tft_dir, "transform_fn", "saved_model.pb"), "rb") as fh:
+        return saved_model_pb2.SavedModel.FromString(fh.read())
+
+
+def is_tf1_transform_graph(tft_dir: str) -> bool:
+    """Whether the transform graph in ``tft_dir`` was written in TF1 graph mode (what ``pipeline.beam`` writes);
+    applying it in Beam then needs ``force_tf_compat_v1=True`` too (tensorflow-transform's TF2 ``TransformDataset``
+    cannot finalize a TF1 graph). Graphs of earlier rankline versions are TF2 ones."""
+    return any(TF1_TRANSFORM_SIGNATURE in mg.signature_def for mg in _saved_transform(tft_dir).meta_graphs)
+
+
+def _tf1_graph_values(tft_dir: str) -> Dict[str, object]:
+    """A TF1-mode transform graph's constants, keyed ``<consumer op>:<input index>`` (analyzer results are
+    constants there, consumed by the ops that apply them) and, for the fixed statistics, by their own names; op
+    names without the graph's ``transform/`` scope."""
+    graph = _saved_transform(tft_dir).meta_graphs[0].graph_def
+    strip = lambda name: name[len("transform/"):] if name.startswith("transform/") else name  # noqa: E731
+    consts = {n.name: n for n in graph.node if n.op == "Const"}
+    values: Dict[str, object] = {}
+    for name, node in consts.items():
+        if name.rsplit("/", 1)[-1] in _FIXED.values():
+            values[strip(name)] = tf.make_ndarray(node.attr["value"].tensor)
+    for node in graph.node:
+        for i, inp in enumerate(node.input):
+            src = inp.split(":")[0]
+            if src in consts and "/" not in src:  # TFT's replaced analyzer outputs sit at the top level
+                values[f"{strip(node.name)}:{i}"] = tf.make_ndarray(consts[src].attr["value"].tensor)
+    return values
+
+
+# Where each analyzer result of a numeric feature is consumed: TF2 mode (the captured input's name in the
+# function that uses it), TF1 mode (the consuming op and input index), relative to the feature's bucket_scope.
+_CONSUMERS = {
+    "boundaries": (r"_bucketize_apply_buckets_\d+", r"/bucketize/apply_buckets/assign_buckets/Reshape_1:0"),
+    "mean": ("_scale_to_z_score_sub_y", "/scale_to_z_score/sub:1"),
+    "var": ("_scale_to_z_score_sqrt_x", "/scale_to_z_score/Sqrt:0"),
+}
+
+
 def read_numeric_statistics(tft_dir: str, contract: FeatureContract) -> Dict[str, NumericStatistics]:
     """{numeric feature: its ``NumericStatistics``} as applied by the transform graph in ``tft_dir`` (the
-    ``transform_fn_output`` of tft_beam.WriteTransformFn), made by either ``preprocessing_fn`` path.
+    ``transform_fn_output`` of tft_beam.WriteTransformFn), made by either ``preprocessing_fn`` path, in TF1 or
+    TF2 mode.
 
-    Analyzer results are the transform function's captured inputs, named after the ops that consume them in the
-    feature's ``bucket_scope`` (``..._bucketize_apply_buckets_N``, ``..._scale_to_z_score_sub_y`` (mean),
-    ``..._scale_to_z_score_sqrt_x`` (variance)); fixed statistics are its named constants. Raises ``ValueError``
-    naming the feature and the directory when one is not found.
+    Analyzer results are found by the ops that consume them in the feature's ``bucket_scope``: in a TF2-mode graph
+    the transform function's captured inputs, named after those ops (``..._bucketize_apply_buckets_N``,
+    ``..._scale_to_z_score_sub_y`` (mean), ``..._scale_to_z_score_sqrt_x`` (variance)); in a TF1-mode graph
+    constants feeding ``.../apply_buckets/...``, ``.../scale_to_z_score/sub`` and ``.../Sqrt``. Fixed statistics
+    are named constants in both. Raises ``ValueError`` naming the feature and the directory when one is not found.
     """
-    import os
     import re
+
+    tf1 = is_tf1_transform_graph(tft_dir)
+    values = _tf1_graph_values(tft_dir) if tf1 else _tf2_graph_values(tft_dir)
+    out = {}
+    for f in contract.numeric:
+        scope = bucket_scope(f.name)
+
+        def find(key: str):
+            if f"{scope}/{_FIXED[key]}" in values:
+                return values[f"{scope}/{_FIXED[key]}"]
+            pattern = re.escape(scope) + _CONSUMERS[key][1 if tf1 else 0]
+            hits = [v for k, v in values.items() if re.fullmatch(pattern, k)]
+            if len(hits) != 1:
+                raise ValueError(f"numeric feature {f.name!r}: {len(hits)} {key} values in the transform "
+                                 f"graph of {tft_dir} (expected 1)")
+            return hits[0]
+
+        out[f.name] = NumericStatistics(tuple(float(b) for b in find("boundaries").reshape(-1)),
+                                        float(find("mean")), float(find("var")))
+    return out
+
+
+def _tf2_graph_values(tft_dir: str) -> Dict[str, object]:
+    """A TF2-mode transform graph's captured analyzer results, keyed by the argument name of the function that
+    consumes them, and its fixed-statistics constants, keyed by their names inside their function."""
+    import os
 
     loaded = tf.saved_model.load(os.path.join(tft_dir, "transform_fn"))
     fn = loaded.signatures["serving_default"]
@@ -144,24 +225,7 @@ def read_numeric_statistics(tft_dir: str, contract: FeatureContract) -> Dict[str
         for node in fdef.node_def:
             if node.op == "Const" and node.name.rsplit("/", 1)[-1] in _FIXED.values():
                 values[node.name] = tf.make_ndarray(node.attr["value"].tensor)
-    out = {}
-    for f in contract.numeric:
-        scope = bucket_scope(f.name)
-
-        def find(fixed_key: str, pattern: str):
-            if f"{scope}/{_FIXED[fixed_key]}" in values:
-                return values[f"{scope}/{_FIXED[fixed_key]}"]
-            hits = [v for k, v in values.items() if re.fullmatch(re.escape(scope) + pattern, k)]
-            if len(hits) != 1:
-                raise ValueError(f"numeric feature {f.name!r}: {len(hits)} {fixed_key} values in the transform "
-                                 f"graph of {tft_dir} (expected 1)")
-            return hits[0]
-
-        boundaries = find("boundaries", r"_bucketize_apply_buckets_\d+")
-        out[f.name] = NumericStatistics(tuple(float(b) for b in boundaries.reshape(-1)),
-                                        float(find("mean", "_scale_to_z_score_sub_y")),
-                                        float(find("var", "_scale_to_z_score_sqrt_x")))
-    return out
+    return values
 
 
 def build_preprocessing_fn(contract: FeatureContract,

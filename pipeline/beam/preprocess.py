@@ -6,7 +6,7 @@
                  ├────► dead letter (rejected/*.jsonl: source, reason, record)
                  └────► per-file counts ──sum──► _READ_COUNTS.json
     train ──Analyze──► transform graph
-    spill ──► train, eval, test ──Transform (the graph)──► one gzip TFRecord file per batch
+    spill ──► train, eval, test ──Transform (the graph, once for all splits)──► one gzip TFRecord file per batch
                                                                    ──publish──► part-*, _SHARDS.json (rows)
 
 The input files are read once; the transform pass (and, for a time split, the analysis pass, which needs the
@@ -120,7 +120,41 @@ def to_tft_batch(batch: pa.RecordBatch, columns: Dict[str, pa.DataType]) -> pa.R
     return pa.RecordBatch.from_arrays(arrays, list(columns))
 
 
-def tensor_adapter_config(contract: FeatureContract):
+# tensorflow-transform in TF1 graph mode: the same analyzers and transform ops, but its TF2 mode traces the
+# preprocessing_fn into ~700 tf.functions per run, a fixed ~13 s on 2 cores that dominated small runs (50k rows:
+# 35 s -> 21 s; pipeline.bench.preprocess). The graph is a TF1 SavedModel (``transform_signature``), which
+# TFTransformOutput.transform_features_layer() (training, export, serving) applies as it does a TF2 one;
+# applying it in Beam needs the same mode (pipeline.retrain checks with is_tf1_transform_graph).
+TFT_COMPAT_V1 = True
+
+
+def with_split_column(batch: pa.RecordBatch, split: str) -> pa.RecordBatch:
+    """A TFT input batch [n rows] plus ``__split`` = [split] per row (list<large_binary>), the column that
+    ``TransformDataset`` passes through untransformed (``tft_beam.Context(passthrough_keys=...)``) so that one
+    transform of every split can be routed to each split's shards afterwards."""
+    n = batch.num_rows
+    values = pa.array(np.full(n, split.encode(), dtype=object), pa.large_binary())
+    column = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), values)
+    return pa.RecordBatch.from_arrays(list(batch.columns) + [column], list(batch.schema.names) + [sources.SPLIT_COL])
+
+
+class _RouteTransformed(beam.DoFn):
+    """(transformed RecordBatch with the passed-through ``__split``, unary passthrough) -> the batch without
+    ``__split``, tagged with its split (every input batch holds one split, and TFT maps one input batch to one
+    output batch; a batch of several splits is an error, not silently mixed)."""
+
+    def process(self, batch_and_passthrough):
+        batch = batch_and_passthrough[0]
+        index = batch.schema.get_field_index(sources.SPLIT_COL)
+        splits = pc.unique(batch.column(index).flatten()).to_pylist() if batch.num_rows else []
+        if len(splits) > 1:
+            raise ValueError(f"a transformed batch holds rows of several splits: {splits}")
+        if splits:
+            yield beam.pvalue.TaggedOutput(splits[0].decode(), (batch.remove_column(index), {}))
+
+
+def tensor_adapter_config(contract: FeatureContract, passthrough: Tuple[str, ...] = ()):
+    """TFT's view of the canonical columns (plus ``passthrough`` columns of list<large_binary>, not transformed)."""
     from tensorflow_transform.tf_metadata import schema_utils
     from tfx_bsl.tfxio import tensor_adapter, tensor_representation_util
 
@@ -129,7 +163,7 @@ def tensor_adapter_config(contract: FeatureContract):
     columns = sources.canonical_columns(contract)
     schema = schema_utils.schema_from_feature_spec(raw_feature_spec(contract))
     arrow_schema = pa.schema([(c, pa.list_(pa.large_binary() if pa.types.is_list(t) else _tft_type(t)))
-                              for c, t in columns.items()])
+                              for c, t in columns.items()] + [(c, pa.list_(pa.large_binary())) for c in passthrough])
     reps = tensor_representation_util.InferTensorRepresentationsFromSchema(schema)
     return tensor_adapter.TensorAdapterConfig(arrow_schema, reps)
 
@@ -399,7 +433,7 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
 
     spill_dir = os.path.join(cfg.output_dir, "tmp", f"spill-{uuid.uuid4().hex}")
 
-    with tft_beam.Context(temp_dir=os.path.join(cfg.output_dir, "tmp")):
+    with tft_beam.Context(temp_dir=os.path.join(cfg.output_dir, "tmp"), force_tf_compat_v1=TFT_COMPAT_V1):
         # No shuffle, so no pass holds the dataset and memory stays flat in its size. The input is read once
         # (with the dead letter and counts), its canonical rows spilled to Arrow files (lz4) as they are read;
         # the transform pass (and, for a time split, whose cutoffs need the whole read first, the analysis
@@ -434,15 +468,15 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
         analysis_in = (analysis_keyed | "TrainForAnalysis" >> beam.Filter(lambda kv: kv[0] == TRAIN)
                        | "ToTFT[analysis]" >> beam.Map(lambda kv: to_tft_batch(kv[1], columns)))
         transform_fn = (analysis_in, tac) | "Analyze" >> tft_beam.AnalyzeDataset(preprocessing_fn)
-        parts = keyed | "Partition" >> beam.Partition(lambda kv, n: SPLITS.index(kv[0]), len(SPLITS))
-        tft_in = {s: parts[i] | f"ToTFT[{s}]" >> beam.Map(lambda kv: to_tft_batch(kv[1], columns))
-                  for i, s in enumerate(SPLITS)}
-        outs = {}
+        # One TransformDataset for every split (each one loads the transform graph, a large fixed cost), the
+        # split passed through and routed to its shards afterwards.
+        tft_in = keyed | "ToTFT" >> beam.Map(lambda kv: with_split_column(to_tft_batch(kv[1], columns), kv[0]))
+        with tft_beam.Context(passthrough_keys={sources.SPLIT_COL}):
+            transformed, _ = (((tft_in, tensor_adapter_config(contract, (sources.SPLIT_COL,))), transform_fn)
+                              | "Transform" >> tft_beam.TransformDataset(output_record_batches=True))
+        outs = transformed | "RouteSplits" >> beam.ParDo(_RouteTransformed()).with_outputs(*SPLITS)
         for s in SPLITS:
-            outs[s], _ = (((tft_in[s], tac), transform_fn)
-                          | f"Transform[{s}]" >> tft_beam.TransformDataset(output_record_batches=True))
-        for s, pcoll in outs.items():
-            _ = pcoll | f"Write[{s}]" >> WriteExampleShards(os.path.join(cfg.output_dir, DATA_DIR, s),
+            _ = outs[s] | f"Write[{s}]" >> WriteExampleShards(os.path.join(cfg.output_dir, DATA_DIR, s),
                                                               cfg.compression_level)
         _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(
             os.path.join(cfg.output_dir, TRANSFORM_DIR))

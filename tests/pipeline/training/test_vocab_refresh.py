@@ -22,7 +22,9 @@ from pipeline.training.train import model_inputs, save_final
 from pipeline.training.vocab_refresh import remap_warm_start
 from transforms import features as F
 from transforms.features import CategoricalFeature, FeatureContract, LabelSpec, NumericFeature, SequenceFeature
-from transforms.preprocessing import build_preprocessing_fn, raw_feature_spec, read_numeric_statistics
+from pipeline.beam.preprocess import TFT_COMPAT_V1
+from transforms.preprocessing import (build_preprocessing_fn, is_tf1_transform_graph, raw_feature_spec,
+                                      read_numeric_statistics)
 
 CONTRACT = FeatureContract(
     name="tiny", user_id=None, item_id=None, timestamp="ts",
@@ -52,9 +54,11 @@ def _rows(items, hist_tokens, price_scale, seed):
     return rows
 
 
-def _analyze(rows, preprocessing_fn, out_dir):
+def _analyze(rows, preprocessing_fn, out_dir, tf1=TFT_COMPAT_V1):
+    """The transform graph of ``rows``, written in TF1 graph mode (``tf1``; pipeline.beam's mode by default) or
+    TF2 mode (graphs of earlier versions)."""
     meta = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(raw_feature_spec(CONTRACT)))
-    with tft_beam.Context(temp_dir=out_dir + "-tmp"):
+    with tft_beam.Context(temp_dir=out_dir + "-tmp", force_tf_compat_v1=tf1):
         with beam.Pipeline() as p:
             fn = (p | beam.Create(rows), meta) | tft_beam.AnalyzeDataset(preprocessing_fn)
             _ = fn | tft_beam.WriteTransformFn(out_dir)
@@ -211,3 +215,27 @@ def test_rows_whose_tokens_all_survive_score_the_same_right_after_the_refresh(re
     assert len(refreshed["probe"]) >= 4
     for task, before in refreshed["old_scores"].items():
         np.testing.assert_allclose(refreshed["new_scores"][task], before, rtol=1e-6, atol=1e-7, err_msg=task)
+
+
+@pytest.mark.parametrize("tf1", [True, False], ids=["tf1-graph", "tf2-graph"])
+def test_numeric_statistics_are_read_from_graphs_of_either_mode(tmp_path, tf1):
+    """``read_numeric_statistics`` on a graph written in TF1 mode (what pipeline.beam writes) and in TF2 mode (graphs
+    of earlier versions, which pipeline.retrain still refreshes): the mean and variance are numpy's of
+    log1p(price); the graph buckets and z-scores every row with exactly the boundaries, mean and variance read;
+    a graph made with them fixed reads them back unchanged."""
+    rows = _rows(OLD_ITEMS, OLD_HIST, 1.0, 0)
+    analyzed = _analyze(rows, build_preprocessing_fn(CONTRACT), str(tmp_path / "analyzed"), tf1)
+    assert is_tf1_transform_graph(str(tmp_path / "analyzed")) == tf1
+    stats = read_numeric_statistics(str(tmp_path / "analyzed"), CONTRACT)
+    x = np.log1p(np.array([r["price"][0] for r in rows], np.float64)).astype(np.float32)
+    np.testing.assert_allclose([stats["price"].mean, stats["price"].var], [x.mean(dtype=np.float64), x.var(
+        dtype=np.float64)], rtol=1e-5)
+    boundaries = np.array(stats["price"].boundaries, np.float32)
+    assert len(boundaries) == 3 and np.all(np.diff(boundaries) > 0) and x.min() <= boundaries[0] <= x.max()
+    out = _transform(analyzed, rows)
+    np.testing.assert_array_equal(out[F.bucket_id("price")].numpy().ravel(),
+                                  np.searchsorted(boundaries, x, side="right") + 1)
+    z = (x - np.float32(stats["price"].mean)) / np.sqrt(np.float32(stats["price"].var))
+    np.testing.assert_allclose(out[F.zscore("price")].numpy().ravel(), z, rtol=1e-6, atol=1e-6)
+    _analyze(rows, build_preprocessing_fn(CONTRACT, stats), str(tmp_path / "fixed"), tf1)
+    assert read_numeric_statistics(str(tmp_path / "fixed"), CONTRACT) == stats
