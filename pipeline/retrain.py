@@ -146,6 +146,7 @@ def transform_partition(schema, base_tft_dir: str, out_dir: str, reference_stats
     from transforms.preprocessing import is_tf1_transform_graph
 
     tf1 = pp.TFT_COMPAT_V1 if numeric_statistics is not None else is_tf1_transform_graph(base_tft_dir)
+    pp.quiet_expected_tf1_warnings()
     with tft_beam.Context(temp_dir=os.path.join(out_dir, "tmp"), force_tf_compat_v1=tf1):
         rows = pp.read_reporting(p, schema, files, out_dir, 10_000)
         if contract.user_features:

@@ -128,6 +128,28 @@ def to_tft_batch(batch: pa.RecordBatch, columns: Dict[str, pa.DataType]) -> pa.R
 TFT_COMPAT_V1 = True
 
 
+class _ExpectedTF1Warnings(logging.Filter):
+    """Drops the warnings that TF1-mode tensorflow-transform logs on every run, all expected here: the mode itself,
+    and TensorFlow's SavedModel builder failing to serialize TFT's usage counters and printing each vocabulary's
+    asset proto ("probably safe to ignore", as it says; the graph and its assets are written whole)."""
+
+    EXPECTED = ("Tensorflow Transform is running in tf.compat.v1 mode",
+                "Issue encountered when serializing tft_",
+                "Expected binary or unicode string, got type_url")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in self.EXPECTED)
+
+
+def quiet_expected_tf1_warnings() -> None:
+    """Installs ``_ExpectedTF1Warnings`` on the loggers those warnings go to (once)."""
+    for name in ("tensorflow", "absl"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _ExpectedTF1Warnings) for f in target.filters):
+            target.addFilter(_ExpectedTF1Warnings())
+
+
 def with_split_column(batch: pa.RecordBatch, split: str) -> pa.RecordBatch:
     """A TFT input batch [n rows] plus ``__split`` = [split] per row (list<large_binary>), the column that
     ``TransformDataset`` passes through untransformed (``tft_beam.Context(passthrough_keys=...)``) so that one
@@ -433,6 +455,7 @@ def run_preprocess(schema: DatasetSchema, cfg: PreprocessConfig, preprocessing_f
 
     spill_dir = os.path.join(cfg.output_dir, "tmp", f"spill-{uuid.uuid4().hex}")
 
+    quiet_expected_tf1_warnings()
     with tft_beam.Context(temp_dir=os.path.join(cfg.output_dir, "tmp"), force_tf_compat_v1=TFT_COMPAT_V1):
         # No shuffle, so no pass holds the dataset and memory stays flat in its size. The input is read once
         # (with the dead letter and counts), its canonical rows spilled to Arrow files (lz4) as they are read;
