@@ -15,21 +15,29 @@ class FusedAdam(keras.optimizers.Adam):
         m <- m + (g - m)(1 - b1),  v <- v + (g^2 - v)(1 - b2),
         var <- var - lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + epsilon).
     Keras applies them as ~10 separate ops over each variable; the fused kernel makes one pass. Sparse
-    (embedding) gradients, already deduplicated by Keras, are made dense first: Keras' own sparse path also
-    decays m and v of every row, so the update is the same. amsgrad, adaptive_epsilon and variables that are not
+    (embedding) gradients are summed into their dense form first (duplicate ids added): Keras' own sparse path
+    also decays m and v of every row, so the update is the same. amsgrad, adaptive_epsilon and variables that are not
     plain resource variables fall back to Keras' update.
     """
+
+    def _deduplicate_sparse_grad(self, grads):
+        """Sparse gradients are left as they come: the fused update sums one straight into its dense form (one
+        segment sum; duplicate ids add up as Keras' deduplication adds them), so Keras' unique + segment-sum pass
+        over every embedding gradient would be wasted. The fallback update deduplicates its own."""
+        return list(grads)
 
     def update_step(self, gradient, variable):
         if (self.amsgrad or self.adaptive_epsilon or not resource_variable_ops.is_resource_variable(variable)
                 or not hasattr(variable, "handle")):
+            if isinstance(gradient, tf.IndexedSlices):
+                gradient = super()._deduplicate_sparse_grad([gradient])[0]
             return super().update_step(gradient, variable)
         dtype = variable.dtype
         local_step = tf.cast(self.iterations + 1, dtype)
         key = self._index_dict[self._var_key(variable)]
         m, v = self._momentums[key], self._velocities[key]
         if isinstance(gradient, tf.IndexedSlices):
-            gradient = tf.convert_to_tensor(gradient)
+            gradient = tf.math.unsorted_segment_sum(gradient.values, gradient.indices, gradient.dense_shape[0])
         beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
         return tf.raw_ops.ResourceApplyAdam(
             var=variable.handle, m=m.handle, v=v.handle, beta1_power=tf.pow(beta_1, local_step),

@@ -42,10 +42,12 @@ def dropout16(x: tf.Tensor, rate: float, seed=None, scale: bool = True) -> tf.Te
         seed = tf.random.uniform([2], minval=-2 ** 31, maxval=2 ** 31 - 1, dtype=tf.int32)
     bits = tf.random.stateless_uniform([(n + 1) // 2], seed, minval=None, maxval=None, dtype=tf.uint32)
     u = tf.reshape(tf.bitcast(bits, tf.uint16), [-1])[:n]                      # [2 * ceil(n/2)] -> [n]
+    # The mask as 0/1 factors: one multiply forward and one backward (a select needs a zeros tensor each way).
+    # Equal to selecting x or 0 for finite x (a dropped negative x gives -0.0).
     keep = tf.reshape(u >= tf.constant(t, tf.uint16), tf.shape(x))
     if not scale:
-        return tf.where(keep, x, tf.zeros_like(x))
-    return tf.where(keep, x * tf.cast(keep_scale(rate), x.dtype), tf.zeros_like(x))
+        return x * tf.cast(keep, x.dtype)
+    return x * tf.where(keep, tf.constant(keep_scale(rate), x.dtype), tf.constant(0, x.dtype))
 
 
 @keras.utils.register_keras_serializable(package="rankline")
