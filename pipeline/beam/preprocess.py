@@ -130,12 +130,14 @@ TFT_COMPAT_V1 = True
 
 class _ExpectedTF1Warnings(logging.Filter):
     """Drops the warnings that TF1-mode tensorflow-transform logs on every run, all expected here: the mode itself,
-    and TensorFlow's SavedModel builder failing to serialize TFT's usage counters and printing each vocabulary's
-    asset proto ("probably safe to ignore", as it says; the graph and its assets are written whole)."""
+    the deprecation of the TF1 signature builder it uses, and TensorFlow's SavedModel builder failing to serialize
+    TFT's usage counters and printing each vocabulary's asset proto ("probably safe to ignore", as it says; the
+    graph and its assets are written whole)."""
 
     EXPECTED = ("Tensorflow Transform is running in tf.compat.v1 mode",
                 "Issue encountered when serializing tft_",
-                "Expected binary or unicode string, got type_url")
+                "Expected binary or unicode string, got type_url",
+                "build_tensor_info (from tensorflow.python.saved_model.utils_impl) is deprecated")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()

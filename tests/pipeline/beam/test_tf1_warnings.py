@@ -15,6 +15,8 @@ def test_only_the_expected_tf1_warnings_are_dropped(caplog):
         tf_log.warning("Issue encountered when serializing tft_mapper_use.\nType is unsupported, ...")
         tf_log.warning('Expected binary or unicode string, got type_url: "type.googleapis.com/tensorflow.'
                        'AssetFileDef"\nvalue: "\\n\\013\\n\\tConst_2:0\\022\\010vocab_C1"')
+        tf_log.warning("From /x/signature_def_utils_impl.py:225: build_tensor_info (from tensorflow.python.saved_model."
+                       "utils_impl) is deprecated and will be removed in a future version.")
         tf_log.warning("a vocabulary file is empty: %s", "vocab_C1")
         absl_log.warning("something else in %s mode", "tf.compat.v1")
     assert [r.getMessage() for r in caplog.records] == ["a vocabulary file is empty: vocab_C1",
