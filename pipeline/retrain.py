@@ -143,9 +143,7 @@ def transform_partition(schema, base_tft_dir: str, out_dir: str, reference_stats
         return U.add_user_features_with_state(rows, states, contract, label=f"{label}UserFeatures")
 
     # A graph analyzed here is written in the preprocessing's mode; one read is applied in the mode it was made in.
-    from transforms.preprocessing import is_tf1_transform_graph
-
-    tf1 = pp.TFT_COMPAT_V1 if numeric_statistics is not None else is_tf1_transform_graph(base_tft_dir)
+    tf1 = pp.tf1_mode_for(None if numeric_statistics is not None else base_tft_dir)
     pp.quiet_expected_tf1_warnings()
     with tft_beam.Context(temp_dir=os.path.join(out_dir, "tmp"), force_tf_compat_v1=tf1):
         rows = pp.read_reporting(p, schema, files, out_dir, 10_000)

@@ -128,6 +128,14 @@ def to_tft_batch(batch: pa.RecordBatch, columns: Dict[str, pa.DataType]) -> pa.R
 TFT_COMPAT_V1 = True
 
 
+def tf1_mode_for(tft_dir: Optional[str] = None) -> bool:
+    """``force_tf_compat_v1`` for a Beam stage: applying the transform graph in ``tft_dir``, the mode it was written
+    in (graphs of earlier rankline versions are TF2 ones); analyzing anew (``tft_dir`` None), ``TFT_COMPAT_V1``."""
+    from transforms.preprocessing import is_tf1_transform_graph
+
+    return TFT_COMPAT_V1 if tft_dir is None else is_tf1_transform_graph(tft_dir)
+
+
 class _ExpectedTF1Warnings(logging.Filter):
     """Drops the warnings that TF1-mode tensorflow-transform logs on every run, all expected here: the mode itself,
     the deprecation of the TF1 signature builder it uses, and TensorFlow's SavedModel builder failing to serialize

@@ -22,7 +22,7 @@ from pipeline.training.train import model_inputs, save_final
 from pipeline.training.vocab_refresh import remap_warm_start
 from transforms import features as F
 from transforms.features import CategoricalFeature, FeatureContract, LabelSpec, NumericFeature, SequenceFeature
-from pipeline.beam.preprocess import TFT_COMPAT_V1
+from pipeline.beam.preprocess import TFT_COMPAT_V1, tf1_mode_for
 from transforms.preprocessing import (build_preprocessing_fn, is_tf1_transform_graph, raw_feature_spec,
                                       read_numeric_statistics)
 
@@ -239,3 +239,36 @@ def test_numeric_statistics_are_read_from_graphs_of_either_mode(tmp_path, tf1):
     np.testing.assert_allclose(out[F.zscore("price")].numpy().ravel(), z, rtol=1e-6, atol=1e-6)
     _analyze(rows, build_preprocessing_fn(CONTRACT, stats), str(tmp_path / "fixed"), tf1)
     assert read_numeric_statistics(str(tmp_path / "fixed"), CONTRACT) == stats
+
+
+@pytest.mark.parametrize("tf1", [True, False], ids=["tf1-graph", "tf2-graph"])
+def test_beam_applies_a_graph_of_either_mode_in_the_mode_it_was_written_in(tmp_path, tf1):
+    """What pipeline.retrain does with the loop's graph, which may come from an earlier version (TF2 mode): Beam's
+    TransformDataset in ``tf1_mode_for(graph)`` transforms rows exactly as the graph's Keras layer (training,
+    serving) does; a TF1-mode graph applied in TF2 mode fails, which is why the mode follows the graph."""
+    from apache_beam.testing.util import assert_that
+
+    rows = _rows(OLD_ITEMS, OLD_HIST, 1.0, 0)
+    graph_dir = str(tmp_path / "graph")
+    layer_out = _transform(_analyze(rows, build_preprocessing_fn(CONTRACT), graph_dir, tf1), rows)
+    keys = [ITEM, F.bucket_id("price"), F.zscore("price"), HIST]
+    expected = sorted(tuple(tuple(np.asarray(layer_out[k][i]).ravel().tolist()) for k in keys)
+                      for i in range(len(rows)))
+    meta = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(raw_feature_spec(CONTRACT)))
+
+    def apply(mode: bool) -> None:
+        def check(outputs):
+            got = sorted(tuple(tuple(np.asarray(o[k]).ravel().tolist()) for k in keys) for o in outputs)
+            assert got == expected
+
+        with tft_beam.Context(temp_dir=str(tmp_path / f"tmp-{mode}"), force_tf_compat_v1=mode):
+            with beam.Pipeline() as p:
+                fn = p | tft_beam.ReadTransformFn(graph_dir)
+                out = ((p | beam.Create(rows), meta), fn) | tft_beam.TransformDataset()
+                assert_that(out[0], check)
+
+    assert tf1_mode_for(graph_dir) == tf1 and tf1_mode_for(None) == TFT_COMPAT_V1
+    apply(tf1_mode_for(graph_dir))
+    if tf1:
+        with pytest.raises(Exception):
+            apply(False)
