@@ -132,18 +132,23 @@ def _saved_transform(tft_dir: str):
         return saved_model_pb2.SavedModel.FromString(fh.read())
 
 
+def _is_tf1(saved) -> bool:
+    """Whether a transform graph's ``SavedModel`` proto was written in TF1 graph mode."""
+    return any(TF1_TRANSFORM_SIGNATURE in mg.signature_def for mg in saved.meta_graphs)
+
+
 def is_tf1_transform_graph(tft_dir: str) -> bool:
     """Whether the transform graph in ``tft_dir`` was written in TF1 graph mode (what ``pipeline.beam`` writes);
     applying it in Beam then needs ``force_tf_compat_v1=True`` too (tensorflow-transform's TF2 ``TransformDataset``
     cannot finalize a TF1 graph). Graphs of earlier rankline versions are TF2 ones."""
-    return any(TF1_TRANSFORM_SIGNATURE in mg.signature_def for mg in _saved_transform(tft_dir).meta_graphs)
+    return _is_tf1(_saved_transform(tft_dir))
 
 
-def _tf1_graph_values(tft_dir: str) -> Dict[str, object]:
-    """A TF1-mode transform graph's constants, keyed ``<consumer op>:<input index>`` (analyzer results are
-    constants there, consumed by the ops that apply them) and, for the fixed statistics, by their own names; op
-    names without the graph's ``transform/`` scope."""
-    graph = _saved_transform(tft_dir).meta_graphs[0].graph_def
+def _tf1_graph_values(saved) -> Dict[str, object]:
+    """A TF1-mode transform graph's constants (``saved``: its ``SavedModel`` proto), keyed ``<consumer op>:<input
+    index>`` (analyzer results are constants there, consumed by the ops that apply them) and, for the fixed
+    statistics, by their own names; op names without the graph's ``transform/`` scope."""
+    graph = saved.meta_graphs[0].graph_def
     strip = lambda name: name[len("transform/"):] if name.startswith("transform/") else name  # noqa: E731
     consts = {n.name: n for n in graph.node if n.op == "Const"}
     values: Dict[str, object] = {}
@@ -180,8 +185,9 @@ def read_numeric_statistics(tft_dir: str, contract: FeatureContract) -> Dict[str
     """
     import re
 
-    tf1 = is_tf1_transform_graph(tft_dir)
-    values = _tf1_graph_values(tft_dir) if tf1 else _tf2_graph_values(tft_dir)
+    saved = _saved_transform(tft_dir)
+    tf1 = _is_tf1(saved)
+    values = _tf1_graph_values(saved) if tf1 else _tf2_graph_values(tft_dir)
     out = {}
     for f in contract.numeric:
         scope = bucket_scope(f.name)

@@ -11,8 +11,10 @@
 
 The input files are read once; the transform pass (and, for a time split, the analysis pass, which needs the
 cutoffs of the whole read) stream the spilled rows back, so memory does not grow with the data. Per-user
-features need a group by user, which an in-process runner holds in memory: with them, earlier pipeline runs read the files, spill the rows by user bucket and add the
-features a chunk of users at a time (``user_chunk_rows``), and the passes read those rows instead. Analyzers (vocabularies, quantiles, means) see the training split only. Output in ``output_dir``:
+features need a group by user, which an in-process runner holds in memory: with them, earlier pipeline runs read
+the files, spill the rows by user bucket and add the features a chunk of users at a time (``user_chunk_rows``),
+and the passes read those rows instead. Analyzers (vocabularies, quantiles, means) see the training split only.
+Output in ``output_dir``:
 ``data/<split>/part-*.tfrecord.gz`` (gzip, one columnar ``tf.Example`` per transformed batch, read by
 ``pipeline.training.data``), ``transform_fn_output/`` (the transform graph
 and the transformed schema), ``statistics.pb`` (the training split's statistics), ``user_state/`` (each user's
@@ -124,7 +126,7 @@ def to_tft_batch(batch: pa.RecordBatch, columns: Dict[str, pa.DataType]) -> pa.R
 # preprocessing_fn into ~700 tf.functions per run, a fixed ~13 s on 2 cores that dominated small runs (50k rows:
 # 35 s -> 21 s; pipeline.bench.preprocess). The graph is a TF1 SavedModel (``transform_signature``), which
 # TFTransformOutput.transform_features_layer() (training, export, serving) applies as it does a TF2 one;
-# applying it in Beam needs the same mode (pipeline.retrain checks with is_tf1_transform_graph).
+# applying it in Beam needs the same mode (pipeline.retrain asks tf1_mode_for).
 TFT_COMPAT_V1 = True
 
 
