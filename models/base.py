@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from models.keras import keras
 from models.layers import MLP, SharedEmbedding
+from models.optimizers import FusedAdam
 from models.tasks import BinaryTask
 from transforms.features import CLICK, CTAVR, CTCVR, CTR, DACTION, PURCHASE
 
@@ -67,6 +68,13 @@ class MultiTaskModel(keras.Model):
             raise ValueError(f"train_metrics must be one of {', '.join(self.TRAIN_METRICS)}, got {train_metrics!r}")
         self._train_auc = train_metrics == "auc"
         super().compile(*args, **kwargs)
+        # FusedAdam sums each embedding gradient into its dense form: the shared embedding can then hand it the
+        # tables' gradients dense, computed as one (SharedEmbedding.fused_gradient). Other optimizers keep
+        # Keras' sparse gradients (same values, but their sparse updates round differently from their dense ones).
+        dense = isinstance(self.optimizer, FusedAdam)
+        for layer in self._flatten_layers():
+            if isinstance(layer, SharedEmbedding):
+                layer.dense_gradients = dense
 
     @contextlib.contextmanager
     def _auc_updates(self, on: bool):

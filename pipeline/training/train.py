@@ -252,18 +252,25 @@ def backup_position(backup_dir: str, steps_per_epoch: int) -> Tuple[int, int]:
 
 
 class StepBackup(keras.callbacks.BackupAndRestore):
-    """``BackupAndRestore`` every ``save_freq`` steps that records the *last* step a backup covers.
+    """``BackupAndRestore`` every ``save_freq`` *steps* that records the *last* step a backup covers.
 
-    Keras records the step at ``on_train_batch_begin``, which is only right for ``steps_per_execution=1``:
-    with several steps per call a resumed run would redo all but the first of them.
+    Keras counts calls of the train function (a backup every ``save_freq`` calls, so every ``save_freq`` x
+    ``steps_per_execution`` steps) and records the first step of a call at ``on_train_batch_begin``, which is
+    only right for ``steps_per_execution=1``: with several steps per call a resumed run would redo all but the
+    first of them. Here a backup is due after the call that completes ``save_freq`` steps since the last one
+    (at the next multiple of ``steps_per_execution`` when they do not divide).
     """
 
     def on_train_batch_begin(self, batch, logs=None):
-        pass
+        self._first_step = int(batch)
 
     def on_train_batch_end(self, batch, logs=None):
         self._training_state._ckpt_saved_batch.assign(batch)
-        super().on_train_batch_end(batch, logs)
+        self._training_state.backup_if_preempted()
+        self._batches_count += int(batch) - getattr(self, "_first_step", int(batch)) + 1  # steps, not calls
+        if self._batches_count >= self.save_freq:
+            self._batches_count = 0
+            self._backup(epoch=self._current_epoch, batch=batch)
 
 
 MONITOR_LOG = "monitor.json"

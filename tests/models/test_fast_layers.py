@@ -1,4 +1,5 @@
-"""FastDropout (16-bit draws) and fused towers (models.layers.mlp.run_towers) against independent computations."""
+"""FastDropout (16-bit draws), fused towers (models.layers.mlp.run_towers), FusedAdam and the shared embedding's
+combined table gradient (SharedEmbedding.fused_gradient) against independent computations."""
 from __future__ import annotations
 
 import math
@@ -153,3 +154,105 @@ def test_fused_adam_matches_a_numpy_adam_on_dense_and_sparse_gradients():
             params[i] = params[i] - 0.05 * math.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t) * ms[i] / (np.sqrt(vs[i]) + 1e-6)
     np.testing.assert_allclose(table.numpy(), params[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(kernel.numpy(), params[1], rtol=1e-4, atol=1e-5)
+
+
+def _embedding_case(seed=0, batch=64, length=6):
+    """A SharedEmbedding with two categorical fields, one dense input and a sequence (ids 1..30, 0 = padding,
+    about half of it, row 0 all padding), its features, and a fixed weighting w of its output."""
+    from models.layers.embedding import SharedEmbedding
+
+    rng = np.random.default_rng(seed)
+    layer = SharedEmbedding({"a": 7, "b": 50}, dense=["x"], embedding_dim=4, sequences={"s": 30})
+    seq = np.where(rng.random((batch, length)) < 0.5, rng.integers(1, 31, (batch, length)), 0)
+    seq[0] = 0
+    feats = {"a": tf.constant(rng.integers(0, 7, (batch, 1))), "b": tf.constant(rng.integers(0, 50, (batch, 1))),
+             "x": tf.constant(rng.normal(size=(batch, 1)).astype(np.float32)), "s": tf.constant(seq)}
+    layer(feats)
+    return layer, feats, rng.normal(size=(batch, 3 * 4 + 1)).astype(np.float32)
+
+
+def _table_gradients(layer, feats, w, training):
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            y = layer(feats, training=training)
+            loss = tf.reduce_sum(y * w)
+        return y, tape.gradient(loss, layer.trainable_variables)
+
+    y, grads = step()
+    return y.numpy(), {v.name.split("/")[-2]: tf.convert_to_tensor(g).numpy()
+                       for v, g in zip(layer.trainable_variables, grads)}
+
+
+def test_combined_table_gradient_equals_numpy_and_the_per_table_gradients():
+    """The combined gradient (one segment sum over all tables, padding left out) is dense and equals, per table,
+    the sum over the batch of w's slice at each looked-up row (the sequence's divided by the row's count of
+    non-padding ids; padding row 0 gets none), worked out in numpy; the per-table path (Keras' sparse
+    gradients) gives the same values and both give the numpy forward."""
+    layer, feats, w = _embedding_case()
+    layer.dense_gradients = True
+    assert layer.fused_gradient()
+    y_fused, fused = _table_gradients(layer, feats, w, training=True)
+    y_plain, plain = _table_gradients(layer, feats, w, training=False)  # inference: the per-table path
+
+    tables = {v.name.split("/")[-2]: v.numpy() for v in layer.trainable_variables}
+    a, b, s = (feats[k].numpy() for k in ("a", "b", "s"))
+    mask = (s > 0).astype(np.float64)
+    count = np.maximum(mask.sum(1), 1)
+    seq_mean = (tables["emb_seq_s"][s] * mask[..., None]).sum(1) / count[:, None]
+    want_y = np.concatenate([tables["emb_a"][a[:, 0]], tables["emb_b"][b[:, 0]], seq_mean,
+                             np.tanh(feats["x"].numpy())], axis=1)
+    np.testing.assert_allclose(y_fused, want_y, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(y_fused, y_plain)
+    want = {name: np.zeros_like(t, dtype=np.float64) for name, t in tables.items()}
+    for i in range(len(a)):
+        want["emb_a"][a[i, 0]] += w[i, 0:4]
+        want["emb_b"][b[i, 0]] += w[i, 4:8]
+        for j in np.flatnonzero(s[i]):
+            want["emb_seq_s"][s[i, j]] += w[i, 8:12] / count[i]
+    assert want["emb_seq_s"][0].sum() == 0 and np.abs(want["emb_seq_s"][1:]).sum() > 0
+    for name in tables:
+        np.testing.assert_allclose(fused[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(plain[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_combined_gradient_only_for_fused_adam_without_a_strategy_and_within_the_size_limit(monkeypatch):
+    """Compiling with FusedAdam turns the combined gradient on, Keras' Adam leaves it off (its sparse update
+    rounds differently from its dense one); a distribution strategy or tables over the row limit keep the
+    per-table sparse gradients; training with it gives FusedAdam the same weights as without it."""
+    import models.layers.embedding as embedding
+    from models.optimizers import FusedAdam
+    from tests.pipeline.training import train_worker
+
+    def trained(dense):
+        keras.utils.set_random_seed(3)
+        model = train_worker.esm2()
+        cols = train_worker.arrays(4 * 64, 5)
+        feats = {k: cols[k].reshape(-1, 1) for k in tuple(train_worker.CATEGORICAL) + train_worker.DENSE}
+        labels = {k: cols[k].reshape(-1, 1) for k in train_worker.LABELS}
+        ds = tf.data.Dataset.from_tensor_slices((feats, labels)).batch(64)
+        model(next(iter(ds))[0])
+        model.compile(optimizer=FusedAdam(1e-2))
+        assert model.embedding.dense_gradients and model.embedding.fused_gradient()
+        model.embedding.dense_gradients = dense
+        initial = {v.name: v.numpy() for v in model.trainable_variables if "emb_" in v.name}
+        model.fit(ds, epochs=2, verbose=0)
+        return model, initial
+
+    (with_it, initial), (without, _) = trained(True), trained(False)
+    for a, b in zip(with_it.weights, without.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.name)
+    for v in with_it.trainable_variables:  # every table trained (8 steps moved each looked-up row)
+        if v.name in initial:
+            assert np.abs(v.numpy() - initial[v.name]).max() > 1e-3, v.name
+
+    with_it.compile(optimizer=keras.optimizers.Adam(1e-2))
+    assert not with_it.embedding.dense_gradients and not with_it.embedding.fused_gradient()
+    layer, feats, _ = _embedding_case()
+    layer.dense_gradients = True
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        assert not layer.fused_gradient()
+    monkeypatch.setattr(embedding, "FUSED_GRADIENT_MAX_ROWS", 7 + 50 + 30)
+    assert not layer.fused_gradient()
+    monkeypatch.setattr(embedding, "FUSED_GRADIENT_MAX_ROWS", 7 + 50 + 31)
+    assert layer.fused_gradient()

@@ -135,3 +135,28 @@ def _file_of(row, data_dir):
                 ex = tf.io.parse_single_example(record, spec)
                 _FILE_OF[tuple(np.asarray(ex[k]).reshape(-1)[0] for k in keys)] = f
     return _FILE_OF[row]
+
+
+def test_step_backup_counts_steps_when_a_call_runs_several(tmp_path):
+    """``backup_every_steps`` counts steps, not train-function calls: with 3 steps per call, 10 steps an epoch
+    (calls end at steps 2, 5, 8, 9) and a backup every 4 steps, backups cover steps 5 and 9 of each epoch and
+    record them as the last step done; Keras' count of calls would back up once an epoch, after 4 calls."""
+    from models.keras import keras
+    from pipeline.training.train import StepBackup
+
+    done = []
+
+    class Spy(StepBackup):
+        def _backup(self, epoch, batch=0):
+            done.append((epoch, int(batch), int(self._training_state._ckpt_saved_batch.numpy())))
+            super()._backup(epoch, batch)
+
+    keras.utils.set_random_seed(0)
+    model = train_worker.esm2()
+    ds = _batches(n=10)
+    model(next(iter(ds))[0])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), steps_per_execution=3)
+    model.fit(ds.repeat(), epochs=2, steps_per_epoch=10, verbose=0,
+              callbacks=[Spy(str(tmp_path / "backup"), save_freq=4, delete_checkpoint=False)])
+    assert done == [(0, 5, 5), (0, 9, 9), (1, 5, 5), (1, 9, 9)]
+    assert int(model.optimizer.iterations.numpy()) == 20
