@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorBoard logs in WORK_DIR/tensorboard")
     p.add_argument("--deterministic", action="store_true",
                    help="ordered input pipeline and deterministic ops: the same seed gives the same model")
-    p.add_argument("--steps-per-execution", type=int, default=1, help="training steps per Keras call")
+    p.add_argument("--steps-per-execution", type=int, default=None,
+                   help="training steps per Keras call (default: 10 on one device, 1 under --strategy; per-step "
+                        "callbacks see every k-th step)")
     p.add_argument("--in-memory", action="store_true",
                    help="parse the training TFRecords once into memory instead of streaming them every epoch")
     p.add_argument("--train-metrics", choices=("auc", "loss"), default="auc",

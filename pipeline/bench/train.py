@@ -323,7 +323,7 @@ def reference_profile(ref, x, y, batch_size: int, steps: int, warmup: int) -> Di
 
 
 def main(argv=None) -> Dict:
-    from pipeline.training.train import TrainConfig
+    from pipeline.training.train import AUTO_STEPS_PER_EXECUTION, TrainConfig
 
     defaults = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m pipeline.bench.train", description=__doc__.splitlines()[0])
@@ -336,7 +336,9 @@ def main(argv=None) -> Dict:
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=defaults.jit_compile,
                    help="XLA-compile our step")
-    p.add_argument("--steps-per-execution", type=int, default=defaults.steps_per_execution)
+    p.add_argument("--steps-per-execution", type=int,
+                   default=defaults.steps_per_execution or AUTO_STEPS_PER_EXECUTION,
+                   help="steps per Keras call (default: pipeline.training's on one device)")
     p.add_argument("--train-metrics", choices=("auc", "loss"), default=defaults.train_metrics,
                    help="ours' training-time metrics (evaluation always computes AUC)")
     p.add_argument("--input", choices=("stream", "memory"), default="stream",

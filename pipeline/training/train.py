@@ -43,7 +43,13 @@ from transforms.features import FeatureContract
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("default", "mirrored", "multiworker", "parameter_server")
-PS_MIN_SHARD_BYTES = 256 << 10  # parameter_server: embedding tables of at least 2x this are split across the PS tasks
+PS_MIN_SHARD_BYTES = 256 << 10
+# Training steps per Keras call when not given, without a distribution strategy: Keras' per-call Python and the
+# step function's setup are paid once per 10 steps (~10% more examples/s at the default shape; python -m
+# pipeline.bench.train). Per-step callbacks then run after every 10th step (backups still count steps:
+# StepBackup). Under a strategy it stays 1: MirroredStrategy's collectives inside Keras' multi-step loop fail
+# on a short last batch.
+AUTO_STEPS_PER_EXECUTION = 10  # parameter_server: embedding tables of at least 2x this are split across the PS tasks
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ class TrainConfig:
     resume: bool = True                   # continue from checkpoint_dir/backup when one is there
     tensorboard_dir: Optional[str] = None
     deterministic: bool = False           # ordered tf.data + op determinism: same seed -> same run
-    steps_per_execution: int = 1
+    steps_per_execution: Optional[int] = None  # steps per Keras call; None: AUTO_STEPS_PER_EXECUTION on one device
     jit_compile: bool = False             # XLA-compile the train/eval steps
     train_metrics: str = "auc"            # "loss": no AUC in the train step (eval AUC unchanged)
     in_memory: bool = False               # parse the training TFRecords once into memory (data that fits)
@@ -75,7 +81,7 @@ class TrainConfig:
             raise ValueError(f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
         if self.backup_every_steps < 1:
             raise ValueError(f"backup_every_steps must be >= 1, got {self.backup_every_steps}")
-        if self.steps_per_execution < 1:
+        if self.steps_per_execution is not None and self.steps_per_execution < 1:
             raise ValueError(f"steps_per_execution must be >= 1, got {self.steps_per_execution}")
         if self.train_metrics not in ("auc", "loss"):
             raise ValueError(f"train_metrics must be 'auc' or 'loss', got {self.train_metrics!r}")
@@ -353,10 +359,12 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
     steps_per_epoch = math.ceil(n / data.batch_size)
     sample, _ = next(iter(make_dataset(data.train_pattern, data.feature_spec, data.feature_keys, data.label_keys,
                                        batch_size=2).take(1)))
+    steps_per_execution = cfg.steps_per_execution or (
+        AUTO_STEPS_PER_EXECUTION if strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy() else 1)
     with strategy.scope():
         model = build()
         model(sample)  # built before fit: BackupAndRestore restores into existing variables
-        model.compile(optimizer=FusedAdam(learning_rate, epsilon=adam_epsilon), steps_per_execution=cfg.steps_per_execution,
+        model.compile(optimizer=FusedAdam(learning_rate, epsilon=adam_epsilon), steps_per_execution=steps_per_execution,
                       jit_compile=cfg.jit_compile, train_metrics=cfg.train_metrics)
         if cfg.warm_start:
             restore_warm_start(model, cfg.warm_start)
@@ -437,7 +445,11 @@ def fit_model(build: Callable[[], keras.Model], data: TrainData, cfg: TrainConfi
     history = model.fit(train_ds, validation_data=None if ps else eval_ds, epochs=cfg.epochs,
                         steps_per_epoch=steps_per_epoch, callbacks=cbs, verbose=verbose)
     steps_run = int(model.optimizer.iterations.numpy()) - iterations_before if ps else counter.steps
+    if steps_per_execution > 1:  # the trained model evaluates and predicts a step per call, as any Keras model
+        model._configure_steps_per_execution(1)  # noqa: SLF001
+        model.train_function = model.test_function = model.predict_function = None  # traced with several
     info = {"steps_per_epoch": int(steps_per_epoch), "train_examples": int(n), "initial_epoch": start_epoch,
+            "steps_per_execution": steps_per_execution,
             "initial_step": start_step, "steps_run": steps_run, "monitor": monitor,
             "replicas": strategy.num_replicas_in_sync, "strategy": type(strategy).__name__}
     stopped = next((cb.stopped_epoch for cb in cbs if isinstance(cb, keras.callbacks.EarlyStopping)), 0)

@@ -46,7 +46,8 @@ def test_train_config_is_validated(kwargs, needle):
 def test_run_killed_mid_epoch_resumes_without_redoing_steps(data_dir, tmp_path):
     """Uninterrupted run vs a run SIGKILLed after 14 steps (backups every 7) and restarted: the restart starts
     at epoch 2 step 4, runs only the remaining 16 steps and ends with the uninterrupted run's weights."""
-    common = {"epochs": 3, "backup_every_steps": 7, "deterministic": True, "early_stopping_patience": 0}
+    common = {"epochs": 3, "backup_every_steps": 7, "deterministic": True, "early_stopping_patience": 0,
+              "steps_per_execution": 1}  # killed after a step, not after a call of several
     full = _spawn("fit", data_dir, tmp_path / "full.json", dict(common, checkpoint_dir=str(tmp_path / "ck-full")))
     ck = str(tmp_path / "ck")
     killed = _spawn("fit", data_dir, tmp_path / "killed.json", dict(common, checkpoint_dir=ck, kill_after_steps=14))

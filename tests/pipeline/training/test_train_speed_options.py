@@ -79,6 +79,35 @@ def test_fit_model_without_training_aucs_still_monitors_eval_auc(data_dir):
     assert "ctr_auc" not in history and len(history["ctr_loss"]) == 2
 
 
+def test_steps_per_execution_defaults_to_several_on_one_device_and_the_model_returns_with_one(data_dir):
+    """Not given: ``AUTO_STEPS_PER_EXECUTION`` steps per call without a strategy (10 steps an epoch: one call per
+    epoch, so a per-call callback sees steps 9 and 19 end), the same steps run (iterations 20); the returned
+    model runs one step per call again, so it evaluates a dataset of unknown size (Keras refuses that with
+    several). A given value is kept."""
+    from models.keras import keras
+    from pipeline.training.data import make_dataset
+    from pipeline.training.train import AUTO_STEPS_PER_EXECUTION, fit_model
+
+    ends = []
+
+    class Ends(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            ends.append(int(batch))
+
+    assert TrainConfig().steps_per_execution is None and AUTO_STEPS_PER_EXECUTION == 10
+    data = train_worker.train_data(data_dir, 64)
+    cfg = TrainConfig(epochs=2, early_stopping_patience=0)
+    model, history, info = fit_model(train_worker.esm2, data, cfg, 1e-2, verbose=0, callbacks=[Ends()])
+    assert info["steps_per_execution"] == 10 and info["steps_run"] == 20 and ends == [9, 9]
+    assert len(history["val_ctr_auc"]) == 2 and min(history["val_ctr_auc"]) > 0  # eval: 4 batches, one call
+    assert int(model.optimizer.iterations.numpy()) == 20
+    ds = make_dataset(data.eval_pattern, data.feature_spec, data.feature_keys, data.label_keys, 64)
+    assert "ctr_auc" in model.evaluate(ds, verbose=0, return_dict=True)
+    _, _, info = fit_model(train_worker.esm2, data, TrainConfig(epochs=1, early_stopping_patience=0,
+                                                                steps_per_execution=3), 1e-2, verbose=0)
+    assert info["steps_per_execution"] == 3 and info["steps_run"] == 10
+
+
 def _rows(ds, n_batches):
     """Rows as tuples (all keys, sorted) and the batch sizes."""
     rows, sizes = [], []

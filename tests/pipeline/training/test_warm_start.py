@@ -53,8 +53,9 @@ def test_warm_start_restores_weights_and_optimizer_slots(data_dir, tmp_path):
     assert int(first.optimizer.iterations.numpy()) == 20 and len(optimizer) > 10  # step + Adam's m and v
 
     warm = _BeforeFirstStep(data)
-    fit_model(train_worker.esm2, data, TrainConfig(epochs=1, early_stopping_patience=0, warm_start=prefix), 1e-2,
-              verbose=0, callbacks=[warm])
+    # One step per call: _BeforeFirstStep evaluates inside fit, which Keras' multi-step loop does not allow.
+    fit_model(train_worker.esm2, data, TrainConfig(epochs=1, early_stopping_patience=0, warm_start=prefix,
+                                                   steps_per_execution=1), 1e-2, verbose=0, callbacks=[warm])
     first_weights = {w.name: w.numpy() for w in _layer_weights(first)}
     assert set(warm.seen["weights"]) == set(first_weights) and len(first_weights) > 10
     for name, value in first_weights.items():
@@ -65,8 +66,8 @@ def test_warm_start_restores_weights_and_optimizer_slots(data_dir, tmp_path):
     assert warm.seen["loss"] == pytest.approx(_eval_loss(first, data), rel=1e-6)
 
     cold = _BeforeFirstStep(data)  # the same build without warm start: fresh weights, zero slots
-    fit_model(train_worker.esm2, data, TrainConfig(epochs=1, early_stopping_patience=0), 1e-2, verbose=0,
-              callbacks=[cold])
+    fit_model(train_worker.esm2, data, TrainConfig(epochs=1, early_stopping_patience=0, steps_per_execution=1), 1e-2,
+              verbose=0, callbacks=[cold])
     assert abs(cold.seen["loss"] - warm.seen["loss"]) > 1e-3
     assert all(not np.any(v) for v in cold.seen["optimizer"].values())
 
