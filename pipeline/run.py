@@ -71,9 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "callbacks see every k-th step)")
     p.add_argument("--in-memory", action="store_true",
                    help="parse the training TFRecords once into memory instead of streaming them every epoch")
-    p.add_argument("--train-metrics", choices=("auc", "loss"), default="auc",
-                   help="metrics computed in the training step: auc (per task) or loss only (faster; the "
-                        "evaluation figures are the same)")
+    p.add_argument("--train-metrics", choices=("auc", "loss"), default="loss",
+                   help="metrics computed in the training step: loss only (default, as TFRS tasks skip metrics in "
+                        "training) or also each task's AUC on the training batches (slower); the evaluation "
+                        "figures are the same either way")
     p.add_argument("--user-chunk-rows", type=int, default=None,
                    help="rows of whole users given per-user features at a time (default 1,000,000): peak "
                         "preprocessing memory follows it")

@@ -68,7 +68,7 @@ class TrainConfig:
     deterministic: bool = False           # ordered tf.data + op determinism: same seed -> same run
     steps_per_execution: Optional[int] = None  # steps per Keras call; None: AUTO_STEPS_PER_EXECUTION on one device
     jit_compile: bool = False             # XLA-compile the train/eval steps
-    train_metrics: str = "auc"            # "loss": no AUC in the train step (eval AUC unchanged)
+    train_metrics: str = "loss"           # "auc": also AUCs of the training batches (slower; eval AUCs either way)
     in_memory: bool = False               # parse the training TFRecords once into memory (data that fits)
     warm_start: Optional[str] = None      # a ``final`` checkpoint (model + optimizer) to start from
 
