@@ -28,8 +28,11 @@ class FusedAdam(keras.optimizers.Adam):
 
     def _internal_apply_gradients(self, grads_and_vars):
         """Without a distribution strategy: the step's scalars (beta powers, learning rate, ...) are computed once
-        for all variables instead of once per variable (~7 ops each, ~50 variables in a default model)."""
-        self._step_scalars = None if self.jit_compile else self._scalars(tf.float32)
+        for all variables instead of once per variable (~7 ops each, ~50 variables in a default model). Under a
+        strategy the updates run in a cross-replica merge, which must not see one replica's tensors."""
+        if self.jit_compile or tf.distribute.has_strategy():
+            return super()._internal_apply_gradients(grads_and_vars)
+        self._step_scalars = self._scalars(tf.float32)
         try:
             return super()._internal_apply_gradients(grads_and_vars)
         finally:

@@ -1,6 +1,8 @@
 """Tasks own a loss and its metrics (after tensorflow_recommenders.tasks.Ranking)."""
 from __future__ import annotations
 
+import threading
+
 import tensorflow as tf
 
 from models.keras import keras
@@ -29,8 +31,17 @@ class BinaryTask:
         self.auc = keras.metrics.AUC(name=f"{output}_auc", num_thresholds=1000)
         self.loss_metric = keras.metrics.Mean(name=f"{output}_loss")
         # Read while a step is traced: False leaves the AUC out of that step's graph (``MultiTaskModel``'s
-        # ``train_metrics="loss"``); evaluation steps always update it.
-        self.update_auc = True
+        # ``train_metrics="loss"``); evaluation steps always update it. Per thread: MirroredStrategy traces each
+        # replica's step in a thread of its own, and one replica restoring the flag must not change another's.
+        self._flags = threading.local()
+
+    @property
+    def update_auc(self) -> bool:
+        return getattr(self._flags, "update_auc", True)
+
+    @update_auc.setter
+    def update_auc(self, on: bool) -> None:
+        self._flags.update_auc = bool(on)
 
     @staticmethod
     def log_loss(labels: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:

@@ -1,4 +1,5 @@
-"""``pipeline.run``'s --train-metrics and --user-chunk-rows reach the stage configs (and the resolved config)."""
+"""``pipeline.run``'s --train-metrics, --steps-per-execution and --user-chunk-rows reach the stage configs (and the
+resolved config)."""
 import json
 
 import pytest
@@ -27,14 +28,16 @@ def _configs(tmp_path, monkeypatch, *flags):
 
 
 def test_flags_reach_the_preprocess_and_train_configs(tmp_path, monkeypatch):
-    pp, resolved = _configs(tmp_path, monkeypatch, "--train-metrics", "loss", "--user-chunk-rows", "1234")
+    pp, resolved = _configs(tmp_path, monkeypatch, "--train-metrics", "auc", "--user-chunk-rows", "1234",
+                            "--steps-per-execution", "3")
     assert pp.user_chunk_rows == 1234 and resolved["preprocess"]["user_chunk_rows"] == 1234
-    assert resolved["train"]["train_metrics"] == "loss"
+    assert resolved["train"]["train_metrics"] == "auc" and resolved["train"]["steps_per_execution"] == 3
 
 
 def test_defaults_without_the_flags(tmp_path, monkeypatch):
     pp, resolved = _configs(tmp_path, monkeypatch)
-    assert pp.user_chunk_rows == 1_000_000 and resolved["train"]["train_metrics"] == "auc"
+    assert pp.user_chunk_rows == 1_000_000 and resolved["train"]["train_metrics"] == "loss"
+    assert resolved["train"]["steps_per_execution"] is None  # decided by fit_model: 10 on one device, 1 under a strategy
 
 
 def test_bad_user_chunk_rows_is_a_usage_error(tmp_path):
