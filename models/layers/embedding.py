@@ -20,9 +20,10 @@ def sequence_mean(lookup: Callable[[tf.Tensor], tf.Tensor], ids: tf.Tensor):
     ``lookup`` maps K row ids [K] to [K, D] (a table's gather). Only the K non-padding positions are looked up,
     summed per row and (backward) given a gradient. Returns ([B, D] means, positions' rows [K] in [0, B), the
     looked-up ids [K], counts [B, 1] = max(#non-zero ids, 1))."""
-    valid = tf.where(ids > 0)                                                                    # [K, 2]
+    present = ids > 0                                                                           # [B, L]
+    valid = tf.where(present)                                                                    # [K, 2]
     position, rows = valid[:, 0], tf.gather_nd(ids, valid)                                      # [K], [K]
-    count = tf.maximum(tf.reduce_sum(tf.cast(ids > 0, tf.float32), axis=1, keepdims=True), 1.0)  # [B, 1]
+    count = tf.maximum(tf.reduce_sum(tf.cast(present, tf.float32), axis=1, keepdims=True), 1.0)  # [B, 1]
     total = tf.math.unsorted_segment_sum(lookup(rows), position, tf.shape(ids, out_type=tf.int64)[0])
     return total / count, position, rows, count
 

@@ -43,13 +43,13 @@ from transforms.features import FeatureContract
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("default", "mirrored", "multiworker", "parameter_server")
-PS_MIN_SHARD_BYTES = 256 << 10
+PS_MIN_SHARD_BYTES = 256 << 10  # parameter_server: embedding tables of at least 2x this are split across the PS tasks
 # Training steps per Keras call when not given, without a distribution strategy: Keras' per-call Python and the
 # step function's setup are paid once per 10 steps (~10% more examples/s at the default shape; python -m
 # pipeline.bench.train). Per-step callbacks then run after every 10th step (backups still count steps:
 # StepBackup). Under a strategy it stays 1: MirroredStrategy's collectives inside Keras' multi-step loop fail
 # on a short last batch.
-AUTO_STEPS_PER_EXECUTION = 10  # parameter_server: embedding tables of at least 2x this are split across the PS tasks
+AUTO_STEPS_PER_EXECUTION = 10
 
 
 @dataclass(frozen=True)
